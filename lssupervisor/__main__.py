@@ -1,0 +1,5 @@
+import sys
+
+from lssupervisor.cli import main
+
+sys.exit(main())
