@@ -1,0 +1,1 @@
+"""Test helpers: a Lightning Stream stand-in (standin) and fixtures for migration tests."""
