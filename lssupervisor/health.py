@@ -1,0 +1,196 @@
+"""Is Lightning Stream ready? Probe its ``/healthz`` for the per-LMDB startup flags.
+
+LS serves ``/healthz`` (wojas/go-healthz) when ``http.address`` is set. The JSON body looks like::
+
+    {"ok": true, "has_warnings": false, "status": "OK", "time": "...", "since": "...",
+     "runtime": {...}, "failures": {}, "warnings": {},
+     "metadata": {"startup_main": true, "version": "v1.0.0", "hostname": "...", ...}}
+
+The HTTP status is 200, or 503 when a registered check fails; the body is JSON either way.
+``metadata.startup_<db>`` (LS ``status/starttracker``, one per LMDB name under ``lmdbs``) is set to
+false when the syncer starts and flips to true once the initial listing, the initial store and the
+first receive-and-load pass are done, evaluated at most once a second. That flag, for every db, is
+our readiness signal; the overall ``ok`` is not (storage failures later on are LS's business, and
+by default a slow startup is not reported as a failure at all).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lssupervisor.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HealthResult:
+    ready: bool
+    detail: str  # one line for logs and status: why (not) ready
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Where to connect for an LS ``http.address`` (a Go listen address).
+
+    ``:8500`` / ``0.0.0.0:8500`` (all IPv4+IPv6 interfaces) -> 127.0.0.1; ``[::]:8500`` -> ::1;
+    ``[::1]:8500`` -> ::1; ``host:port`` as is.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text:
+        raise ConfigError(f"http.address in the LS config: expected host:port or :port, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"http.address in the LS config: put an IPv6 host in brackets, got {address!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        try:
+            port = socket.getservbyname(port_text, "tcp")  # Go accepts service names too
+        except OSError:
+            raise ConfigError(
+                f"http.address in the LS config: bad port {port_text!r} in {address!r}"
+            ) from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"http.address in the LS config: port out of range in {address!r}")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return host, port
+
+
+def readiness(doc: Any, dbs: Sequence[str]) -> HealthResult:
+    """Decide readiness from a parsed ``/healthz`` body."""
+    if not isinstance(doc, dict):
+        return HealthResult(False, "healthz: expected a JSON object")
+    metadata = doc.get("metadata")
+    if metadata is None:
+        metadata = {}  # go-healthz omits an empty metadata map
+    if not isinstance(metadata, dict):
+        return HealthResult(False, "healthz: metadata is not an object")
+    pending = [db for db in dbs if metadata.get(f"startup_{db}") is not True]
+    if pending:
+        return HealthResult(False, "startup pending for " + ", ".join(pending))
+    if not dbs:
+        return HealthResult(True, "healthz answered (no lmdbs to wait for)")
+    return HealthResult(True, "startup complete for " + ", ".join(dbs))
+
+
+class HealthProbe:
+    """One-shot GETs of LS's ``/healthz`` on ``address`` (an LS ``http.address``)."""
+
+    def __init__(self, address: str, dbs: Sequence[str], timeout: float = 1.0) -> None:
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.dbs: tuple[str, ...] = tuple(dbs)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"HealthProbe({self.address!r}, dbs={list(self.dbs)})"
+
+    def check(self) -> HealthResult:
+        """Ask LS once. Never raises: every failure is a not-ready result with the reason."""
+        where = f"{self.host}:{self.port}"
+        # http.client, not urllib: urllib honours http_proxy, and a proxy must never answer for LS.
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("GET", "/healthz", headers={"Accept": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read(MAX_BODY_BYTES + 1)
+            status = resp.status
+        except ConnectionRefusedError:
+            return HealthResult(False, f"healthz: connection refused on {where}")
+        except TimeoutError:
+            return HealthResult(False, f"healthz: no answer from {where} within {self.timeout:g}s")
+        except (OSError, http.client.HTTPException) as exc:
+            return HealthResult(False, f"healthz: {where}: {type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
+        if status not in (200, 503):  # 503 still carries the JSON body with the metadata
+            return HealthResult(False, f"healthz: HTTP {status} from {where}")
+        if len(body) > MAX_BODY_BYTES:
+            return HealthResult(False, f"healthz: body from {where} larger than {MAX_BODY_BYTES} bytes")
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            return HealthResult(False, f"healthz: invalid JSON from {where}: {exc}")
+        return readiness(doc, self.dbs)
+
+
+class HealthPoller:
+    """A daemon thread polling a probe every ``interval`` until LS is ready or :meth:`stop` is called.
+
+    ``on_ready(pid)`` is called exactly once, from the poller thread, when the probe first says
+    ready; the daemon passes a function that only ``put_nowait()``s an event on its queue. Nothing is
+    raised into the caller; a failing callback is logged. ``last`` holds the latest result (status).
+    """
+
+    def __init__(
+        self,
+        probe: HealthProbe,
+        pid: int,
+        on_ready: Callable[[int], None],
+        interval: float = 0.5,
+        *,
+        start: bool = True,
+    ) -> None:
+        self.probe = probe
+        self.pid = pid
+        self.interval = interval
+        self._on_ready = on_ready
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._last: HealthResult | None = None
+        self._thread = threading.Thread(target=self._run, name=f"ls-health-{pid}", daemon=True)
+        if start:
+            self.start()
+
+    @property
+    def last(self) -> HealthResult | None:
+        with self._lock:
+            return self._last
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop polling and join the thread (safe to call more than once, and from on_ready)."""
+        self._stop.set()
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                result = self.probe.check()
+            except Exception as exc:  # check() does not raise; this is a guard against bugs
+                log.exception("healthz probe failed unexpectedly")
+                result = HealthResult(False, f"healthz: probe error {exc!r}")
+            with self._lock:
+                changed = self._last is None or self._last.detail != result.detail
+                self._last = result
+            if changed:
+                log.debug("lightningstream pid=%d health: %s", self.pid, result.detail)
+            if result.ready:
+                if not self._stop.is_set():
+                    try:
+                        self._on_ready(self.pid)
+                    except Exception:
+                        log.exception("health on_ready callback failed (pid=%d)", self.pid)
+                return
+            # Event.wait is the poll interval, and stop() cuts it short.
+            self._stop.wait(self.interval)
