@@ -553,6 +553,7 @@ def _substitute(template: Template, version: int, ls_env: Mapping[str, str]) -> 
     out: list[str] = []
     warnings: list[str] = []
     unset: list[tuple[str, int, bool]] = []  # (name, line, braced)
+    previous: DollarRef | None = None  # the reference written just before, if it was not ours
     pos = 0
     for ref in scan_dollars(text):
         line = _line_of(text, ref.start)
@@ -562,17 +563,29 @@ def _substitute(template: Template, version: int, ls_env: Mapping[str, str]) -> 
         out.append(text[pos : ref.start])
         pos = ref.end
         if ref.name == var:
+            if (
+                previous is not None
+                and previous.end == ref.start
+                and not previous.braced
+                and _go_alnum(previous.name[:1])
+            ):
+                # "$X" directly before our digits would read as "$X7": brace it, same meaning in Go.
+                out[-2] = "${" + previous.name + "}"
             out.append(str(version))
+            previous = None
             continue
+        previous = ref
         out.append(written)
         if ref.kept:
             continue  # LS leaves a "$" that no name follows
+        if "\n" in written:
+            # An unclosed "${" eats everything up to the next "}", lines further down.
+            raise TemplateError(
+                f"{where}: {written.splitlines()[0]!r} is not closed on its line; LS's variable expansion "
+                f"would delete everything up to the '}}' on line {_line_of(text, ref.end - 1)}"
+            )
         if in_comment:
-            # LS expands comments too, harmlessly, unless the construct swallows the next lines.
-            if "\n" in written:
-                warnings.append(f"{where}: {written[:20]!r}... in a comment swallows text up to line "
-                                f"{_line_of(text, ref.end - 1)} when LS expands it; close or remove it")
-            continue
+            continue  # LS expands comments too; harmless there
         if ref.eaten:
             warnings.append(f"{where}: {written!r} is deleted by LS's variable expansion "
                             "(a literal $ cannot be written in an LS config)")
