@@ -1,0 +1,241 @@
+"""health.py against a real HTTP server serving LS-shaped /healthz JSON (go-healthz's Status)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from lssupervisor.errors import ConfigError
+from lssupervisor.health import HealthPoller, HealthProbe, HealthResult, parse_address, readiness
+from tests.helpers import free_port, wait_for
+
+
+def ls_healthz(startup: dict[str, Any], ok: bool = True) -> dict[str, Any]:
+    """The body LS v1.0 serves (go-healthz Status): startup flags live in ``metadata``."""
+    metadata: dict[str, Any] = {f"startup_{db}": done for db, done in startup.items()}
+    metadata.update({"version": "v1.0.0", "hostname": "test", "go_version": "go1.22"})
+    return {
+        "ok": ok,
+        "has_warnings": False,
+        "status": "OK" if ok else "Unavailable",
+        "time": "2024-01-01T00:00:00Z",
+        "since": "2024-01-01T00:00:00Z",
+        "runtime": {"arch": "amd64", "os": "linux", "version": "go1.22", "goroutines_count": 9},
+        "failures": {} if ok else {"main_storage_list_failed_duration": "failed to list"},
+        "warnings": {},
+        "metadata": metadata,
+    }
+
+
+class FakeLs:
+    """A tiny LS /healthz: what it answers is set by the test (thread-safe enough: one reference)."""
+
+    def __init__(self) -> None:
+        self.body: bytes = json.dumps(ls_healthz({"main": False})).encode()
+        self.status = 200
+        self.requests = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.requests += 1
+                if self.path != "/healthz":
+                    self.send_error(404)
+                    return
+                body = fake.body
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        # A short poll interval keeps shutdown() (and so each test) fast.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-ls-http"
+        )
+
+    def set(self, doc: Any, status: int = 200) -> None:
+        self.body = json.dumps(doc).encode()
+        self.status = status
+
+
+@pytest.fixture
+def fake_ls() -> Iterator[FakeLs]:
+    fake = FakeLs()
+    fake.thread.start()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+    fake.thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (":8500", ("127.0.0.1", 8500)),
+        ("0.0.0.0:8500", ("127.0.0.1", 8500)),
+        ("127.0.0.1:8500", ("127.0.0.1", 8500)),
+        ("[::1]:8500", ("::1", 8500)),
+        ("[::]:8500", ("::1", 8500)),
+        ("localhost:9000", ("localhost", 9000)),
+        (":http", ("127.0.0.1", 80)),
+    ],
+)
+def test_parse_address(address: str, expected: tuple[str, int]) -> None:
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["", "8500", ":", "::1:8500", ":70000", "host:nope-not-a-service"])
+def test_parse_address_rejects(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"http\.address"):
+        parse_address(address)
+
+
+@pytest.mark.parametrize(
+    ("doc", "dbs", "ready", "detail"),
+    [
+        (ls_healthz({"main": True}), ["main"], True, "startup complete for main"),
+        (ls_healthz({"main": False}), ["main"], False, "startup pending for main"),
+        (ls_healthz({"a": True, "b": False}), ["a", "b"], False, "startup pending for b"),
+        (ls_healthz({"a": True, "b": True}), ["a", "b"], True, "startup complete for a, b"),
+        (ls_healthz({"a": True}), ["a", "b"], False, "startup pending for b"),  # b's syncer not started
+        # 503 with a storage failure after startup: still started; failures are LS's business.
+        (ls_healthz({"main": True}, ok=False), ["main"], True, "startup complete for main"),
+        ({"ok": True, "status": "OK"}, ["main"], False, "startup pending for main"),  # metadata omitted
+        (ls_healthz({"main": "true"}), ["main"], False, "startup pending for main"),  # not a JSON true
+        ([], ["main"], False, "healthz: expected a JSON object"),
+        ({"metadata": []}, ["main"], False, "healthz: metadata is not an object"),
+        ({"ok": True}, [], True, "healthz answered (no lmdbs to wait for)"),
+    ],
+)
+def test_readiness(doc: Any, dbs: list[str], ready: bool, detail: str) -> None:
+    assert readiness(doc, dbs) == HealthResult(ready, detail)
+
+
+def test_probe_against_server(fake_ls: FakeLs) -> None:
+    probe = HealthProbe(f":{fake_ls.port}", ["main", "other"])
+    fake_ls.set(ls_healthz({"main": False, "other": False}))
+    assert probe.check() == HealthResult(False, "startup pending for main, other")
+    fake_ls.set(ls_healthz({"main": True, "other": False}))
+    assert probe.check() == HealthResult(False, "startup pending for other")
+    fake_ls.set(ls_healthz({"main": True, "other": True}, ok=False), status=503)
+    assert probe.check() == HealthResult(True, "startup complete for main, other")
+
+
+def test_probe_bad_answers(fake_ls: FakeLs) -> None:
+    probe = HealthProbe(f"127.0.0.1:{fake_ls.port}", ["main"])
+    fake_ls.set(ls_healthz({"main": True}), status=500)
+    result = probe.check()
+    assert not result.ready
+    assert result.detail == f"healthz: HTTP 500 from 127.0.0.1:{fake_ls.port}"
+    fake_ls.body = b"<html>not json"
+    fake_ls.status = 200
+    result = probe.check()
+    assert not result.ready
+    assert result.detail.startswith("healthz: invalid JSON")
+
+
+def test_probe_connection_refused() -> None:
+    port = free_port()  # nothing listens there
+    result = HealthProbe(f":{port}", ["main"]).check()
+    assert result == HealthResult(False, f"healthz: connection refused on 127.0.0.1:{port}")
+
+
+def test_probe_times_out() -> None:
+    # A socket that accepts (the kernel completes the handshake from the backlog) but never answers.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        port = sock.getsockname()[1]
+        result = HealthProbe(f"127.0.0.1:{port}", ["main"], timeout=0.2).check()
+    assert result == HealthResult(False, f"healthz: no answer from 127.0.0.1:{port} within 0.2s")
+
+
+def test_probe_ipv6(fake_ls: FakeLs) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        server6 = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    with server6:
+        port = server6.getsockname()[1]
+        server6.close()  # now refused on ::1: proves we dialled ::1, not 127.0.0.1
+        result = HealthProbe(f"[::1]:{port}", ["main"]).check()
+    assert result == HealthResult(False, f"healthz: connection refused on ::1:{port}")
+
+
+def test_poller_calls_on_ready_once(fake_ls: FakeLs) -> None:
+    calls: list[int] = []
+    poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["main"]), 4242, calls.append, interval=0.01)
+    try:
+        wait_for(lambda: fake_ls.requests >= 3, what="a few polls while not ready")
+        assert calls == []
+        last = poller.last
+        assert last is not None
+        assert last.detail == "startup pending for main"
+        fake_ls.set(ls_healthz({"main": True}))
+        wait_for(lambda: calls, what="on_ready")
+        wait_for(lambda: not poller.running, what="poller thread to end after ready")
+        requests = fake_ls.requests
+        assert calls == [4242]
+        assert fake_ls.requests == requests  # no polling after ready
+    finally:
+        poller.stop()
+    assert not poller.running
+
+
+def test_poller_stop_before_ready(fake_ls: FakeLs) -> None:
+    calls: list[int] = []
+    poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["main"]), 1, calls.append, interval=30)
+    wait_for(lambda: poller.last is not None, what="first poll")
+    poller.stop()  # cuts the 30 s interval short
+    assert not poller.running
+    poller.stop()  # idempotent
+    assert calls == []
+
+
+def test_poller_keeps_polling_while_refused() -> None:
+    port = free_port()  # LS not listening yet
+    calls: list[int] = []
+    poller = HealthPoller(HealthProbe(f":{port}", ["main"]), 7, calls.append, interval=0.01)
+    try:
+        wait_for(lambda: poller.last is not None, what="first poll")
+        assert poller.last == HealthResult(False, f"healthz: connection refused on 127.0.0.1:{port}")
+        assert poller.running
+    finally:
+        poller.stop()
+    assert calls == []
+    assert not poller.running
+
+
+def test_poller_survives_a_failing_callback(fake_ls: FakeLs) -> None:
+    seen: list[int] = []
+
+    def on_ready(pid: int) -> None:
+        seen.append(pid)
+        raise RuntimeError("queue closed")
+
+    fake_ls.set(ls_healthz({"main": True}))
+    poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["main"]), 7, on_ready, interval=0.01)
+    wait_for(lambda: not poller.running, what="poller to end after ready")
+    poller.stop()
+    assert seen == [7]
+
+
+def test_poller_not_started(fake_ls: FakeLs) -> None:
+    poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["main"]), 1, lambda pid: None, start=False)
+    assert not poller.running
+    poller.stop()  # joining a never-started poller is fine
