@@ -225,6 +225,11 @@ def read_marker(
     if decoded is None:
         return None
     value, ts = decoded
+    if not native:
+        shadow = open_dbi(env, txn, shadow_name(marker_dbi))
+        shadow_raw = None if shadow is None else txn.get(key, db=shadow)
+        if shadow_raw is not None:
+            ts = lsheader.timestamp_of(shadow_raw)
     marker = Marker.from_json(value, ts, where)
     if marker.instance != instance:
         raise MigrationError(

@@ -1041,6 +1041,8 @@ def run_step(
                 except Exception as exc:
                     raise _upgrade_error(mig, exc) from exc
                 api.finish()
+            # Last chance: a cancel that arrived after the final iteration still wins over commit.
+            api._check_cancel()
             marker = write_marker(
                 env,
                 txn,

@@ -36,7 +36,7 @@ DEFAULT_MAP_SIZE = 64 << 20
 
 Scalar = bytes | str
 Entry = Scalar | None | tuple[Scalar | None, int]
-Data = Mapping[str, Mapping[Scalar, Entry]]
+Data = Mapping[str, Mapping[Any, Entry]]  # keys: bytes or str (Mapping keys are invariant)
 # {dbi: {key: (value or None for a tombstone, timestamp)}}
 Dump = dict[str, dict[bytes, tuple[bytes | None, int]]]
 
