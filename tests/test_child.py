@@ -1,9 +1,10 @@
 """child.py against real processes: spawn, group signalling, pdeathsig, orphans, output.
 
-The LS under test is the Lightning Stream stand-in when it is installed, else a small script with the
-same knobs (LSSTANDIN_IGNORE_SIGTERM, LSSTANDIN_REEXEC). Every test reaps what it starts; orphans
-(reparented away from us, so invisible to conftest's leak check) are killed by the ``orphans``
-fixture.
+The LS under test is the Lightning Stream stand-in (``python -m lssupervisor.testing.standin``: no
+signal handler, knobs LSSTANDIN_IGNORE_SIGTERM / LSSTANDIN_REEXEC / LSSTANDIN_CRASH_AFTER_MS). Tests
+about command-line matching use a plain sleeper script (many at once, no LMDB). Every test reaps what
+it starts; orphans (reparented away from us, so invisible to conftest's leak check) are killed by the
+``orphans`` fixture.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Behaves like LS for process control: no signal handler (TERM kills), optional TERM-ignoring and
-# --minimum-pid-like re-exec (child in the same group, no signal forwarding), logs to stderr.
+STANDIN = [sys.executable, "-m", "lssupervisor.testing.standin"]
+READY = "All syncers running"  # logged by the stand-in (after its signal knobs) once syncing
+
+# A sleeper for command-line matching tests: TERM kills it; honours the stand-in's two process knobs.
 FAKE_LS = textwrap.dedent(
     """
     import os, signal, subprocess, sys
@@ -57,11 +60,32 @@ FAKE_LS = textwrap.dedent(
 )
 
 
+def write_ls_config(tmp_path: Path, http: str = "") -> Path:
+    """An LS config the stand-in accepts: one native LMDB, fs storage, fast polling."""
+    path = tmp_path / "lightningstream.yaml"
+    text = (
+        "instance: test\n"
+        "lmdbs:\n"
+        "  main:\n"
+        f"    path: {tmp_path / 'lmdb'}\n"
+        "    options: {create: true, map_size: 16MB}\n"
+        "    schema_tracks_changes: true\n"
+        "storage:\n"
+        "  type: fs\n"
+        "  options:\n"
+        f"    root_path: {tmp_path / 'store'}\n"
+        "lmdb_poll_interval: 100ms\n"
+        "storage_poll_interval: 100ms\n"
+    )
+    if http:
+        text += f"http:\n  address: {http}\n"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def rendered(tmp_path: Path) -> Path:
-    path = tmp_path / "lightningstream.yaml"
-    path.write_text("instance: test\n")
-    return path
+    return write_ls_config(tmp_path)
 
 
 @pytest.fixture
@@ -71,7 +95,11 @@ def fake_ls(tmp_path: Path) -> Path:
     return script
 
 
-def ls_argv(fake_ls: Path, rendered: Path) -> list[str]:
+def ls_argv(rendered: Path) -> list[str]:
+    return [*STANDIN, "--config", str(rendered), "sync"]
+
+
+def fake_argv(fake_ls: Path, rendered: Path) -> list[str]:
     return [sys.executable, str(fake_ls), "--config", str(rendered), "sync"]
 
 
@@ -166,10 +194,10 @@ def orphans() -> Iterator[Callable[..., psutil.Process]]:
 # Spawn, poll, stop
 
 
-def test_spawn_and_poll(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_spawn_and_poll(children: list[LsChild], rendered: Path) -> None:
     lines = Lines()
-    c = start(children, ls_argv(fake_ls, rendered), ls_env(), lines)
-    wait_for(lambda: lines.has("ready"), what="fake LS to log ready")
+    c = start(children, ls_argv(rendered), ls_env(), lines)
+    wait_for(lambda: lines.has(READY), what="LS to log ready")
     assert c.poll() is None
     assert c.returncode is None
     assert c.pgid == c.pid == os.getpgid(c.pid) == os.getsid(c.pid)
@@ -179,17 +207,17 @@ def test_spawn_and_poll(children: list[LsChild], fake_ls: Path, rendered: Path) 
     assert c.started_at <= time.monotonic()
     assert c.record() == ChildRecord(c.pid, c.create_time, c.pid)
     # setpriv execs LS in place: the pid we hold is LS itself, and LS's argv is ours.
-    assert psutil.Process(c.pid).cmdline()[1:] == ls_argv(fake_ls, rendered)[1:]
+    assert psutil.Process(c.pid).cmdline()[1:] == ls_argv(rendered)[1:]
     assert psutil.Process(c.pid).ppid() == os.getpid()
     result = stop_ls(c, timeout=5)
     assert result.returncode == -signal.SIGTERM
     assert c.poll() == -15
 
 
-def test_sigterm_to_group(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_sigterm_to_group(children: list[LsChild], rendered: Path) -> None:
     lines = Lines()
-    c = start(children, ls_argv(fake_ls, rendered), ls_env(), lines)
-    wait_for(lambda: lines.has("ready"), what="fake LS to log ready")
+    c = start(children, ls_argv(rendered), ls_env(), lines)
+    wait_for(lambda: lines.has(READY), what="LS to log ready")
     assert c.terminate_group()
     assert c.wait(5) == -15
     wait_for(lambda: not c.group_alive(), what="group gone")
@@ -200,10 +228,10 @@ def test_sigterm_to_group(children: list[LsChild], fake_ls: Path, rendered: Path
     assert c.kill_group() is False
 
 
-def test_stop_ls_clean(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_stop_ls_clean(children: list[LsChild], rendered: Path) -> None:
     lines = Lines()
-    c = start(children, ls_argv(fake_ls, rendered), ls_env(), lines)
-    wait_for(lambda: lines.has("ready"), what="fake LS to log ready")
+    c = start(children, ls_argv(rendered), ls_env(), lines)
+    wait_for(lambda: lines.has(READY), what="LS to log ready")
     result = stop_ls(c, timeout=5)
     assert result.returncode == -15
     assert not result.killed
@@ -213,10 +241,10 @@ def test_stop_ls_clean(children: list[LsChild], fake_ls: Path, rendered: Path) -
     assert prove_gone(c, rendered) == []
 
 
-def test_ignoring_term_is_killed_at_timeout(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_ignoring_term_is_killed_at_timeout(children: list[LsChild], rendered: Path) -> None:
     lines = Lines()
-    c = start(children, ls_argv(fake_ls, rendered), ls_env(LSSTANDIN_IGNORE_SIGTERM="1"), lines)
-    wait_for(lambda: lines.has("ready"), what="fake LS to log ready (TERM ignored by then)")
+    c = start(children, ls_argv(rendered), ls_env(LSSTANDIN_IGNORE_SIGTERM="1"), lines)
+    wait_for(lambda: lines.has(READY), what="LS to log ready (TERM ignored by then)")
     result = stop_ls(c, timeout=0.5)
     assert result.killed
     assert result.returncode == -signal.SIGKILL
@@ -225,10 +253,10 @@ def test_ignoring_term_is_killed_at_timeout(children: list[LsChild], fake_ls: Pa
     assert not c.group_alive()
 
 
-def test_reexec_grandchild_is_gone_after_stop(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_reexec_grandchild_is_gone_after_stop(children: list[LsChild], rendered: Path) -> None:
     lines = Lines()
-    c = start(children, ls_argv(fake_ls, rendered), ls_env(LSSTANDIN_REEXEC="1"), lines)
-    wait_for(lambda: lines.has("ready"), what="re-exec'd fake LS to log ready")
+    c = start(children, ls_argv(rendered), ls_env(LSSTANDIN_REEXEC="1"), lines)
+    wait_for(lambda: lines.has(READY), what="re-exec'd LS to log ready")
     members = wait_for(lambda: _members_if(c.pgid, 2), what="2 group members")
     grandchild = next(pid for pid in members if pid != c.pid)
     assert psutil.Process(grandchild).ppid() == c.pid
@@ -246,11 +274,11 @@ def test_reexec_grandchild_is_gone_after_stop(children: list[LsChild], fake_ls: 
     assert c.join_output(5)  # the grandchild held the pipe open; now it is closed
 
 
-def test_reexec_ignoring_term_is_killed(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_reexec_ignoring_term_is_killed(children: list[LsChild], rendered: Path) -> None:
     lines = Lines()
     env = ls_env(LSSTANDIN_REEXEC="1", LSSTANDIN_IGNORE_SIGTERM="1")
-    c = start(children, ls_argv(fake_ls, rendered), env, lines)
-    wait_for(lambda: lines.has("ready"), what="re-exec'd fake LS to log ready")
+    c = start(children, ls_argv(rendered), env, lines)
+    wait_for(lambda: lines.has(READY), what="re-exec'd LS to log ready")
     result = stop_ls(c, timeout=0.3)
     assert result.killed
     assert not c.group_alive()
@@ -267,6 +295,18 @@ def test_child_exit_is_seen_by_poll(children: list[LsChild], tmp_path: Path, ren
     assert describe_exit(rc) == "exited with status 3"
     assert c.join_output(5)
     assert lines.lines == ["bad config"]
+
+
+def test_crash_is_seen_by_poll(children: list[LsChild], rendered: Path) -> None:
+    lines = Lines()
+    c = start(children, ls_argv(rendered), ls_env(LSSTANDIN_CRASH_AFTER_MS="50"), lines)
+    rc = wait_for(c.poll, what="stand-in crash")
+    assert rc == 2  # Go's panic status
+    assert describe_exit(rc) == "exited with status 2"
+    assert c.join_output(5)
+    assert lines.has("panic: ")
+    assert not c.group_alive()
+    assert prove_gone(c, rendered) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,8 +354,8 @@ def test_failing_on_line_does_not_stop_draining(children: list[LsChild], tmp_pat
     assert len(seen) == 2000
 
 
-def test_inherit_output_has_no_reader(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
-    c = start(children, ls_argv(fake_ls, rendered), ls_env())
+def test_inherit_output_has_no_reader(children: list[LsChild], rendered: Path) -> None:
+    c = start(children, ls_argv(rendered), ls_env())
     assert c.join_output(0)
     wait_for(lambda: psutil.Process(c.pid).cmdline()[:1] == [sys.executable], what="exec of LS")
     assert not stop_ls(c, timeout=5).killed
@@ -359,18 +399,17 @@ def test_binary_resolved_through_env_path(children: list[LsChild], tmp_path: Pat
     assert c.wait(10) == 7
 
 
-def test_min_pid_raises_the_child_pid(children: list[LsChild], fake_ls: Path, rendered: Path) -> None:
+def test_min_pid_raises_the_child_pid(children: list[LsChild], rendered: Path) -> None:
     floor = int(Path("/proc/sys/kernel/ns_last_pid").read_text()) + 50
     if floor >= int(Path("/proc/sys/kernel/pid_max").read_text()):
         pytest.skip("pid counter too close to pid_max")
-    c = start(children, ls_argv(fake_ls, rendered), ls_env(), min_pid=floor)
+    c = start(children, ls_argv(rendered), ls_env(), min_pid=floor)
     assert c.pid >= floor
     stop_ls(c, timeout=5)
 
 
 def test_without_setpriv_warns_once_and_spawns(
     children: list[LsChild],
-    fake_ls: Path,
     rendered: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -379,7 +418,7 @@ def test_without_setpriv_warns_once_and_spawns(
     monkeypatch.setattr("shutil.which", lambda name, path=None: None if name == "setpriv" else sys.executable)
     try:
         for _ in range(2):
-            c = start(children, ls_argv(fake_ls, rendered), ls_env())
+            c = start(children, ls_argv(rendered), ls_env())
             assert c.argv[0] == sys.executable
             stop_ls(c, timeout=5)
     finally:
@@ -423,11 +462,11 @@ def _run_supervisor_like(
     return parent, ls_pid
 
 
-def test_kill9_of_supervisor_kills_ls(tmp_path: Path, fake_ls: Path, rendered: Path) -> None:
-    parent, ls_pid = _run_supervisor_like(tmp_path, ls_argv(fake_ls, rendered), pdeathsig=True)
+def test_kill9_of_supervisor_kills_ls(tmp_path: Path, rendered: Path) -> None:
+    parent, ls_pid = _run_supervisor_like(tmp_path, ls_argv(rendered), pdeathsig=True)
     try:
         wait_for(
-            lambda: _alive(ls_pid) and str(fake_ls) in psutil.Process(ls_pid).cmdline(), what="LS exec'd"
+            lambda: _alive(ls_pid) and str(rendered) in psutil.Process(ls_pid).cmdline(), what="LS exec'd"
         )
         t0 = time.monotonic()
         parent.kill()
@@ -443,11 +482,9 @@ def test_kill9_of_supervisor_kills_ls(tmp_path: Path, fake_ls: Path, rendered: P
             parent.wait(5)
 
 
-def test_without_pdeathsig_ls_outlives_a_killed_supervisor(
-    tmp_path: Path, fake_ls: Path, rendered: Path
-) -> None:
+def test_without_pdeathsig_ls_outlives_a_killed_supervisor(tmp_path: Path, rendered: Path) -> None:
     # The control for the test above: the wrapper is what makes LS die, and the sweep finds the orphan.
-    parent, ls_pid = _run_supervisor_like(tmp_path, ls_argv(fake_ls, rendered), pdeathsig=False)
+    parent, ls_pid = _run_supervisor_like(tmp_path, ls_argv(rendered), pdeathsig=False)
     try:
         wait_for(lambda: _alive(ls_pid), what="LS started")
         record = ChildRecord(ls_pid, psutil.Process(ls_pid).create_time(), ls_pid)
@@ -472,7 +509,7 @@ def test_find_orphans_by_cmdline_forms(
 ) -> None:
     other = tmp_path / "other.yaml"
     other.write_text("instance: other\n")
-    base = [sys.executable, str(fake_ls)]
+    base = fake_argv(fake_ls, rendered)[:2]
     matching = [
         orphans([*base, "--config", str(rendered), "sync"]),
         orphans([*base, f"--config={rendered}", "sync"]),
@@ -517,25 +554,28 @@ def _members_if(pgid: int, n: int) -> list[int]:
 
 
 def test_sweep_kills_term_ignoring_orphan_and_its_group(
-    orphans: Callable[..., psutil.Process], fake_ls: Path, rendered: Path
+    orphans: Callable[..., psutil.Process], rendered: Path, tmp_path: Path
 ) -> None:
-    env = ls_env(LSSTANDIN_IGNORE_SIGTERM="1", LSSTANDIN_REEXEC="1")
-    leader = orphans([sys.executable, str(fake_ls), "--config", str(rendered), "sync"], env=env)
+    record_file = tmp_path / "starts.jsonl"
+    env = ls_env(LSSTANDIN_IGNORE_SIGTERM="1", LSSTANDIN_REEXEC="1", LSSTANDIN_RECORD=str(record_file))
+    leader = orphans(ls_argv(rendered), env=env)
     members = wait_for(lambda: _members_if(leader.pid, 2), what="re-exec'd grandchild")
-    # Let the re-exec'd grandchild install SIG_IGN before we rely on it ignoring TERM.
-    wait_for(lambda: all(psutil.Process(p).cmdline()[1:2] == [str(fake_ls)] for p in members))
+    # The stand-in records its start after installing SIG_IGN: two lines = both ignore TERM now.
+    wait_for(
+        lambda: record_file.exists() and len(record_file.read_text().splitlines()) == 2,
+        what="both processes to record their start",
+    )
     t0 = time.monotonic()
     ended = sweep_orphans(rendered, None, timeout=0.3)
+    elapsed = time.monotonic() - t0
     assert sorted(ended) == sorted(members)
-    assert time.monotonic() - t0 < 3
+    assert 0.3 <= elapsed < 3
     assert not any(_alive(p) for p in members)
     assert prove_gone(ChildRecord(leader.pid, leader.create_time(), leader.pid), rendered) == []
 
 
-def test_own_child_is_not_an_orphan_but_is_not_gone(
-    children: list[LsChild], fake_ls: Path, rendered: Path
-) -> None:
-    c = start(children, ls_argv(fake_ls, rendered), ls_env())
+def test_own_child_is_not_an_orphan_but_is_not_gone(children: list[LsChild], rendered: Path) -> None:
+    c = start(children, ls_argv(rendered), ls_env())
     wait_for(lambda: str(rendered) in psutil.Process(c.pid).cmdline(), what="LS exec'd")
     assert find_orphans(rendered, c.record()) == []
     assert sweep_orphans(rendered, c.record()) == []

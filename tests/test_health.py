@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import queue
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lssupervisor.child import spawn_ls, stop_ls
+from lssupervisor.config import OutputMode
 from lssupervisor.errors import ConfigError
 from lssupervisor.health import HealthPoller, HealthProbe, HealthResult, parse_address, readiness
 from tests.helpers import free_port, wait_for
@@ -239,3 +245,39 @@ def test_poller_not_started(fake_ls: FakeLs) -> None:
     poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["main"]), 1, lambda pid: None, start=False)
     assert not poller.running
     poller.stop()  # joining a never-started poller is fine
+
+
+def test_poller_against_standin(tmp_path: Path) -> None:
+    """The real shape, from the LS stand-in: not ready until startup_main flips, then on_ready once."""
+    port = free_port()
+    config = tmp_path / "ls.yaml"
+    config.write_text(
+        "instance: a\n"
+        f"lmdbs:\n  main:\n    path: {tmp_path / 'lmdb'}\n    options: {{create: true, map_size: 16MB}}\n"
+        f"storage:\n  type: fs\n  options:\n    root_path: {tmp_path / 'store'}\n"
+        "lmdb_poll_interval: 100ms\nstorage_poll_interval: 100ms\n"
+        f"http:\n  address: :{port}\n"
+    )
+    probe = HealthProbe(f":{port}", ["main"])
+    assert probe.check() == HealthResult(False, f"healthz: connection refused on 127.0.0.1:{port}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSSTANDIN_")}
+    env["LSSTANDIN_HEALTH_INTERVAL_MS"] = "50"
+    argv = [sys.executable, "-m", "lssupervisor.testing.standin", "--config", str(config), "sync"]
+    events: queue.SimpleQueue[int] = queue.SimpleQueue()
+    child = spawn_ls(argv, env, output=OutputMode.PREFIX, cwd=tmp_path, on_line=lambda line: None)
+    try:
+        poller = HealthPoller(probe, child.pid, events.put_nowait, interval=0.02)
+        try:
+            assert events.get(timeout=10) == child.pid
+            wait_for(lambda: not poller.running, what="poller to end")
+            assert events.empty()
+            assert poller.last == HealthResult(True, "startup complete for main")
+        finally:
+            poller.stop()
+        # Another db name never becomes ready: LS has no such syncer.
+        assert HealthProbe(f":{port}", ["main", "other"]).check() == HealthResult(
+            False, "startup pending for other"
+        )
+    finally:
+        stop_ls(child, timeout=5)
+        assert child.join_output(5)
