@@ -800,6 +800,12 @@ class _AnyEnv(dict[str, str]):
         return super().get(key, "<set>")
 
 
+def lenient_env(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` in which every other variable counts as set (value ``<set>``): to learn a template's
+    structure (``inspect_template``) while unset variables are reported elsewhere."""
+    return _AnyEnv(env)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The environment LS runs with
 
