@@ -1,0 +1,139 @@
+"""The supervisor's states and the value the pure core (:mod:`lssupervisor.lifecycle`) works on.
+
+Actual state (``State``, the child, the stop in progress, the backoff) is kept apart from desired state
+(``Desired``: run, pause or shut down, and the target version), like supervisor's process state and
+"mood". The core compares the two after every event and acts to close the gap.
+
+Everything here is a frozen value: the core returns a new ``SupervisorState`` for every event, so the
+shell can keep the old one to diff, and tests can build any situation from literals.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from lssupervisor.backoff import BackoffState
+from lssupervisor.errors import ExitCode
+
+
+class State(enum.Enum):
+    """What the supervisor is doing. The names are what logs, state.json and metrics show."""
+
+    STARTING = "STARTING"  # LS spawned, not ready yet (readiness or ready_timeout pending)
+    RUNNING = "RUNNING"  # LS ready
+    STOPPING = "STOPPING"  # SIGTERM sent to LS's group; SIGKILL at the deadline
+    BACKOFF = "BACKOFF"  # LS failed; waiting before the next start
+    RECONCILING = "RECONCILING"  # loading config, reading markers, rendering (later: migrating)
+    PAUSED = "PAUSED"  # LS held down by the operator (persisted flag)
+    PARKED = "PARKED"  # LS down, waiting for an operator; the reason says why
+    STOPPED = "STOPPED"  # not booted yet, or shut down (terminal)
+
+
+class Substep(enum.Enum):
+    """Sub-steps of RECONCILING (filled in by the reconcile cycle; RENDERING is all there is today)."""
+
+    DRAINING = "DRAINING"
+    BACKING_UP = "BACKING_UP"
+    MIGRATING = "MIGRATING"
+    VERIFYING = "VERIFYING"
+    RENDERING = "RENDERING"
+
+
+class Goal(enum.Enum):
+    """Desired state, set by operators (signals, pause flag); the core moves actual state toward it."""
+
+    RUN = "run"
+    PAUSE = "pause"
+    SHUTDOWN = "shutdown"
+
+
+class StopPurpose(enum.Enum):
+    """Why we are stopping LS. Every purpose is an intended stop: none triggers the restart policy (I5),
+    except FAILED_START, where the start itself failed (not ready in time) and the stop merely cleans up."""
+
+    SHUTDOWN = "shutdown"
+    RESTART = "restart"  # the rendered config, argv or env changed
+    PAUSE = "pause"
+    FAILED_START = "failed-start"
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    goal: Goal = Goal.RUN
+    target_version: int | None = None
+    # How many TERM/INT we got: the second one while stopping means "SIGKILL now".
+    shutdown_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """The LS process we started (as far as the core knows it)."""
+
+    pid: int
+    digest: str  # identity of the rendered config + argv + env it was started with
+    started_at: float  # monotonic
+    wait_for_health: bool  # readiness from LS /healthz (else settle_time)
+    ready: bool = False
+    ready_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    purpose: StopPurpose
+    reason: str
+    term_at: float
+    kill_at: float
+    killed: bool = False
+    give_up_at: float | None = None  # after SIGKILL: how long we wait before declaring LS unkillable
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A reconcile requested while we could not start one (stopping LS, spawning)."""
+
+    reload: bool  # HUP (reload our config) rather than USR1 (reconcile with the current one)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorState:
+    """Everything the pure core knows. Times are monotonic seconds from the injected clock."""
+
+    state: State = State.STOPPED
+    since: float = 0.0
+    reason: str | None = None
+    substep: Substep | None = None
+    desired: Desired = field(default_factory=Desired)
+    booted: bool = False
+    # RECONCILING remembers where it came from, for a failed reload that keeps the old config.
+    prior: State | None = None
+    # The config prepared by the last successful reconcile (the shell holds the text; we hold its id).
+    digest: str | None = None
+    version: int | None = None
+    wait_for_health: bool = False
+    spawn_pending: bool = False
+    spawn_reason: str | None = None
+    child: Child | None = None
+    stopping: Stopping | None = None
+    pending: Pending | None = None
+    backoff: BackoffState = field(default_factory=BackoffState)
+    retry_at: float | None = None
+    park_reason: str | None = None
+    # An LS that survived SIGKILL: while it exists no other LS may start (I4), whatever operators do.
+    unkillable_pid: int | None = None
+    starts: int = 0
+    last_exit: str | None = None
+    exit_code: ExitCode | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.child is not None and self.child.ready
+
+    @property
+    def restarts(self) -> int:
+        """LS starts after the first one (crash restarts and config-change restarts alike)."""
+        return max(0, self.starts - 1)
