@@ -1,0 +1,1441 @@
+"""The worker process: every LMDB operation runs here, never in the daemon.
+
+Theory of operation
+-------------------
+The daemon (and the offline CLI) start ``python -m lssupervisor.worker`` in its own session, write ONE
+JSON request on its stdin and close it, then read JSON lines from its stdout. Why a process: LMDB's
+lock table is keyed by PID (a PID-1 daemon in a container must not open the LMDB), a crash or a leak
+stays in the worker, and a hung or cancelled migration is ended by SIGKILL, which makes LMDB abort
+the open write transaction (invariant I3 holds at any kill point). One process opens each
+environment once.
+
+Messages (worker -> parent, one JSON object per line)::
+
+    {"type": "progress", "phase": "backup"|"migrate"|"step_committed"|"dry_run", "lmdb": ..., ...}
+    {"type": "log", "level": "info", "logger": "...", "msg": "..."}
+    {"type": "result", "ok": true, "op": "...", ...op fields...}                     (exactly one,
+    {"type": "error", "error": "MapFull", "message": "...", "exit_code": 65}          last)
+
+Migrate progress carries ``lmdb``, ``step`` (migration name), ``from``, ``to``, ``done``, ``total``,
+``percent`` (this step) and ``index``/``steps`` (position in the plan). The worker's real stdout is
+kept private for the protocol; fd 1 is pointed at stderr so that a ``print()`` in a migration cannot
+corrupt the protocol. stderr is free text, captured by the parent for crash diagnostics.
+
+Request (parent -> worker), built by :func:`build_request`::
+
+    op            markers | readers | plan | migrate | dry_run | stamp | backup | backups | rollback
+                  | fleet
+    ls            LsView JSON (instance, lmdbs, storage ...)
+    marker_dbi    DBI of the markers (schema.marker_dbi)
+    migrations    directory or package of migration files
+    target        int | null (null: newest)          baseline   int | null
+    backup        {"enabled": bool, "dir": str, "keep": int}
+    history       path of history.jsonl
+    grow_map      bool        timeout    seconds | null (the worker cancels itself after it)
+    dry_run       bool (op migrate + dry_run = op dry_run)
+    version, lmdb (stamp)     backup_id (rollback; null: newest)
+    log_level     debug | info | warning | error
+
+Results per op (besides ``type``/``ok``/``op``):
+
+- markers:  ``lmdbs``: [{lmdb, path, exists, version, marker, has_user_data, empty, last_txnid,
+  map_size, used_bytes}]
+- readers:  ``lmdbs``: [{lmdb, exists, open_by_pid, readers: [{pid, thread, txnid, alive, name,
+  cmdline}]}] (the worker's own pid is left out; ``open_by_pid`` is a process holding LMDB's
+  lock-file lock, i.e. having the environment open, when the kernel names one)
+- plan:     ``target``, ``newest``, ``lmdbs`` [{lmdb, current, action}], ``steps`` [...]
+- migrate:  ``target``, ``backup_id``, ``lmdbs`` [migrator.MigrateResult JSON], ``steps``,
+  ``duration_s``
+- dry_run:  ``target``, ``lmdbs`` [{lmdb, steps, keys, bytes, duration_s, live_last_txnid_before,
+  live_last_txnid_after, live_sha256_before, live_sha256_after}], ``duration_s``
+- stamp:    ``lmdbs`` [{lmdb, from, to}]
+- backup:   ``backup`` (manifest JSON), ``duration_s``, ``bytes_per_s``
+- backups:  ``backups`` [manifest JSON]
+- rollback: ``backup_id``, ``schema_version``, ``lmdbs`` [{lmdb, restored, from, to}],
+  ``pre_rollback_backup``
+- fleet:    ``lmdbs`` [{lmdb, markers: [...]}]
+
+Test knob: with ``LSSUPERVISOR_TEST_OVERLAP_LOCK=/path/record.jsonl`` every LMDB write (migration
+steps, stamp, restore) happens while holding ``flock(LOCK_EX|LOCK_NB)`` on ``/path/record.jsonl.lock``
+and is bracketed by ``write_txn_begin``/``write_txn_end`` lines in the record; the Lightning Stream
+stand-in holds ``LOCK_SH`` on that file for its whole life, so failing to get the lock (recorded as
+``overlap``, and the op fails) proves LS ran during a write.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import psutil
+
+from lssupervisor import backup, history, marker, migrations, migrator
+from lssupervisor.errors import (
+    BackupError,
+    ExitCode,
+    MigrationCancelled,
+    MigrationError,
+    SupervisorError,
+    UnmarkedDatabase,
+    UsageError,
+    WorkerError,
+)
+from lssupervisor.lsmodel import LmdbSpec, LsView
+
+if TYPE_CHECKING:
+    from lssupervisor.config import Config
+
+Message = dict[str, Any]
+OnMessage = Callable[[Message], None]
+
+WORKER_MODULE = "lssupervisor.worker"
+OVERLAP_ENV = "LSSUPERVISOR_TEST_OVERLAP_LOCK"
+PARENT_ENV = "LSSUPERVISOR_WORKER_PARENT"
+STDERR_TAIL_LINES = 200
+OPS = ("markers", "readers", "plan", "migrate", "dry_run", "stamp", "backup", "backups", "rollback", "fleet")
+_PR_SET_PDEATHSIG = 1
+_PROGRESS_INTERVAL_S = 0.1
+
+
+# ===================================================================================================
+# Parent side
+
+
+def build_request(
+    op: str,
+    cfg: Config,
+    view: LsView,
+    *,
+    target: int | None = None,
+    dry_run: bool = False,
+    backup_enabled: bool | None = None,
+    **extra: Any,
+) -> Message:
+    """The request for ``op`` from our config and the LS view (the daemon and the CLI both use it).
+
+    ``target`` None means the newest migration; resolve ``schema.target``/``target_file`` before.
+    ``extra`` adds op fields (``version``/``lmdb`` for stamp, ``backup_id`` for rollback).
+    """
+    if op not in OPS:
+        raise UsageError(f"unknown worker op {op!r} (known: {', '.join(OPS)})")
+    source = cfg.migrations.path if cfg.migrations.path is not None else cfg.migrations.package
+    request: Message = {
+        "op": op,
+        "ls": view.to_json(),
+        "marker_dbi": cfg.schema.marker_dbi,
+        "migrations": str(source) if source is not None else None,
+        "target": target,
+        "baseline": cfg.schema.baseline,
+        "backup": {
+            "enabled": cfg.backup.enabled if backup_enabled is None else backup_enabled,
+            "dir": str(cfg.backup_dir),
+            "keep": cfg.backup.keep,
+        },
+        "history": str(cfg.history_file),
+        "grow_map": cfg.migrations.grow_map,
+        "timeout": cfg.migrations.timeout,
+        "dry_run": dry_run,
+        "log_level": cfg.log.level,
+    }
+    request.update(extra)
+    return request
+
+
+class WorkerRun:
+    """One running worker. Create with :meth:`start`.
+
+    ``on_message`` is called for every message, in order, from a reader thread (never concurrently);
+    the last call is always the final ``result``/``error`` message, delivered only after the worker
+    process has exited (so "final message seen" means "no LMDB is open in the worker any more"). If the
+    worker dies without a final message, one is synthesised (``"worker killed by SIGKILL"``).
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], on_message: OnMessage, op: str) -> None:
+        self._proc = proc
+        self._on_message = on_message
+        self.op = op
+        self._deliver_lock = threading.Lock()
+        self._done = threading.Event()
+        self._final: Message | None = None
+        self._cancel_reason: str | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr_thread = threading.Thread(
+            target=self._read_stderr, name=f"lssupervisor-worker-{proc.pid}-stderr", daemon=True
+        )
+        self._stdout_thread = threading.Thread(
+            target=self._read_stdout, name=f"lssupervisor-worker-{proc.pid}-stdout", daemon=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @classmethod
+    def start(
+        cls,
+        request: Mapping[str, Any],
+        on_message: OnMessage,
+        *,
+        min_pid: int = 0,
+        pass_fds: Sequence[int] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> WorkerRun:
+        """Start a worker for ``request``.
+
+        ``min_pid``: raise the next PID above it first (``lightningstream.min_pid``). ``pass_fds``: file
+        descriptors the worker inherits; pass the state-dir lock's fd so the lock outlives the parent
+        until the worker is gone too. The worker dies with the thread that starts it
+        (``PR_SET_PDEATHSIG``): start workers from a long-lived thread (the daemon's main thread).
+        """
+        op = str(request.get("op"))
+        if min_pid > 1:
+            from lssupervisor.pidfloor import raise_pid_floor
+
+            raise_pid_floor(min_pid)
+        child_env = dict(os.environ if env is None else env)
+        child_env[PARENT_ENV] = str(os.getpid())
+        # The worker must import this very package, even from a source checkout that is not installed.
+        root = str(Path(__file__).resolve().parent.parent)
+        old = child_env.get("PYTHONPATH")
+        child_env["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", WORKER_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Own session: a terminal's Ctrl-C reaches the parent only, which decides; cancel() kills
+            # the whole group (a tool started by m.run included).
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=tuple(pass_fds),
+            env=child_env,
+        )
+        run = cls(proc, on_message, op)
+        run._stderr_thread.start()
+        run._stdout_thread.start()
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps(dict(request)).encode("utf-8"))
+            proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the worker died at once; the synthesised final message says how
+        return run
+
+    # -- control --------------------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """SIGKILL the worker (and its process group). LMDB aborts the open write transaction: the
+        step in progress leaves nothing behind. The final message still arrives."""
+        if self._proc.returncode is not None:
+            return
+        self._cancel_reason = self._cancel_reason or reason
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    def terminate(self) -> None:
+        """Ask the worker to cancel itself (SIGTERM): the migration stops at its next cancellation
+        check and reports MigrationCancelled. Use :meth:`cancel` when it must stop now."""
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float | None = None) -> Message | None:
+        """The final message, or None when ``timeout`` passed first."""
+        if not self._done.wait(timeout):
+            return None
+        self._stdout_thread.join()
+        self._stderr_thread.join(timeout=1.0)
+        return self._final
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def final(self) -> Message | None:
+        return self._final
+
+    def stderr_tail(self) -> str:
+        return "".join(self._stderr_tail)
+
+    # -- reader threads -----------------------------------------------------------------------
+
+    def _deliver(self, msg: Message) -> None:
+        with self._deliver_lock:
+            try:
+                self._on_message(msg)
+            except Exception:  # a failing callback must not lose the final message
+                logging.getLogger(__name__).exception("worker message callback failed")
+
+    def _read_stderr(self) -> None:
+        stream = self._proc.stderr
+        assert stream is not None
+        for raw in stream:
+            self._stderr_tail.append(raw.decode("utf-8", errors="replace"))
+        stream.close()
+
+    def _read_stdout(self) -> None:
+        stream = self._proc.stdout
+        assert stream is not None
+        final: Message | None = None
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                msg = json.loads(line)
+                if not isinstance(msg, dict) or "type" not in msg:
+                    raise ValueError("not a message object")
+            except ValueError:
+                msg = {
+                    "type": "log",
+                    "level": "warning",
+                    "logger": "worker",
+                    "msg": f"worker wrote a non-protocol line: {line[:200]}",
+                }
+            if msg["type"] in ("result", "error"):
+                if final is None:
+                    final = msg
+                    continue
+                msg = {
+                    "type": "log",
+                    "level": "warning",
+                    "logger": "worker",
+                    "msg": f"worker sent a second final message (ignored): {line[:200]}",
+                }
+            self._deliver(msg)
+        stream.close()
+        returncode = self._proc.wait()
+        # stderr reaches EOF when the worker exits, unless a grandchild still holds it.
+        self._stderr_thread.join(timeout=2.0)
+        if final is None:
+            final = self._synthesise(returncode)
+        final["returncode"] = returncode
+        self._final = final
+        self._deliver(final)
+        self._done.set()
+
+    def _synthesise(self, returncode: int) -> Message:
+        if returncode < 0:
+            try:
+                how = f"killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-returncode}"
+        else:
+            how = f"exited with status {returncode} without a result"
+        message = f"worker {how}"
+        tail = [line.strip() for line in self._stderr_tail if line.strip()]
+        if self._cancel_reason is not None:
+            message += f" ({self._cancel_reason}); the open LMDB transaction was aborted"
+            error, code = "MigrationCancelled", ExitCode.MIGRATION
+        else:
+            error, code = "WorkerError", ExitCode.SOFTWARE
+            if tail:
+                message += f"; last stderr line: {tail[-1][:300]}"
+        return {
+            "type": "error",
+            "error": error,
+            "message": message,
+            "exit_code": int(code),
+            "stderr": "\n".join(tail[-20:]),
+        }
+
+
+def run_worker(
+    request: Mapping[str, Any],
+    on_message: OnMessage | None = None,
+    timeout: float | None = None,
+    *,
+    min_pid: int = 0,
+    pass_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
+) -> Message:
+    """Run a worker to the end and return its final message (blocking; for the CLI and tests).
+    After ``timeout`` seconds the worker is killed and a MigrationCancelled error returned."""
+    run = WorkerRun.start(request, on_message or _ignore, min_pid=min_pid, pass_fds=pass_fds, env=env)
+    try:
+        final = run.wait(timeout)
+        if final is None:
+            run.cancel(f"timed out after {timeout:g}s")
+            final = run.wait()
+    except BaseException:
+        run.cancel("interrupted")
+        run.wait()
+        raise
+    assert final is not None
+    return final
+
+
+def _ignore(msg: Message) -> None:
+    pass
+
+
+def _error_classes() -> dict[str, type[SupervisorError]]:
+    from lssupervisor import errors
+
+    found: dict[str, type[SupervisorError]] = {}
+    for name in dir(errors):
+        obj = getattr(errors, name)
+        if isinstance(obj, type) and issubclass(obj, SupervisorError):
+            found[name] = obj
+    return found
+
+
+def raise_for_error(final: Message) -> Message:
+    """Return a result message; turn an error message into the matching SupervisorError."""
+    if final.get("type") == "result":
+        return final
+    name = str(final.get("error", "WorkerError"))
+    message = str(final.get("message", "worker failed"))
+    cls = _error_classes().get(name)
+    if cls is None:
+        exc: SupervisorError = WorkerError(message)
+    else:
+        exc = cls(message)
+    code = final.get("exit_code")
+    if isinstance(code, int) and code != int(exc.exit_code):
+        with contextlib.suppress(ValueError):
+            exc.exit_code = ExitCode(code)
+    raise exc
+
+
+def read_schema_version(cfg: Config, view: LsView) -> int | None:
+    """The schema version the LMDBs have for our instance (a ``markers`` worker run).
+
+    None when no LMDB is marked. MigrationError when the LMDBs disagree (a partial multi-LMDB
+    migration): LS cannot run one prefix over two schema versions.
+    """
+    final = raise_for_error(run_worker(build_request("markers", cfg, view)))
+    versions: dict[str, int | None] = {entry["lmdb"]: entry["version"] for entry in final["lmdbs"]}
+    known = {v for v in versions.values() if v is not None}
+    if not known:
+        return None
+    if len(known) > 1 or None in versions.values():
+        shown = ", ".join(f"{name}={v}" for name, v in sorted(versions.items()))
+        raise MigrationError(
+            f"the LMDBs of instance {view.instance!r} are at different schema versions ({shown}); "
+            "run lssupervisor migrate to bring them to one version"
+        )
+    return known.pop()
+
+
+# ===================================================================================================
+# Worker side
+
+
+class _Protocol:
+    """JSON lines on the private protocol fd; one writer at a time (logging may come from threads)."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        self._lock = threading.Lock()
+
+    def send(self, msg: Message) -> None:
+        line = json.dumps(msg, separators=(",", ":"), default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+
+class _ProtocolLogHandler(logging.Handler):
+    def __init__(self, send: Callable[[Message], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(
+                {
+                    "type": "log",
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "msg": record.getMessage(),
+                }
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL us when the parent dies (a worker must never outlive the lock holder that started it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = os.environ.get(PARENT_ENV)
+    if parent and parent.isdigit() and os.getppid() != int(parent):
+        os._exit(int(ExitCode.SOFTWARE))  # the parent died before prctl took effect
+
+
+def main() -> None:
+    """``python -m lssupervisor.worker``: one request on stdin, JSON lines on stdout, then exit."""
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)  # print() in a migration goes to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    proto = _Protocol(proto_fd)
+    _die_with_parent()
+    cancel = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())
+    code = int(ExitCode.OK)
+    try:
+        try:
+            request = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+        except ValueError as exc:
+            raise WorkerError(f"worker request is not JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise WorkerError("worker request must be a JSON object")
+        handler = _ProtocolLogHandler(proto.send)
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(str(request.get("log_level") or "info").upper())
+        result = run_op(request, proto.send, cancel)
+        proto.send({"type": "result", "ok": True, "op": request.get("op"), **result})
+    except SupervisorError as exc:
+        code = int(exc.exit_code)
+        proto.send({"type": "error", "error": type(exc).__name__, "message": str(exc), "exit_code": code})
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        code = int(ExitCode.SOFTWARE)
+        proto.send(
+            {
+                "type": "error",
+                "error": type(exc).__name__,
+                "message": f"internal error in the worker: {type(exc).__name__}: {exc} (a bug; see stderr)",
+                "exit_code": code,
+            }
+        )
+    sys.stderr.flush()
+    # No atexit, no waiting for stray threads a migration may have left: the result is out.
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------
+# request fields
+
+
+def _field(request: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
+    value = request.get(key)
+    if value is None and optional:
+        return None
+    if kind is int and isinstance(value, bool):
+        raise WorkerError(f"worker request: {key}: expected an integer, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind):
+        raise WorkerError(f"worker request: {key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass
+class Job:
+    """One request being served: parsed fields, open environments, cancellation."""
+
+    request: Mapping[str, Any]
+    send: Callable[[Message], None]
+    cancel: threading.Event
+    view: LsView
+    marker_dbi: str
+    history_path: Path | None
+    backup_dir: Path | None
+    backup_keep: int
+    backup_enabled: bool
+    deadline: float | None
+    timeout: float | None
+    envs: dict[str, lmdb.Environment] = dataclasses.field(default_factory=dict)
+    _last_progress: float = 0.0
+
+    @classmethod
+    def parse(
+        cls, request: Mapping[str, Any], send: Callable[[Message], None], cancel: threading.Event
+    ) -> Job:
+        ls = request.get("ls")
+        if not isinstance(ls, dict):
+            raise WorkerError("worker request: ls: expected the LS view object")
+        try:
+            view = LsView.from_json(ls)
+        except (KeyError, TypeError) as exc:
+            raise WorkerError(f"worker request: ls: bad LS view ({exc})") from None
+        bk = request.get("backup") or {}
+        if not isinstance(bk, dict):
+            raise WorkerError("worker request: backup: expected an object")
+        timeout = _field(request, "timeout", float, optional=True)
+        hist = request.get("history")
+        bdir = bk.get("dir")
+        return cls(
+            request=request,
+            send=send,
+            cancel=cancel,
+            view=view,
+            marker_dbi=str(request.get("marker_dbi") or marker.DEFAULT_MARKER_DBI),
+            history_path=Path(hist) if hist else None,
+            backup_dir=Path(bdir) if bdir else None,
+            backup_keep=int(bk.get("keep", 5)),
+            backup_enabled=bool(bk.get("enabled", True)),
+            deadline=time.monotonic() + timeout if timeout else None,
+            timeout=timeout,
+        )
+
+    @property
+    def instance(self) -> str:
+        return self.view.instance
+
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def progress(self, event: Message, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_progress >= _PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self.send({"type": "progress", **event})
+
+    def need_backup_dir(self) -> Path:
+        if self.backup_dir is None:
+            raise WorkerError("worker request: backup.dir is required for this op")
+        return self.backup_dir
+
+    def record(self, entry: history.Entry) -> None:
+        if self.history_path is not None:
+            history.append(self.history_path, entry)
+
+    def applied_checksums(self) -> dict[int, str]:
+        if self.history_path is None:
+            return {}
+        return history.applied_checksums(history.read(self.history_path).entries)
+
+    # -- environments --
+
+    def open(self, spec: LmdbSpec, *, write: bool, create: bool = False) -> lmdb.Environment:
+        """Open (once) the LMDB of ``spec``. ``map_size`` 0 keeps the size recorded in the file."""
+        env = self.envs.get(spec.name)
+        if env is not None:
+            return env
+        env = open_lmdb(spec, write=write, create=create)
+        self.envs[spec.name] = env
+        return env
+
+    def close(self, name: str | None = None) -> None:
+        names = [name] if name is not None else list(self.envs)
+        for n in names:
+            env = self.envs.pop(n, None)
+            if env is not None:
+                env.close()
+
+    def read_marker_version(self, env: lmdb.Environment, spec: LmdbSpec) -> int | None:
+        with env.begin(write=False) as txn:
+            found = marker.read_marker(
+                env, txn, self.instance, native=spec.native, marker_dbi=self.marker_dbi
+            )
+        return found.version if found else None
+
+
+def open_lmdb(spec: LmdbSpec, *, write: bool, create: bool = False) -> lmdb.Environment:
+    """Open an LMDB as the worker does: our own lock participation, ``map_size`` 0 = the file's size
+    (py-lmdb's 10 MiB default would shrink the map of a bigger LMDB), writemap for writers
+    (migrator.DEFAULT_WRITEMAP: dirty pages of a big step stay out of anonymous memory)."""
+    try:
+        return lmdb.open(
+            spec.path,
+            subdir=not spec.no_subdir,
+            max_dbs=spec.max_dbs,
+            map_size=spec.map_size,
+            readonly=not write,
+            create=create,
+            writemap=write and migrator.DEFAULT_WRITEMAP,
+            lock=True,
+        )
+    except lmdb.Error as exc:
+        raise MigrationError(f"LMDB {spec.name!r} at {spec.path}: cannot open ({exc})") from exc
+
+
+def _exists(spec: LmdbSpec) -> bool:
+    return backup.data_file(spec).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the overlap test knob
+
+
+def _overlap_record(record: str, event: str, what: str) -> None:
+    line = json.dumps({"pid": os.getpid(), "event": event, "time_ns": time.time_ns(), "what": what})
+    fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def write_guard(what: str) -> Iterator[None]:
+    """Bracket an LMDB write for the overlap test knob (a no-op unless OVERLAP_ENV is set)."""
+    record = os.environ.get(OVERLAP_ENV)
+    if not record:
+        yield
+        return
+    fd = os.open(record + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _overlap_record(record, "overlap", what)
+            raise WorkerError(
+                f"{record}.lock is held: a Lightning Stream (stand-in) runs during {what}"
+            ) from None
+        _overlap_record(record, "write_txn_begin", what)
+        try:
+            yield
+        finally:
+            _overlap_record(record, "write_txn_end", what)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning across LMDBs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LmdbPlan:
+    spec: LmdbSpec
+    exists: bool
+    marker_version: int | None
+    has_user_data: bool
+    current: int | None  # the version planning starts from (marker, or baseline); None: will be stamped
+    action: str  # none | stamp | migrate | baseline
+    steps: tuple[migrations.Step, ...]
+
+    def to_json(self) -> Message:
+        return {
+            "lmdb": self.spec.name,
+            "exists": self.exists,
+            "marker_version": self.marker_version,
+            "has_user_data": self.has_user_data,
+            "current": self.current,
+            "action": self.action,
+            "steps": [_step_json(s) for s in self.steps],
+        }
+
+
+def _step_json(step: migrations.Step) -> Message:
+    mig = step.migration
+    return {
+        "lmdb": step.lmdb,
+        "from": step.from_version,
+        "to": step.to_version,
+        "migration": mig.name if mig else None,
+        "description": mig.description if mig else "marker only",
+        "strategy": mig.strategy.value if mig else None,
+        "checksum": mig.checksum if mig else None,
+    }
+
+
+def _plan_all(job: Job, migs: migrations.MigrationSet, target: int | None) -> tuple[int, list[LmdbPlan]]:
+    goal = migrations.plan(migs, {}, target).target  # validates the target
+    baseline = _field(job.request, "baseline", int, optional=True)
+    migrations.check_checksums(migs, job.applied_checksums())
+    plans: list[LmdbPlan] = []
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            plans.append(LmdbPlan(spec, False, None, False, None, "stamp", ()))
+            continue
+        env = job.open(spec, write=False)
+        state = marker.read_state(env, spec, job.instance, job.marker_dbi)
+        found = state.marker
+        if found is None and not state.has_user_data:
+            plans.append(LmdbPlan(spec, True, None, False, None, "stamp", ()))
+            continue
+        if found is None:
+            if baseline is None:
+                raise UnmarkedDatabase(
+                    f"LMDB {spec.name!r} at {spec.path} has data but no schema marker for instance "
+                    f"{job.instance!r}; if its data is at schema version N, run: lssupervisor stamp N "
+                    "(or configure schema.baseline)"
+                )
+            current, action = baseline, "baseline"
+        else:
+            current, action = found.version, "migrate"
+            applied = migs.by_name(found.migration) if found.migration else None
+            if applied is not None and found.checksum and applied.checksum != found.checksum:
+                raise migrations_checksum_error(applied, spec, found.checksum)
+        steps = migrations.plan(migs, {spec.name: current}, target).steps
+        if not steps and action == "migrate":
+            action = "none"
+        plans.append(
+            LmdbPlan(
+                spec, True, found.version if found else None, state.has_user_data, current, action, steps
+            )
+        )
+    return goal, plans
+
+
+def migrations_checksum_error(
+    applied: migrations.Migration, spec: LmdbSpec, recorded: str
+) -> SupervisorError:
+    from lssupervisor.errors import ChecksumMismatch
+
+    return ChecksumMismatch(
+        f"{applied.path}: changed since it was applied to LMDB {spec.name!r}: recorded sha256 "
+        f"{recorded}, now {applied.checksum}; restore the applied file (add a new migration instead "
+        "of editing one)"
+    )
+
+
+def _source(job: Job) -> str:
+    source = job.request.get("migrations")
+    if not isinstance(source, str) or not source:
+        raise WorkerError("worker request: migrations: expected the migrations directory or package")
+    return source
+
+
+def _names(job: Job) -> list[str]:
+    return [s.name for s in job.view.lmdbs]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ops
+
+
+def run_op(request: Mapping[str, Any], send: Callable[[Message], None], cancel: threading.Event) -> Message:
+    """Serve one request in this process (the worker's core; tests may call it directly). Returns the
+    result fields; raises SupervisorError for expected failures. Every environment opened is closed."""
+    op = request.get("op")
+    if request.get("dry_run") and op == "migrate":
+        op = "dry_run"
+    job = Job.parse(request, send, cancel)
+    try:
+        match op:
+            case "markers":
+                return _op_markers(job)
+            case "readers":
+                return _op_readers(job)
+            case "plan":
+                return _op_plan(job)
+            case "migrate":
+                return _op_migrate(job)
+            case "dry_run":
+                return _op_dry_run(job)
+            case "stamp":
+                return _op_stamp(job)
+            case "backup":
+                return _op_backup(job)
+            case "backups":
+                return _op_backups(job)
+            case "rollback":
+                return _op_rollback(job)
+            case "fleet":
+                return _op_fleet(job)
+            case _:
+                raise WorkerError(f"worker request: op: unknown op {op!r} (known: {', '.join(OPS)})")
+    finally:
+        job.close()
+
+
+def _op_markers(job: Job) -> Message:
+    out: list[Message] = []
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            out.append(
+                {
+                    "lmdb": spec.name,
+                    "path": spec.path,
+                    "exists": False,
+                    "version": None,
+                    "marker": None,
+                    "has_user_data": False,
+                    "empty": True,
+                    "last_txnid": 0,
+                    "map_size": 0,
+                    "used_bytes": 0,
+                }
+            )
+            continue
+        env = job.open(spec, write=False)
+        state = marker.read_state(env, spec, job.instance, job.marker_dbi)
+        info = env.info()
+        out.append(
+            {
+                "lmdb": spec.name,
+                "path": spec.path,
+                "exists": True,
+                "version": state.marker.version if state.marker else None,
+                "marker": asdict(state.marker) if state.marker else None,
+                "has_user_data": state.has_user_data,
+                "empty": not state.has_user_data,
+                "last_txnid": int(info["last_txnid"]),
+                "map_size": int(info["map_size"]),
+                "used_bytes": backup.env_used_bytes(env),
+            }
+        )
+    return {"instance": job.instance, "lmdbs": out}
+
+
+def parse_readers(text: str) -> list[tuple[int, str, int | None]]:
+    """Parse py-lmdb's ``Environment.readers()`` (mdb_reader_list) text: (pid, thread, txnid|None)."""
+    found: list[tuple[int, str, int | None]] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue  # the header line, or "(no active readers)"
+        pid, thread, txnid = parts
+        found.append((int(pid), thread, None if txnid == "-" else int(txnid)))
+    return found
+
+
+def _describe_pid(pid: int) -> Message:
+    try:
+        proc = psutil.Process(pid)
+        return {
+            "alive": proc.status() != psutil.STATUS_ZOMBIE,
+            "name": proc.name(),
+            "cmdline": proc.cmdline(),
+        }
+    except psutil.NoSuchProcess:
+        return {"alive": False, "name": "", "cmdline": []}
+    except psutil.Error:
+        return {"alive": True, "name": "", "cmdline": []}
+
+
+def _op_readers(job: Job) -> Message:
+    out: list[Message] = []
+    me = os.getpid()
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            out.append({"lmdb": spec.name, "exists": False, "open_by_pid": None, "readers": []})
+            continue
+        # Ask the kernel who holds LMDB's lock-file lock BEFORE we open the environment ourselves:
+        # closing a second descriptor of lock.mdb later would drop our own LMDB locks.
+        holder = backup.lock_holder(spec)
+        env = job.open(spec, write=False)
+        with contextlib.suppress(lmdb.Error):
+            env.reader_check()  # clear slots of dead processes first
+        readers = []
+        for pid, thread, txnid in parse_readers(env.readers()):
+            if pid == me:
+                continue
+            readers.append({"pid": pid, "thread": thread, "txnid": txnid, **_describe_pid(pid)})
+        out.append({"lmdb": spec.name, "exists": True, "open_by_pid": holder, "readers": readers})
+    return {"lmdbs": out}
+
+
+def _op_plan(job: Job) -> Message:
+    migs = migrations.discover(_source(job), _names(job))
+    target = _field(job.request, "target", int, optional=True)
+    goal, plans = _plan_all(job, migs, target)
+    return {
+        "target": goal,
+        "newest": migs.newest,
+        "lmdbs": [p.to_json() for p in plans],
+        "steps": [_step_json(s) for p in plans for s in p.steps],
+    }
+
+
+def _history_step(
+    job: Job, result: migrator.StepResult, step: migrations.Step, backup_id: str | None
+) -> history.Entry:
+    end = history.now_iso()
+    return history.Entry(
+        kind=history.Kind.MIGRATE,
+        result=history.Result.OK,
+        start=_iso_before(result.duration_s),
+        end=end,
+        lmdb=result.lmdb,
+        instance=job.instance,
+        from_version=result.from_version,
+        to_version=result.to_version,
+        migration=result.migration or None,
+        migration_version=step.migration.version if step.migration else None,
+        checksum=result.checksum or None,
+        keys=result.puts + result.deletes + result.copied + result.raw_writes,
+        bytes=result.bytes_written,
+        backup_id=backup_id,
+        extra={"duration_s": round(result.duration_s, 6), "txn_id": result.txn_id},
+    )
+
+
+def _iso_before(seconds: float) -> str:
+    import datetime as _dt
+
+    t = _dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=seconds)
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class _StepTracker:
+    """Maps the migrator's progress and step callbacks onto the global plan for progress events."""
+
+    def __init__(self, job: Job, steps: Sequence[migrations.Step], phase: str) -> None:
+        self.job = job
+        self.steps = list(steps)
+        self.phase = phase
+        self.index = 0
+        self.started = time.monotonic()
+
+    @property
+    def current(self) -> migrations.Step | None:
+        return self.steps[self.index] if self.index < len(self.steps) else None
+
+    def on_progress(self, p: migrator.Progress) -> None:
+        step = self.current
+        percent = round(100.0 * p.done / p.total, 1) if p.total else 100.0
+        self.job.progress(
+            {
+                "phase": self.phase,
+                "lmdb": p.lmdb,
+                "step": p.migration or (step.migration.name if step and step.migration else None),
+                "from": step.from_version if step else None,
+                "to": step.to_version if step else None,
+                "done": p.done,
+                "total": p.total,
+                "percent": percent,
+                "index": self.index,
+                "steps": len(self.steps),
+            },
+            force=p.done >= p.total,
+        )
+
+    def on_step(self, result: migrator.StepResult) -> migrations.Step:
+        step = self.current
+        assert step is not None and step.lmdb == result.lmdb and step.to_version == result.to_version, (
+            f"migrator ran {result.lmdb} {result.from_version}->{result.to_version}, "
+            f"planned {step.describe() if step else 'nothing'}"
+        )
+        self.index += 1
+        self.job.progress(
+            {
+                "phase": "step_committed",
+                "lmdb": result.lmdb,
+                "step": result.migration or None,
+                "from": result.from_version,
+                "to": result.to_version,
+                "index": self.index,
+                "steps": len(self.steps),
+                "duration_s": round(result.duration_s, 6),
+            },
+            force=True,
+        )
+        return step
+
+
+def _migrate_envs(
+    job: Job,
+    migs: migrations.MigrationSet,
+    plans: Sequence[LmdbPlan],
+    envs: Mapping[str, lmdb.Environment],
+    specs: Mapping[str, LmdbSpec],
+    *,
+    target: int | None,
+    phase: str,
+    on_step: Callable[[migrator.StepResult, migrations.Step], None],
+    guard: bool,
+) -> list[migrator.MigrateResult]:
+    tracker = _StepTracker(job, [s for p in plans for s in p.steps], phase)
+    baseline = _field(job.request, "baseline", int, optional=True)
+    grow_map = bool(job.request.get("grow_map", False))
+    results: list[migrator.MigrateResult] = []
+    for p in plans:
+        spec = specs[p.spec.name]
+
+        def step_done(result: migrator.StepResult) -> None:
+            on_step(result, tracker.on_step(result))
+
+        with write_guard(f"{phase} of LMDB {spec.name}") if guard else contextlib.nullcontext():
+            results.append(
+                migrator.migrate(
+                    envs[spec.name],
+                    spec,
+                    migs,
+                    instance=job.instance,
+                    target=target,
+                    baseline=baseline,
+                    marker_dbi=job.marker_dbi,
+                    cancel=job.cancelled,
+                    progress=tracker.on_progress,
+                    logger=logging.getLogger("lssupervisor.migration"),
+                    grow_map=grow_map,
+                    on_step=step_done,
+                )
+            )
+    return results
+
+
+def _cancel_message(job: Job, exc: MigrationCancelled) -> MigrationCancelled:
+    if job.deadline is not None and time.monotonic() > job.deadline and not job.cancel.is_set():
+        return MigrationCancelled(f"{exc} (migrations.timeout of {job.timeout:g}s expired)")
+    return exc
+
+
+def _op_migrate(job: Job) -> Message:
+    started = time.monotonic()
+    target = _field(job.request, "target", int, optional=True)
+    migs = migrations.load(_source(job), _names(job))
+    goal, plans = _plan_all(job, migs, target)
+    job.close()  # planning opened read-only; reopen for writing
+    backup_id: str | None = None
+    if any(p.steps for p in plans):
+        existing = [p.spec for p in plans if p.exists]
+        if job.backup_enabled and existing:
+            backup_id = _take_backup(job, existing, reason=f"before migrating to {goal}").id
+        elif not job.backup_enabled:
+            logging.getLogger(__name__).warning("backup disabled: migrating without a backup")
+    envs = {p.spec.name: job.open(p.spec, write=True, create=not p.exists) for p in plans}
+    specs = {p.spec.name: p.spec for p in plans}
+
+    def record(result: migrator.StepResult, step: migrations.Step) -> None:
+        job.record(_history_step(job, result, step, backup_id))
+
+    try:
+        results = _migrate_envs(
+            job, migs, plans, envs, specs, target=target, phase="migrate", on_step=record, guard=True
+        )
+    except SupervisorError as exc:
+        failed = _failed_step(plans, envs, job)
+        if failed is not None:
+            job.record(
+                history.Entry(
+                    kind=history.Kind.MIGRATE,
+                    result=history.Result.CANCELLED
+                    if isinstance(exc, MigrationCancelled)
+                    else history.Result.FAILED,
+                    start=history.now_iso(),
+                    end=history.now_iso(),
+                    lmdb=failed.lmdb,
+                    instance=job.instance,
+                    from_version=failed.from_version,
+                    to_version=failed.to_version,
+                    migration=failed.migration.name if failed.migration else None,
+                    migration_version=failed.migration.version if failed.migration else None,
+                    checksum=failed.migration.checksum if failed.migration else None,
+                    backup_id=backup_id,
+                    message=str(exc),
+                )
+            )
+        if isinstance(exc, MigrationCancelled):
+            raise _cancel_message(job, exc) from None
+        raise
+    for r in results:
+        if r.stamped == "empty" or (r.stamped == "baseline" and not r.steps):
+            job.record(
+                history.Entry(
+                    kind=history.Kind.STAMP,
+                    result=history.Result.OK,
+                    start=history.now_iso(),
+                    end=history.now_iso(),
+                    lmdb=r.lmdb,
+                    instance=job.instance,
+                    from_version=None,
+                    to_version=r.after.version if r.after else None,
+                    message="empty LMDB stamped with the target"
+                    if r.stamped == "empty"
+                    else "unmarked LMDB stamped with schema.baseline",
+                )
+            )
+    return {
+        "target": goal,
+        "backup_id": backup_id,
+        "lmdbs": [r.to_json() for r in results],
+        "steps": sum(len(r.steps) for r in results),
+        "duration_s": round(time.monotonic() - started, 6),
+    }
+
+
+def _failed_step(
+    plans: Sequence[LmdbPlan], envs: Mapping[str, lmdb.Environment], job: Job
+) -> migrations.Step | None:
+    """The step that was running when a migration failed: the first planned step whose target the
+    marker has not reached (read back after the abort)."""
+    for p in plans:
+        env = envs.get(p.spec.name)
+        if env is None:
+            continue
+        try:
+            version = job.read_marker_version(env, p.spec)
+        except (lmdb.Error, MigrationError):
+            version = None
+        for step in p.steps:
+            if version is None or version < step.to_version:
+                return step
+    return None
+
+
+def _take_backup(
+    job: Job, specs: Sequence[LmdbSpec], *, reason: str, protect: Sequence[str] = ()
+) -> backup.Manifest:
+    directory = job.need_backup_dir()
+    envs = {s.name: job.open(s, write=False) for s in specs}
+    started = time.monotonic()
+    job.progress({"phase": "backup", "event": "start", "lmdbs": [s.name for s in specs]}, force=True)
+    manifest = backup.create(
+        envs,
+        specs,
+        directory,
+        job.instance,
+        job.read_marker_version,
+        keep=job.backup_keep,
+        reason=reason,
+        progress=lambda event: job.progress(event, force=True),
+        protect=protect,
+    )
+    duration = time.monotonic() - started
+    job.record(
+        history.Entry(
+            kind=history.Kind.BACKUP,
+            result=history.Result.OK,
+            start=_iso_before(duration),
+            end=history.now_iso(),
+            instance=job.instance,
+            to_version=manifest.schema_version,
+            bytes=manifest.size,
+            backup_id=manifest.id,
+            message=reason or None,
+            extra={"duration_s": round(duration, 6)},
+        )
+    )
+    for s in specs:
+        job.close(s.name)
+    return manifest
+
+
+def _op_dry_run(job: Job) -> Message:
+    started = time.monotonic()
+    target = _field(job.request, "target", int, optional=True)
+    migs = migrations.load(_source(job), _names(job))
+    goal, plans = _plan_all(job, migs, target)
+    directory = job.need_backup_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    backup.clean_stale_partials(directory, prefix=".dryrun-")
+    existing = [p for p in plans if p.exists]
+    used = sum(backup.env_used_bytes(job.open(p.spec, write=False)) for p in existing)
+    backup.check_free_space(directory, backup.space_needed(2 * used), "a dry run on a copy")
+    work = directory / f".dryrun-{backup.new_backup_id(None)}{backup.PARTIAL_SUFFIX}"
+    work.mkdir()
+    backup.claim(work)
+    out: list[Message] = []
+    copies: dict[str, lmdb.Environment] = {}
+    try:
+        copy_specs: dict[str, LmdbSpec] = {}
+        before: dict[str, tuple[int, str | None]] = {}
+        for p in plans:
+            copy_dir = work / p.spec.name
+            copy_dir.mkdir()
+            if p.exists:
+                live = job.open(p.spec, write=False)
+                info = live.info()
+                before[p.spec.name] = (int(info["last_txnid"]), backup.sha256_file(backup.data_file(p.spec)))
+                live.copy(str(copy_dir / backup.DATA_FILE if p.spec.no_subdir else copy_dir), compact=True)
+                map_size = max(p.spec.map_size, int(info["map_size"]))
+            else:
+                before[p.spec.name] = (0, None)
+                map_size = p.spec.map_size
+            copy_specs[p.spec.name] = dataclasses.replace(
+                p.spec, path=str(copy_dir), no_subdir=False, map_size=map_size
+            )
+            copies[p.spec.name] = open_lmdb(copy_specs[p.spec.name], write=True, create=True)
+        per_lmdb: dict[str, list[migrator.StepResult]] = {p.spec.name: [] for p in plans}
+
+        def collect(result: migrator.StepResult, step: migrations.Step) -> None:
+            per_lmdb[result.lmdb].append(result)
+
+        try:
+            _migrate_envs(
+                job,
+                migs,
+                plans,
+                copies,
+                copy_specs,
+                target=target,
+                phase="dry_run",
+                on_step=collect,
+                guard=False,
+            )
+        except MigrationCancelled as exc:
+            raise _cancel_message(job, exc) from None
+        for p in plans:
+            name = p.spec.name
+            results = per_lmdb[name]
+            after_txnid, after_sha = 0, None
+            if p.exists:
+                after_txnid = int(job.envs[name].info()["last_txnid"])
+                after_sha = backup.sha256_file(backup.data_file(p.spec))
+            out.append(
+                {
+                    "lmdb": name,
+                    "steps": [r.to_json() for r in results],
+                    "keys": sum(r.puts + r.deletes + r.copied + r.raw_writes for r in results),
+                    "bytes": sum(r.bytes_written for r in results),
+                    "duration_s": round(sum(r.duration_s for r in results), 6),
+                    "live_last_txnid_before": before[name][0],
+                    "live_last_txnid_after": after_txnid,
+                    "live_sha256_before": before[name][1],
+                    "live_sha256_after": after_sha,
+                }
+            )
+    finally:
+        for env in copies.values():
+            env.close()
+        shutil.rmtree(work, ignore_errors=True)
+    changed = [o["lmdb"] for o in out if o["live_sha256_before"] != o["live_sha256_after"]]
+    if changed:
+        raise WorkerError(f"dry run: live LMDB(s) {', '.join(changed)} changed during the dry run")
+    return {
+        "target": goal,
+        "plan": [p.to_json() for p in plans],
+        "lmdbs": out,
+        "duration_s": round(time.monotonic() - started, 6),
+    }
+
+
+def _op_stamp(job: Job) -> Message:
+    version = _field(job.request, "version", int)
+    only = _field(job.request, "lmdb", str, optional=True)
+    migs = migrations.discover(_source(job), _names(job))
+    if not 0 <= version <= migs.newest:
+        raise MigrationError(
+            f"cannot stamp version {version}: the migrations in {migs.directory} know versions "
+            f"0..{migs.newest}"
+        )
+    specs = [s for s in job.view.lmdbs if only is None or s.name == only]
+    if not specs:
+        raise UsageError(
+            f"stamp --lmdb {only}: no such LMDB in the LS config (known: {', '.join(_names(job))})"
+        )
+    out: list[Message] = []
+    for spec in specs:
+        env = job.open(spec, write=True, create=not _exists(spec))
+        old = job.read_marker_version(env, spec)
+        if old is not None and old > version:
+            logging.getLogger(__name__).warning(
+                "stamping LMDB %s DOWN from %d to %d: the data is not migrated back", spec.name, old, version
+            )
+        with write_guard(f"stamp of LMDB {spec.name}"):
+            new = marker.stamp(env, spec, version, instance=job.instance, marker_dbi=job.marker_dbi)
+        job.record(
+            history.Entry(
+                kind=history.Kind.STAMP,
+                result=history.Result.OK,
+                start=new.time,
+                end=history.now_iso(),
+                lmdb=spec.name,
+                instance=job.instance,
+                from_version=old,
+                to_version=version,
+                message="lssupervisor stamp",
+            )
+        )
+        out.append({"lmdb": spec.name, "from": old, "to": version})
+    return {"lmdbs": out}
+
+
+def _op_backup(job: Job) -> Message:
+    specs = [s for s in job.view.lmdbs if _exists(s)]
+    if not specs:
+        raise BackupError(f"no LMDB of instance {job.instance!r} exists yet; nothing to back up")
+    started = time.monotonic()
+    reason = str(job.request.get("reason") or "manual")
+    manifest = _take_backup(job, specs, reason=reason)
+    duration = time.monotonic() - started
+    return {
+        "backup": manifest.to_json(),
+        "duration_s": round(duration, 6),
+        "bytes_per_s": int(manifest.size / duration) if duration > 0 else None,
+    }
+
+
+def _op_backups(job: Job) -> Message:
+    directory = job.need_backup_dir()
+    return {"backups": [b.manifest.to_json() for b in backup.list_backups(directory)]}
+
+
+def _op_rollback(job: Job) -> Message:
+    directory = job.need_backup_dir()
+    wanted = _field(job.request, "backup_id", str, optional=True)
+    info = backup.find_backup(directory, wanted)
+    manifest = info.manifest
+    by_name = {s.name: s for s in job.view.lmdbs}
+    # Versions before the restore, and whether anything would change at all.
+    before: dict[str, int | None] = {}
+    differs = False
+    for entry in manifest.lmdbs:
+        spec = by_name.get(entry.name)
+        if spec is None:
+            continue  # restore() names it
+        if _exists(spec):
+            env = job.open(spec, write=False)
+            before[entry.name] = job.read_marker_version(env, spec)
+            differs = differs or backup.sha256_file(backup.data_file(spec)) != entry.sha256
+        else:
+            before[entry.name] = None
+            differs = True
+    pre_backup: str | None = None
+    if differs and job.backup_enabled:
+        live = [by_name[e.name] for e in manifest.lmdbs if e.name in by_name and _exists(by_name[e.name])]
+        if live:
+            pre_backup = _take_backup(
+                job, live, reason=f"{backup.PRE_ROLLBACK_REASON}{manifest.id}", protect=(manifest.id,)
+            ).id
+    # restore() must not run while this process has an environment open (see backup.exclusive_env).
+    job.close()
+    started = history.now_iso()
+    with write_guard(f"rollback to {manifest.id}"):
+        manifest, restored = backup.restore(directory, manifest.id, job.view.lmdbs, job.read_marker_version)
+    out: list[Message] = []
+    for r in restored:
+        job.record(
+            history.Entry(
+                kind=history.Kind.ROLLBACK,
+                result=history.Result.OK if r.restored else history.Result.NOOP,
+                start=started,
+                end=history.now_iso(),
+                lmdb=r.name,
+                instance=job.instance,
+                from_version=before.get(r.name),
+                to_version=r.schema_version,
+                backup_id=manifest.id,
+                message=None if r.restored else "already in place",
+            )
+        )
+        out.append(
+            {"lmdb": r.name, "restored": r.restored, "from": before.get(r.name), "to": r.schema_version}
+        )
+    return {
+        "backup_id": manifest.id,
+        "schema_version": manifest.schema_version,
+        "lmdbs": out,
+        "pre_rollback_backup": pre_backup,
+    }
+
+
+def _op_fleet(job: Job) -> Message:
+    out: list[Message] = []
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            out.append({"lmdb": spec.name, "exists": False, "markers": []})
+            continue
+        env = job.open(spec, write=False)
+        with env.begin(write=False) as txn:
+            found = marker.read_markers(env, txn, native=spec.native, marker_dbi=job.marker_dbi)
+        out.append({"lmdb": spec.name, "exists": True, "markers": [asdict(m) for m in found]})
+    return {"instance": job.instance, "lmdbs": out}
+
+
+if __name__ == "__main__":
+    main()
