@@ -304,10 +304,14 @@ def spawn_ls(
     clean); PREFIX pipes stdout+stderr into a daemon reader thread that calls ``on_line`` for each line
     (default: log ``lightningstream: <line>``); see :meth:`LsChild.join_output`.
 
-    Raises ConfigError when the binary is missing or not executable.
+    Raises ConfigError when the binary is missing or not executable, RuntimeError when called with
+    ``pdeathsig`` from another thread or when the PID floor cannot be reached.
     """
     if not argv:
         raise ValueError("spawn_ls: empty argv")
+    if pdeathsig and threading.current_thread() is not threading.main_thread():
+        # The kernel would SIGKILL LS when THIS thread exits: a random LS death later. A bug, so loud.
+        raise RuntimeError("spawn_ls with pdeathsig must be called from the main thread")
     binary = _resolve_binary(argv[0], env)
     full = [binary, *argv[1:]]
     if pdeathsig:

@@ -53,8 +53,17 @@ def _true_path() -> str | None:
     return shutil.which("true")
 
 
-def _burn_one_pid(true_path: str | None) -> None:
-    """Create and reap one short-lived process, consuming one PID."""
+def _read_last_pid() -> int | None:
+    """The last PID handed out in our namespace, or None when the kernel lacks ns_last_pid
+    (built without CONFIG_CHECKPOINT_RESTORE)."""
+    try:
+        return _read_int(NS_LAST_PID)
+    except (OSError, ValueError):
+        return None
+
+
+def _burn_one_pid(true_path: str | None) -> int:
+    """Create and reap one short-lived process, consuming one PID; return that PID."""
     if true_path is not None:
         pid = os.posix_spawn(true_path, [true_path], {})
     else:
@@ -62,6 +71,7 @@ def _burn_one_pid(true_path: str | None) -> None:
         if pid == 0:  # pragma: no cover - child: touch nothing (threads, locks), leave at once
             os._exit(0)
     os.waitpid(pid, 0)  # this exact pid only; never waitpid(-1), it would steal Popen's statuses
+    return pid
 
 
 def raise_pid_floor(min_pid: int, *, write_ns_last_pid: bool = True, max_spawns: int | None = None) -> None:
@@ -80,32 +90,37 @@ def raise_pid_floor(min_pid: int, *, write_ns_last_pid: bool = True, max_spawns:
             f"lightningstream.min_pid: {min_pid} is not below kernel.pid_max {pid_max}; "
             f"lower min_pid or raise /proc/sys/kernel/pid_max"
         )
-    last = _read_int(NS_LAST_PID)
+    true_path = _true_path()
+    spawned = 0
+    last = _read_last_pid()
+    if last is None:
+        last = _burn_one_pid(true_path)  # no ns_last_pid: learn the counter from a spawned pid
+        spawned = 1
     if _next_pid_ok(last, min_pid, pid_max):
         return
     if write_ns_last_pid:
         try:
-            # Writing is only allowed with CAP_SYS_ADMIN over this PID namespace; the kernel starts
-            # the next search at the written value + 1.
+            # Writing is only allowed with CAP_SYS_ADMIN over this PID namespace (and a writable
+            # /proc/sys); the kernel starts the next search at the written value + 1.
             with NS_LAST_PID.open("w") as f:
                 f.write(str(min_pid - 1))
-            last = _read_int(NS_LAST_PID)
-            if _next_pid_ok(last, min_pid, pid_max):
+            written = _read_last_pid()
+            if written is not None and _next_pid_ok(written, min_pid, pid_max):
                 log.info("pid floor raised to %d via %s", min_pid, NS_LAST_PID)
                 return
         except OSError as exc:
             log.info("cannot write %s (%s); raising the pid floor by spawning", NS_LAST_PID, exc)
     limit = max_spawns if max_spawns is not None else pid_max + 1000
-    true_path = _true_path()
     start_last = last
-    spawned = 0
     while not _next_pid_ok(last, min_pid, pid_max):
         if spawned >= limit:
             raise RuntimeError(
                 f"lightningstream.min_pid: could not raise the next pid to {min_pid} after {spawned} "
-                f"spawns (ns_last_pid {last}, pid_max {pid_max}); is something else spawning fast?"
+                f"spawns (last pid {last}, pid_max {pid_max}); is something else spawning fast?"
             )
-        _burn_one_pid(true_path)
+        burned = _burn_one_pid(true_path)
         spawned += 1
-        last = _read_int(NS_LAST_PID)
+        # Prefer the kernel's counter: other processes may take pids between our spawns.
+        read = _read_last_pid()
+        last = burned if read is None else read
     log.info("pid floor raised to %d by spawning %d processes (from pid %d)", min_pid, spawned, start_last)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -307,6 +308,24 @@ def test_crash_is_seen_by_poll(children: list[LsChild], rendered: Path) -> None:
     assert lines.has("panic: ")
     assert not c.group_alive()
     assert prove_gone(c, rendered) == []
+    # Stopping what already ended is a no-op that reports how it ended.
+    result = stop_ls(c, timeout=5)
+    assert (result.returncode, result.killed) == (2, False)
+
+
+def test_pdeathsig_spawn_refused_off_the_main_thread(rendered: Path) -> None:
+    errors: list[BaseException] = []
+
+    def spawn() -> None:
+        try:
+            spawn_ls(ls_argv(rendered), ls_env(), output=OutputMode.INHERIT, cwd=None, on_line=None)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    t.join(10)
+    assert [str(e) for e in errors] == ["spawn_ls with pdeathsig must be called from the main thread"]
 
 
 # ------------------------------------------------------------------------------------------------
