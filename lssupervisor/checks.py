@@ -154,10 +154,10 @@ def _check_environment(cfg: Config, report: Report) -> None:
     existing = state
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        report.error(f"state_dir {state}: {existing} is not writable by this user")
-    elif existing.is_file():
+    if not existing.is_dir():
         report.error(f"state_dir {state}: {existing} is a file, not a directory")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        report.error(f"state_dir {state}: {existing} is not writable by this user")
 
 
 def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Report:
@@ -173,10 +173,18 @@ def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Repor
 
     try:
         template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
-        view = inspect_template(template, lenient_env(ls_environment(cfg, 0, base)))
     except SupervisorError as exc:
         report.error(str(exc))
         return report
+    try:
+        view = inspect_template(template, ls_environment(cfg, 0, base))
+    except SupervisorError as exc:
+        report.error(str(exc))
+        try:
+            # Unset variables: keep checking what does not depend on their values.
+            view = inspect_template(template, lenient_env(ls_environment(cfg, 0, base)))
+        except SupervisorError:
+            return report
     lmdbs = ", ".join(f"{s.name}={s.path}" for s in view.lmdbs)
     report.ok(f"{template.path}: instance {view.instance}, lmdbs {lmdbs}, storage {view.storage_type}")
 
@@ -186,7 +194,8 @@ def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Repor
     try:
         rendered = render(template, version, env)
     except SupervisorError as exc:
-        report.error(str(exc))
+        if Finding(Level.ERROR, str(exc)) not in report.findings:
+            report.error(str(exc))
         return report
     for warning in rendered.warnings:
         report.warning(warning)

@@ -1,0 +1,179 @@
+"""lssupervisor check: one line per finding, exit 78 on any error, 0 otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lssupervisor.checks import Level, run_checks
+from lssupervisor.cli import main
+from lssupervisor.errors import ExitCode
+
+TEMPLATE = """\
+instance: node-1
+lmdbs:
+  main:
+    path: {db}
+    schema_tracks_changes: true
+storage:
+  type: fs
+  options:
+    root_path: {root}
+"""
+
+
+def config_set(
+    tmp_path: Path,
+    *,
+    root: str = "/srv/ls/v${APP_SCHEMA_VERSION}",
+    template: str | None = None,
+    binary: str | None = None,
+    extra: str = "",
+) -> Path:
+    (tmp_path / "migrations").mkdir(exist_ok=True)
+    text = template if template is not None else TEMPLATE.format(db=tmp_path / "db", root=root)
+    (tmp_path / "lightningstream.yaml.in").write_text(text)
+    cfg = tmp_path / "lssupervisor.yaml"
+    cfg.write_text(
+        "state_dir: state\n"
+        "lightningstream:\n"
+        f"  binary: {binary or str(tmp_path / 'no-such-ls')}\n"
+        "  pdeathsig: false\n"
+        f"{extra}"
+    )
+    return cfg
+
+
+def migration(tmp_path: Path, version: int, strategy: str) -> None:
+    (tmp_path / "migrations" / f"{version:04d}_step_{version}.py").write_text(
+        f'"""Step {version}."""\nVERSION = {version}\nSTRATEGY = "{strategy}"\n\n'
+        "\ndef upgrade(m):\n    pass\n"
+    )
+
+
+def fake_ls(tmp_path: Path, body: str) -> str:
+    p = tmp_path / "fake-ls"
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return str(p)
+
+
+def levels(report: object) -> dict[Level, list[str]]:
+    out: dict[Level, list[str]] = {level: [] for level in Level}
+    for f in report.findings:  # type: ignore[attr-defined]
+        out[f.level].append(f.message)
+    return out
+
+
+def test_check_passes_a_good_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config_set(tmp_path, binary=fake_ls(tmp_path, "exit 0\n"))
+    migration(tmp_path, 1, "prefix")
+    migration(tmp_path, 2, "new-dbi")
+    assert main(["check", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: 2 migration(s)" in out
+    assert "template renders for version 2: storage /srv/ls/v2" in out  # the newest migration
+    assert "accepts the rendered config" in out
+    assert out.splitlines()[-1] == f"check: 0 error(s), 0 warning(s) in {cfg}"
+
+
+def test_check_renders_for_the_configured_target(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path, extra="schema:\n  target: 7\n")
+    found = levels(run_checks(str(cfg), {}))
+    assert any("renders for version 7: storage /srv/ls/v7" in m for m in found[Level.OK])
+
+
+def test_check_missing_config_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == ExitCode.CONFIG
+    out = capsys.readouterr().out
+    assert "error: " in out and "no such file" in out
+    assert "check: 1 error(s)" in out
+
+
+def test_check_reports_a_bad_config_key(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path, extra="  stop_timeot: 5s\n")
+    found = levels(run_checks(str(cfg), {}))
+    assert len(found[Level.ERROR]) == 1
+    assert "lightningstream.stop_timeot: unknown option" in found[Level.ERROR][0]
+
+
+def test_check_reports_what_ls_would_refuse_in_the_template(tmp_path: Path) -> None:
+    template = TEMPLATE.format(db="/d", root="/r/v$APP_SCHEMA_VERSION") + "bogus: 1\n"
+    cfg = config_set(tmp_path, template=template)
+    found = levels(run_checks(str(cfg), {}))
+    assert any("line 10: bogus: unknown key" in m for m in found[Level.ERROR])
+
+
+def test_check_refuses_prefix_migrations_on_an_unversioned_location(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path, root="/srv/ls")
+    migration(tmp_path, 1, "prefix")
+    found = levels(run_checks(str(cfg), {}))
+    (error,) = found[Level.ERROR]
+    assert "root_path: /srv/ls/v${APP_SCHEMA_VERSION}" in error
+    assert "0001_step_1" in error
+
+
+def test_check_only_warns_about_an_unversioned_location_without_prefix_migrations(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path, root="/srv/ls")
+    migration(tmp_path, 1, "in-place")
+    found = levels(run_checks(str(cfg), {}))
+    assert found[Level.ERROR] == []
+    assert any("no migration uses prefix yet" in m for m in found[Level.WARNING])
+
+
+def test_check_reports_bad_migrations(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path)
+    migration(tmp_path, 2, "prefix")  # gap: 1 is missing
+    found = levels(run_checks(str(cfg), {}))
+    assert any("gap" in m for m in found[Level.ERROR])
+
+
+def test_check_reports_unset_variables_and_mangled_dollars(tmp_path: Path) -> None:
+    template = TEMPLATE.format(db="/d", root="/r/v${APP_SCHEMA_VERSION}") + "log:\n  level: ${LOG_LEVEL}\n"
+    cfg = config_set(tmp_path, template=template)
+    found = levels(run_checks(str(cfg), {}))
+    assert any("${LOG_LEVEL} is not set" in m and ":11:" in m for m in found[Level.ERROR])
+    found = levels(run_checks(str(cfg), {"LOG_LEVEL": "info"}))
+    assert found[Level.ERROR] == []
+    cfg = config_set(tmp_path, template=template.replace("${LOG_LEVEL}", "info") + "# x\ninstance2: $1\n")
+    assert any("unknown key" in m for m in levels(run_checks(str(cfg), {}))[Level.ERROR])
+
+
+def test_check_uses_the_ls_binary_and_reports_its_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fatal = "level=fatal msg=\"Config file error: something LS-only\""
+    binary = fake_ls(tmp_path, f"echo '{fatal}' >&2\nexit 1\n")
+    cfg = config_set(tmp_path, binary=binary)
+    assert main(["check", "-c", str(cfg)]) == ExitCode.CONFIG
+    out = capsys.readouterr().out
+    assert 'error: ' in out and "Config file error: something LS-only" in out
+
+
+def test_check_gives_ls_the_environment_it_will_get(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    binary = fake_ls(tmp_path, f'echo "$LS_EXTRA $APP_SCHEMA_VERSION ${{NOTIFY_SOCKET:-none}}" > {seen}\n')
+    cfg = config_set(tmp_path, binary=binary, extra="  env:\n    LS_EXTRA: from-config\n")
+    found = levels(run_checks(str(cfg), {"NOTIFY_SOCKET": "/run/systemd/notify", "PATH": os.environ["PATH"]}))
+    assert found[Level.ERROR] == []
+    assert seen.read_text().split() == ["from-config", "1", "none"]
+
+
+def test_check_warns_about_a_missing_binary_and_secrets_in_config(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path, extra="  env:\n    AWS_SECRET_ACCESS_KEY: oops\n")
+    report = run_checks(str(cfg), {})
+    found = levels(report)
+    assert found[Level.ERROR] == []
+    assert any("not found" in m and "no-such-ls" in m for m in found[Level.WARNING])
+    secret = "lightningstream.env.AWS_SECRET_ACCESS_KEY looks like a secret"
+    assert any(secret in m for m in found[Level.WARNING])
+    assert all("\n" not in f.message for f in report.findings)
+
+
+def test_check_reports_an_unusable_state_dir(tmp_path: Path) -> None:
+    cfg = config_set(tmp_path)
+    (tmp_path / "state").write_text("not a directory")
+    found = levels(run_checks(str(cfg), {}))
+    assert any("state_dir" in m and "is a file" in m for m in found[Level.ERROR])
