@@ -627,3 +627,33 @@ def test_render_config_without_version_needs_the_marker(tmp_path: Path) -> None:
         pytest.skip("this build reads markers; covered by the worker's tests")
     with pytest.raises(UsageError, match="--version"):
         lsconfig.cmd_render_config(argparse.Namespace(config=str(cfg), schema_version=None))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The example config sets in config/
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+@pytest.mark.parametrize(
+    ("example", "env", "location"),
+    [
+        ("pdns", {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"}, "lightningstream/pdns/v3/"),
+        ("generic", {"APP_INSTANCE": "app-1"}, "/mnt/shared/lightningstream/myapp/v3"),
+    ],
+)
+def test_example_config_sets_load_render_and_are_prefix_safe(
+    example: str, env: dict[str, str], location: str
+) -> None:
+    from lssupervisor.config import load_config
+
+    cfg = load_config(CONFIG_DIR / example / "lssupervisor.yaml")
+    template = load_template(CONFIG_DIR / example / "lightningstream.yaml.in", cfg.schema.variable)
+    r = render(template, 3, ls_environment(cfg, 3, env))
+    assert r.warnings == ()
+    assert r.view.storage_location == location
+    check_prefix_safety(template, env)
+    assert inspect_template(template, env).lmdbs == r.view.lmdbs
+    with pytest.raises(TemplateError, match="is not set"):
+        render(template, 3, {})  # every variable it needs is named
