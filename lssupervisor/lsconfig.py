@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import importlib
 import os
 import re
 import shutil
@@ -918,19 +917,12 @@ def validate_with_binary(binary: str, candidate: Path, env: Mapping[str, str], t
 
 
 def _marker_version(cfg: Config, template: Template, env: Mapping[str, str]) -> int:
-    """The schema version the LMDB has, read by a worker. Needs the worker module."""
-    try:
-        worker = importlib.import_module("lssupervisor.worker")
-    except ImportError:
-        raise UsageError(
-            "render-config: give --version N (reading the LMDB's marker needs lssupervisor.worker, "
-            "which this build does not have yet)"
-        ) from None
-    reader = getattr(worker, "read_schema_version", None)
-    if reader is None:
-        raise UsageError("render-config: give --version N (this build cannot read the LMDB's marker yet)")
-    version = reader(cfg, inspect_template(template, env))
-    if not isinstance(version, int):
+    """The schema version the LMDBs have for our instance, read by a worker process (the CLI never
+    opens an LMDB itself, like the daemon)."""
+    from lssupervisor.worker import read_schema_version
+
+    version = read_schema_version(cfg, inspect_template(template, env))
+    if version is None:
         raise UsageError("render-config: the LMDB has no schema marker yet; give --version N")
     return version
 

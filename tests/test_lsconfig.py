@@ -621,12 +621,27 @@ def test_render_config_prints_the_rendered_text(tmp_path: Path, capsys: pytest.C
     assert "root_path: /srv/ls/v5" in out
 
 
-def test_render_config_without_version_needs_the_marker(tmp_path: Path) -> None:
-    cfg = _config_set(tmp_path, FS_BASE)
-    if importlib.util.find_spec("lssupervisor.worker") is not None:
-        pytest.skip("this build reads markers; covered by the worker's tests")
-    with pytest.raises(UsageError, match="--version"):
-        lsconfig.cmd_render_config(argparse.Namespace(config=str(cfg), schema_version=None))
+def test_render_config_without_version_reads_the_marker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lmdb
+
+    from lssupervisor.marker import stamp
+
+    db = tmp_path / "db"
+    cfg = _config_set(tmp_path, FS_BASE.replace("/var/lib/app/db", str(db)))
+    args = argparse.Namespace(config=str(cfg), schema_version=None)
+    with pytest.raises(UsageError, match="no schema marker yet; give --version N"):
+        lsconfig.cmd_render_config(args)
+    view = inspect_template(load_template(tmp_path / "lightningstream.yaml.in", VAR), {})
+    env = lmdb.open(str(db), max_dbs=8, subdir=True)
+    try:
+        stamp(env, view.lmdbs[0], 6, instance=view.instance)
+    finally:
+        env.close()
+    capsys.readouterr()
+    assert lsconfig.cmd_render_config(args) == 0
+    assert "root_path: /srv/ls/v6" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------
