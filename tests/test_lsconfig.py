@@ -672,3 +672,23 @@ def test_example_config_sets_load_render_and_are_prefix_safe(
     assert inspect_template(template, env).lmdbs == r.view.lmdbs
     with pytest.raises(TemplateError, match="is not set"):
         render(template, 3, {})  # every variable it needs is named
+
+
+def _key_tree(kind: Any) -> Any:
+    """Keys of a schema, whichever of the two notations (ours: dicts; the stand-in's: tuples)."""
+    if isinstance(kind, dict):
+        return {k: _key_tree(v) for k, v in kind.items()}
+    if isinstance(kind, tuple) and kind[0] == "struct":
+        return {k: _key_tree(v) for k, v in kind[2].items()}
+    if isinstance(kind, tuple) and kind[0] == "map":
+        return ("map", _key_tree(kind[1]))
+    return "leaf"
+
+
+def test_ls_key_set_agrees_with_the_standin() -> None:
+    """Both were read independently from LS's config.go; a key one of them misses is a bug in it."""
+    if importlib.util.find_spec("lssupervisor.testing.standin_config") is None:
+        pytest.skip("the LS stand-in is not in this build")
+    from lssupervisor.testing import standin_config
+
+    assert _key_tree(lsconfig.LS_CONFIG_KEYS) == _key_tree(standin_config.CONFIG_SCHEMA)
