@@ -1,0 +1,454 @@
+"""Offline migration commands: ``plan``, ``migrate``, ``stamp``, ``history``, ``backups``, ``rollback``,
+``fleet``.
+
+They work while the daemon is NOT running. Each one that touches an LMDB takes the daemon's own lock
+(``lssupervisor.lock``: the state-dir flock plus one per LMDB) and refuses, naming the daemon's pid,
+when the daemon holds it; it also refuses when a Lightning Stream process has an LMDB open. The LMDB
+work itself runs in the same worker process the daemon uses (``lssupervisor.worker``), so there is
+one implementation of every operation. Progress goes to stderr; results to stdout (a readable table,
+or JSON with ``--json``). Errors are one line with the exit code from ``lssupervisor.errors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from lssupervisor import backup, history
+from lssupervisor.errors import ConfigError, LightningStreamRunning, LockHeld, UsageError
+from lssupervisor.lsmodel import LsView
+from lssupervisor.worker import Message, build_request, raise_for_error, run_worker
+
+if TYPE_CHECKING:
+    from lssupervisor.config import Config
+
+# Names a Lightning Stream process goes by (the real binary, and the test stand-in).
+_LS_NAMES = ("lightningstream",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared plumbing
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, LsView]:
+    from lssupervisor import lsconfig
+    from lssupervisor.config import load_config
+
+    cfg = load_config(args.config)
+    template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
+    view = lsconfig.inspect_template(template, lsconfig.ls_environment(cfg, 0, os.environ))
+    return cfg, view
+
+
+def resolve_target(cfg: Config, override: int | None) -> int | None:
+    """``--to`` wins, then ``schema.target``, then the number in ``schema.target_file``; None means
+    the newest migration."""
+    if override is not None:
+        if override < 0:
+            raise UsageError(f"--to must be >= 0, got {override}")
+        return override
+    if cfg.schema.target is not None:
+        return cfg.schema.target
+    if cfg.schema.target_file is not None:
+        path = Path(cfg.schema.target_file)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read schema.target_file: {exc.strerror}") from None
+        if not text.isdigit():
+            raise ConfigError(f"{path}: schema.target_file must hold a version number, got {text[:40]!r}")
+        return int(text)
+    return None
+
+
+def _lmdb_paths(view: LsView) -> list[str]:
+    return [spec.path for spec in view.lmdbs]
+
+
+@contextlib.contextmanager
+def locked(cfg: Config, view: LsView, purpose: str) -> Iterator[Sequence[int]]:
+    """Hold the daemon's lock for an offline command; yields fds to pass to the worker so that the
+    lock lives exactly as long as both of us. Refuses (LockHeld, naming the daemon's pid) when the
+    daemon or another command holds it."""
+    lock = _lock_module()
+    try:
+        held: Any = (
+            lock.acquire(cfg, _lmdb_paths(view), purpose) if lock is not None else _fallback_lock(cfg)
+        )
+    except LockHeld as exc:
+        pid = exc.holder_pid if exc.holder_pid is not None else _holder_pid(cfg)
+        who = f"the lssupervisor daemon (pid {pid})" if pid else "another lssupervisor"
+        raise LockHeld(
+            f"{cfg.lock_path}: {who} holds the lock; `lssupervisor {purpose}` works only while the "
+            f"daemon is stopped (stop it, or use `lssupervisor reconcile` to let the daemon do it)",
+            holder_pid=pid,
+        ) from None
+    try:
+        fileno = getattr(held, "fileno", None)
+        fds: Sequence[int] = (fileno(),) if callable(fileno) else ()
+        yield fds
+    finally:
+        release = getattr(held, "release", None) or getattr(held, "close", None)
+        if callable(release):
+            release()
+
+
+def _lock_module() -> Any:
+    try:
+        return importlib.import_module("lssupervisor.lock")
+    except ImportError:  # pragma: no cover - transitional: lock.py is landing in parallel
+        return None
+
+
+class _FallbackLock:
+    """The state-dir flock alone, used only until ``lssupervisor.lock`` exists in this build."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _fallback_lock(cfg: Config) -> _FallbackLock:
+    import fcntl
+
+    path = cfg.lock_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise LockHeld(f"{path}: held", holder_pid=int(text) if text.isdigit() else None) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return _FallbackLock(fd)
+
+
+def _holder_pid(cfg: Config) -> int | None:
+    lock = _lock_module()
+    holder = getattr(lock, "holder_pid", None) if lock is not None else None
+    if not callable(holder):
+        return None
+    with contextlib.suppress(Exception):
+        pid = holder(cfg)
+        return int(pid) if pid else None
+    return None
+
+
+def _looks_like_ls(entry: Mapping[str, Any]) -> bool:
+    name = str(entry.get("name", ""))
+    cmdline = " ".join(str(a) for a in entry.get("cmdline", []))
+    return any(n in name or n in cmdline for n in _LS_NAMES)
+
+
+def refuse_if_ls_runs(cfg: Config, view: LsView, fds: Sequence[int]) -> None:
+    """Refuse when a Lightning Stream process has one of the LMDBs open (the daemon may be gone but
+    its LS not, or someone started LS by hand)."""
+    final = raise_for_error(run_worker(build_request("readers", cfg, view), pass_fds=fds))
+    for entry in final["lmdbs"]:
+        for reader in entry["readers"]:
+            if reader.get("alive") and _looks_like_ls(reader):
+                raise LightningStreamRunning(
+                    f"LMDB {entry['lmdb']!r}: Lightning Stream pid {reader['pid']} has it open; stop it "
+                    "before migrating (LS must never run during a migration)"
+                )
+        holder = entry.get("open_by_pid")
+        if holder:
+            from lssupervisor.worker import _describe_pid
+
+            info = _describe_pid(int(holder))
+            if info["alive"] and _looks_like_ls(info):
+                raise LightningStreamRunning(
+                    f"LMDB {entry['lmdb']!r}: Lightning Stream pid {holder} has it open; stop it first"
+                )
+
+
+class _Progress:
+    """Progress and worker logs on stderr, one line per event, throttled by the worker."""
+
+    def __init__(self, out: TextIO, quiet_logs: bool = False) -> None:
+        self.out = out
+        self.quiet_logs = quiet_logs
+
+    def __call__(self, msg: Message) -> None:
+        kind = msg.get("type")
+        if kind == "progress":
+            line = _progress_line(msg)
+            if line:
+                print(line, file=self.out, flush=True)
+        elif kind == "log" and not self.quiet_logs:
+            level = str(msg.get("level", "info"))
+            if level in ("warning", "error", "critical"):
+                print(f"lssupervisor: {level}: {msg.get('msg')}", file=self.out, flush=True)
+
+
+def _progress_line(msg: Mapping[str, Any]) -> str | None:
+    phase = msg.get("phase")
+    if phase == "backup":
+        if msg.get("event") == "start":
+            return f"backup: copying {', '.join(msg.get('lmdbs', []))}"
+        done = f"{msg.get('done')}/{msg.get('total')}"
+        return f"backup: {msg.get('lmdb')} done ({done}, {msg.get('bytes')} bytes)"
+    if phase in ("migrate", "dry_run"):
+        return (
+            f"{phase}: {msg.get('lmdb')} {msg.get('from')} -> {msg.get('to')} {msg.get('step') or ''} "
+            f"{msg.get('percent')}% ({msg.get('done')}/{msg.get('total')}) "
+            f"[step {int(msg.get('index', 0)) + 1}/{msg.get('steps')}]"
+        )
+    if phase == "step_committed":
+        return (
+            f"committed: {msg.get('lmdb')} {msg.get('from')} -> {msg.get('to')} {msg.get('step') or ''} "
+            f"in {msg.get('duration_s')}s [{msg.get('index')}/{msg.get('steps')}]"
+        )
+    return None
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _clean(final: Message) -> Message:
+    return {k: v for k, v in final.items() if k not in ("type", "returncode")}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg, view = _load(args)
+    target = resolve_target(cfg, args.to)
+    # Read-only (LMDB readers never block anyone): no lock, works while the daemon runs too.
+    final = raise_for_error(run_worker(build_request("plan", cfg, view, target=target)))
+    if args.json:
+        _print_json(_clean(final))
+        return 0
+    print(
+        _table(
+            ["LMDB", "MARKER", "FROM", "TARGET", "ACTION"],
+            [
+                [p["lmdb"], p["marker_version"], p["current"], final["target"], p["action"]]
+                for p in final["lmdbs"]
+            ],
+        )
+    )
+    steps = final["steps"]
+    if steps:
+        print()
+        print(
+            _table(
+                ["#", "LMDB", "FROM", "TO", "MIGRATION", "STRATEGY", "DESCRIPTION"],
+                [
+                    [i, s["lmdb"], s["from"], s["to"], s["migration"], s["strategy"], s["description"]]
+                    for i, s in enumerate(steps, start=1)
+                ],
+            )
+        )
+    else:
+        print("\nnothing to migrate")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    cfg, view = _load(args)
+    target = resolve_target(cfg, args.to)
+    op = "dry_run" if args.dry_run else "migrate"
+    extra: dict[str, Any] = {}
+    if args.no_backup:
+        extra["backup_enabled"] = False
+    with locked(cfg, view, "migrate") as fds:
+        if not args.dry_run:
+            refuse_if_ls_runs(cfg, view, fds)
+        request = build_request(op, cfg, view, target=target, **extra)
+        timeout = cfg.migrations.timeout
+        final = raise_for_error(
+            run_worker(
+                request,
+                _Progress(sys.stderr),
+                # The worker cancels itself at the timeout; this is the backstop for a hang.
+                timeout=None if timeout is None else timeout + 30.0,
+                min_pid=cfg.lightningstream.min_pid,
+                pass_fds=fds,
+            )
+        )
+    if args.json:
+        _print_json(_clean(final))
+        return 0
+    if args.dry_run:
+        print(_table(
+            ["LMDB", "STEPS", "KEYS", "BYTES", "SECONDS", "LIVE TXN BEFORE", "LIVE TXN AFTER"],
+            [
+                [e["lmdb"], len(e["steps"]), e["keys"], e["bytes"], e["duration_s"],
+                 e["live_last_txnid_before"], e["live_last_txnid_after"]]
+                for e in final["lmdbs"]
+            ],
+        ))
+        print(f"\ndry run to version {final['target']} on a copy; the live LMDBs were not changed")
+        return 0
+    rows = []
+    for e in final["lmdbs"]:
+        keys = sum(s["puts"] + s["deletes"] + s["copied"] + s["raw_writes"] for s in e["steps"])
+        rows.append([e["lmdb"], e["before"], e["after"], len(e["steps"]), keys, e["stamped"] or ""])
+    print(_table(["LMDB", "BEFORE", "AFTER", "STEPS", "KEYS", "STAMPED"], rows))
+    backup_note = f"backup {final['backup_id']}" if final.get("backup_id") else "no backup taken"
+    print(f"\nmigrated to version {final['target']} in {final['duration_s']}s ({backup_note})")
+    print("the daemon renders the LS config for the new version at its next start")
+    return 0
+
+
+def cmd_stamp(args: argparse.Namespace) -> int:
+    cfg, view = _load(args)
+    if args.version < 0:
+        raise UsageError(f"stamp: version must be >= 0, got {args.version}")
+    with locked(cfg, view, "stamp") as fds:
+        refuse_if_ls_runs(cfg, view, fds)
+        request = build_request("stamp", cfg, view, version=args.version, lmdb=args.lmdb)
+        final = raise_for_error(run_worker(request, _Progress(sys.stderr), pass_fds=fds))
+    for e in final["lmdbs"]:
+        print(f"stamped LMDB {e['lmdb']}: {e['from'] if e['from'] is not None else 'unmarked'} -> {e['to']}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from lssupervisor.config import load_config
+
+    cfg = load_config(args.config)
+    hist = history.read(cfg.history_file)
+    if hist.torn_lines:
+        print(
+            f"lssupervisor: warning: {cfg.history_file}: skipped line(s) {list(hist.torn_lines)} torn by a "
+            "crash while appending",
+            file=sys.stderr,
+        )
+    if args.json:
+        _print_json([e.to_json() for e in hist.entries])
+        return 0
+    if not hist.entries:
+        print(f"no history yet ({cfg.history_file})")
+        return 0
+    print(
+        _table(
+            ["END", "KIND", "LMDB", "FROM", "TO", "MIGRATION", "RESULT", "KEYS", "BACKUP"],
+            [
+                [e.end, e.kind.value, e.lmdb, e.from_version, e.to_version, e.migration, e.result.value,
+                 e.keys, e.backup_id]
+                for e in hist.entries
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_backups(args: argparse.Namespace) -> int:
+    from lssupervisor.config import load_config
+
+    cfg = load_config(args.config)
+    # Listing reads only manifests (no LMDB is opened), so it needs neither the lock nor a worker.
+    found = backup.list_backups(cfg.backup_dir)
+    if args.json:
+        _print_json([b.manifest.to_json() for b in found])
+        return 0
+    if not found:
+        print(f"no backups in {cfg.backup_dir}")
+        return 0
+    print(
+        _table(
+            ["ID", "TIME", "VERSION", "SIZE", "LMDBS", "REASON"],
+            [
+                [b.id, b.manifest.time, b.manifest.schema_version, _size(b.manifest.size),
+                 ",".join(x.name for x in b.manifest.lmdbs), b.manifest.reason]
+                for b in found
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    cfg, view = _load(args)
+    with locked(cfg, view, "rollback") as fds:
+        refuse_if_ls_runs(cfg, view, fds)
+        request = build_request("rollback", cfg, view, backup_id=args.backup)
+        final = raise_for_error(run_worker(request, _Progress(sys.stderr), pass_fds=fds))
+        rendered = _rerender(cfg, final.get("schema_version"))
+    for e in final["lmdbs"]:
+        what = "restored" if e["restored"] else "already in place"
+        print(f"LMDB {e['lmdb']}: {what} (version {e['from']} -> {e['to']})")
+    if final.get("pre_rollback_backup"):
+        print(f"the state before the rollback was saved as backup {final['pre_rollback_backup']}")
+    print(f"rolled back to backup {final['backup_id']} (schema version {final['schema_version']})")
+    if rendered:
+        print(f"LS config re-rendered for version {final['schema_version']}: {rendered}")
+    print("the daemon re-renders the LS config for the restored version at its next start as well")
+    return 0
+
+
+def _rerender(cfg: Config, version: Any) -> str | None:
+    """Point the rendered LS config back at the restored version (invariant I2). The daemon does the
+    same at its next start; doing it here keeps a hand-started LS from using the newer prefix."""
+    if not isinstance(version, int):
+        return None
+    from lssupervisor import lsconfig
+
+    template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
+    rendered = lsconfig.render(template, version, lsconfig.ls_environment(cfg, version, os.environ))
+    for warning in rendered.warnings:
+        print(f"lssupervisor: warning: {warning}", file=sys.stderr)
+    target = cfg.rendered_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lsconfig.write_atomic(target, rendered.text)
+    return str(target)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    cfg, view = _load(args)
+    # Read-only and harmless while the daemon runs (LMDB readers never block anyone), so no lock.
+    final = raise_for_error(run_worker(build_request("fleet", cfg, view)))
+    if args.json:
+        _print_json(_clean(final))
+        return 0
+    rows = []
+    for entry in final["lmdbs"]:
+        if not entry["markers"]:
+            rows.append([entry["lmdb"], "-", None, None, None, None])
+        for m in entry["markers"]:
+            me = " (this instance)" if m["instance"] == final["instance"] else ""
+            rows.append([entry["lmdb"], m["instance"] + me, m["version"], m["migration"] or "stamp",
+                         m["time"], m["tool_version"]])
+    print(_table(["LMDB", "INSTANCE", "VERSION", "MIGRATION", "TIME", "TOOL"], rows))
+    return 0
