@@ -64,6 +64,7 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    seconds = float(seconds)
     if seconds == 0:
         return "0s"
     if seconds < 1:
@@ -214,7 +215,8 @@ class MigrationsConfig:
         PathOpt("migrations"), "Directory of migration files `NNNN_slug.py`."
     )
     package: str | None = opt(
-        None, "Importable package of migration modules (instead of `path`)."
+        None,
+        "Importable package of migration modules (instead of `path`; setting it unsets the default `path`).",
     )
     grow_map: bool = opt(
         False, "On MDB_MAP_FULL during a step, grow the LMDB map and retry the step once."
@@ -522,7 +524,7 @@ def _validate(cfg: Config, where: str) -> None:
         if version is not None and version < 1:
             raise bad(key, f"expected a schema version >= 1, got {version}")
     if (cfg.migrations.path is None) == (cfg.migrations.package is None):
-        raise bad("migrations", "set exactly one of migrations.path and migrations.package")
+        raise bad("migrations", "set exactly one of migrations.path and migrations.package (not both)")
     if cfg.backup.keep < 1:
         raise bad("backup.keep", f"expected an integer >= 1, got {cfg.backup.keep}")
     hook_lists = (
@@ -569,6 +571,10 @@ def parse_config(text: str, where: str, base_dir: Path, source: Path | None = No
     data = load_yaml_strict(text, where)
     loader = _Loader(where, base_dir)
     cfg = loader.load_dataclass(Config, data, "")
+    section = data.get("migrations") if isinstance(data, dict) else None
+    if isinstance(section, dict) and section.get("package") and "path" not in section:
+        # Naming a package means "not the default directory": no need to also write `path: null`.
+        cfg = dataclasses.replace(cfg, migrations=dataclasses.replace(cfg.migrations, path=None))
     cfg = dataclasses.replace(cfg, source=source)
     _validate(cfg, where)
     return cfg

@@ -165,7 +165,7 @@ log: {format: json, level: DEBUG}
         ("schema:\n  target: 0", "schema.target: expected a schema version >= 1, got 0"),
         ("schema:\n  baseline: 1.5", "schema.baseline: expected an integer, got 1.5"),
         ("schema:\n  on_failure: retry", "schema.on_failure: expected one of 'park', 'resume'"),
-        ("migrations:\n  package: app.migrations", "set exactly one of migrations.path and migrations.pack"),
+        ("migrations:\n  package: a.m\n  path: m", "set exactly one of migrations.path and migrations.pa"),
         ("migrations:\n  path: null", "set exactly one of migrations.path and migrations.package"),
         ("backup:\n  keep: 0", "backup.keep: expected an integer >= 1, got 0"),
         ("hooks:\n  pre_migrate: [[]]", "hooks.pre_migrate[0]: expected a non-empty argv list"),
