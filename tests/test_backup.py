@@ -1,0 +1,257 @@
+"""backup.py on real LMDBs: verified compact copies, retention, stale .partial cleaning, free-space
+refusal (in-process and on a real tiny tmpfs), restore refused while the LMDB is open, idempotent
+restore, damaged backups refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from lssupervisor import backup
+from lssupervisor.errors import BackupError
+from lssupervisor.lsmodel import LmdbSpec
+from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
+from lssupervisor.worker import open_lmdb
+from tests.test_worker import INSTANCE, make_request, make_view, sample_lmdb
+
+MARKER_DBI = "lssupervisor"
+
+
+def read_marker(env: lmdb.Environment, spec: LmdbSpec) -> int | None:
+    from lssupervisor import marker
+
+    with env.begin() as txn:
+        found = marker.read_marker(env, txn, INSTANCE, native=spec.native, marker_dbi=MARKER_DBI)
+    return found.version if found else None
+
+
+class Opened:
+    def __init__(self, *specs: LmdbSpec) -> None:
+        self.specs = specs
+        self.envs = {s.name: open_lmdb(s, write=False) for s in specs}
+
+    def backup(self, directory: Path, keep: int = 5, **kw: object) -> backup.Manifest:
+        return backup.create(self.envs, self.specs, directory, INSTANCE, read_marker, keep=keep, **kw)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        self.envs.clear()
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[Opened]:
+    main = sample_lmdb(tmp_path / "main", n=2000, marker=2)
+    other = sample_lmdb(tmp_path / "other", n=10, marker=2, name="other")
+    opened = Opened(main, other)
+    yield opened
+    opened.close()
+
+
+def test_backup_is_verified_complete_and_described_by_its_manifest(tmp_path: Path, two: Opened) -> None:
+    events: list[dict[str, object]] = []
+    manifest = two.backup(tmp_path / "b", reason="test", progress=events.append)
+    final = tmp_path / "b" / manifest.id
+    assert final.is_dir() and not list((tmp_path / "b").glob("*.partial"))
+    assert not (final / backup.OWNER).exists()
+    on_disk = json.loads((final / backup.MANIFEST).read_text())
+    assert on_disk["id"] == manifest.id and on_disk["instance"] == INSTANCE and on_disk["reason"] == "test"
+    assert manifest.schema_version == 2 and manifest.id.endswith("-v2")
+    for entry in manifest.lmdbs:
+        copy = final / entry.file
+        assert backup.sha256_file(copy) == entry.sha256 and copy.stat().st_size == entry.size
+        assert entry.schema_version == 2 and entry.last_txnid >= 1 and entry.source_path.endswith(entry.name)
+        assert not (copy.parent / "lock.mdb").exists()  # verification never created a lock file
+    assert [e["lmdb"] for e in events] == ["main", "other"]
+    two.close()
+    copy_spec = LmdbSpec(name="main", path=str(final / "main"))
+    assert read_values(copy_spec) == read_values(two.specs[0])
+
+
+def test_retention_keeps_the_newest_and_protected(tmp_path: Path, two: Opened) -> None:
+    ids = [two.backup(tmp_path / "b", keep=2).id for _ in range(3)]
+    assert [b.id for b in backup.list_backups(tmp_path / "b")] == ids[1:]
+    # a protected (older) backup survives, the rest is trimmed around it
+    newest = two.backup(tmp_path / "b", keep=2, protect=(ids[1],)).id
+    assert [b.id for b in backup.list_backups(tmp_path / "b")] == [ids[1], newest]
+    assert not list((tmp_path / "b").glob(".deleting-*"))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_partials_of_dead_writers_are_cleaned_live_ones_kept(tmp_path: Path, two: Opened) -> None:
+    directory = tmp_path / "b"
+    directory.mkdir()
+    crashed = directory / "20200101T000000.000000Z-v1.partial"
+    (crashed / "main").mkdir(parents=True)
+    (crashed / backup.OWNER).write_text(json.dumps({"pid": dead_pid(), "create_time": 1.0}))
+    no_owner = directory / "20200101T000001.000000Z-v1.partial"  # crash before owner.json
+    no_owner.mkdir()
+    running = directory / "20200101T000002.000000Z-v1.partial"
+    running.mkdir()
+    backup.claim(running)  # this (live) process is writing it
+    manifest = two.backup(directory)
+    assert sorted(p.name for p in directory.iterdir()) == sorted([running.name, manifest.id])
+
+
+def test_backup_refused_when_space_is_short_and_nothing_is_left(
+    tmp_path: Path, two: Opened, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backup, "free_bytes", lambda directory: 1024 * 1024)
+    with pytest.raises(
+        BackupError, match=r"not enough free space .* need .* have 1\.0 MiB \(1048576 bytes\)"
+    ):
+        two.backup(tmp_path / "b")
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+TMPFS_SCRIPT = """
+import sys
+from pathlib import Path
+from lssupervisor.worker import run_op
+import json, threading
+request = json.loads(sys.argv[1])
+try:
+    run_op(request, lambda m: None, threading.Event())
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+print("no error")
+"""
+
+
+def test_backup_refused_on_a_really_full_disk(tmp_path: Path) -> None:
+    """A 2 MiB tmpfs in a private mount namespace as the backup dir: the real statvfs says no."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) not available")
+    spec = sample_lmdb(tmp_path / "db", n=20000)  # a few MiB
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    request = make_request(
+        "backup", make_view(spec), tmp_path, backup={"enabled": True, "dir": str(tiny), "keep": 2}
+    )
+    script = f'mount -t tmpfs -o size=2m tmpfs {tiny} || exit 77; exec {sys.executable} -c "$0" "$1"'
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            TMPFS_SCRIPT,
+            json.dumps(request),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if proc.returncode == 77 or "Operation not permitted" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("BackupError") and "not enough free space" in proc.stdout
+    assert "have 2.0 MiB" in proc.stdout or "have 1." in proc.stdout
+
+
+def test_restore_round_trip_is_idempotent(tmp_path: Path, two: Opened) -> None:
+    manifest = two.backup(tmp_path / "b")
+    two.close()
+    before = read_values(two.specs[0])
+    build_lmdb(two.specs[0], {"data": {"k000001": "changed", "new": "x"}}, marker=3, instance=INSTANCE)
+    assert read_marker_version(two.specs[0], instance=INSTANCE) == 3
+    restored_manifest, results = backup.restore(tmp_path / "b", None, two.specs, read_marker)
+    assert restored_manifest.id == manifest.id
+    # a live file is not byte-equal to its compact copy, so both are replaced the first time
+    assert {r.name: r.restored for r in results} == {"main": True, "other": True}
+    assert read_values(two.specs[0]) == before
+    assert read_marker_version(two.specs[0], instance=INSTANCE) == 2
+    _, again = backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
+    assert [r.restored for r in again] == [False, False]
+    assert not list(Path(two.specs[0].path).glob(".*restore*"))
+
+
+HOLDER = textwrap.dedent("""
+    import sys, lmdb
+    env = lmdb.open(sys.argv[1], max_dbs=64)
+    print("ready", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_restore_refused_while_another_process_has_the_lmdb_open(tmp_path: Path, two: Opened) -> None:
+    manifest = two.backup(tmp_path / "b")
+    two.close()
+    build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
+    changed = backup.sha256_file(backup.data_file(two.specs[0]))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, two.specs[0].path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(BackupError, match=rf"is open by pid {holder.pid} \(lock\.mdb is locked\)"):
+            backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    assert backup.sha256_file(backup.data_file(two.specs[0])) == changed  # untouched
+    _, results = backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
+    assert results[0].restored
+
+
+def test_damaged_backup_is_refused_before_anything_is_replaced(tmp_path: Path, two: Opened) -> None:
+    manifest = two.backup(tmp_path / "b")
+    two.close()
+    build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
+    live = backup.sha256_file(backup.data_file(two.specs[0]))
+    copy = tmp_path / "b" / manifest.id / "main" / backup.DATA_FILE
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(BackupError, match="does not match the manifest"):
+        backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
+    assert backup.sha256_file(backup.data_file(two.specs[0])) == live
+
+
+def test_no_subdir_lmdb_backs_up_and_restores(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    spec = LmdbSpec(name="flat", path=str(tmp_path / "flat" / "app.mdb"), no_subdir=True, map_size=64 << 20)
+    build_lmdb(spec, {"data": {"a": "1"}}, marker=1, instance=INSTANCE)
+    opened = Opened(spec)
+    try:
+        manifest = opened.backup(tmp_path / "b")
+    finally:
+        opened.close()
+    assert (tmp_path / "b" / manifest.id / "flat" / backup.DATA_FILE).is_file()
+    build_lmdb(spec, {"data": {"a": "2"}}, marker=2, instance=INSTANCE)
+    _, results = backup.restore(tmp_path / "b", manifest.id, [spec], read_marker)
+    assert results[0].restored and results[0].path == spec.path
+    assert read_values(spec)["data"][b"a"] == b"1"
+    assert (tmp_path / "flat" / "app.mdb-lock").exists()
+
+
+def test_find_backup_by_prefix_and_default_skips_pre_rollback_copies(tmp_path: Path, two: Opened) -> None:
+    first = two.backup(tmp_path / "b", reason="before migrating to 3")
+    two.backup(tmp_path / "b", reason=f"{backup.PRE_ROLLBACK_REASON}{first.id}")
+    assert backup.find_backup(tmp_path / "b", None).id == first.id
+    assert backup.find_backup(tmp_path / "b", first.id[:-3]).id == first.id
+    with pytest.raises(BackupError, match="no backup 'nope'"):
+        backup.find_backup(tmp_path / "b", "nope")
