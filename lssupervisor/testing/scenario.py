@@ -181,6 +181,14 @@ def find_ls_binary(explicit: str | None, workdir: Path) -> LsBinary:
     return LsBinary(str(wrapper), "stand-in", "no Lightning Stream binary found")
 
 
+class Driver(enum.Enum):
+    DAEMON = "daemon"  # lssupervisor run; migrations shipped into the watched directory
+    MANUAL = "manual"  # worker + render + LS started directly (the operator's offline path)
+
+
+DRIVER_ENV = "LSSUPERVISOR_SCENARIO_DRIVER"  # daemon | manual: override the automatic choice
+
+
 def daemon_available() -> bool:
     """True when this installation has the daemon (``lssupervisor run``)."""
     try:
@@ -190,9 +198,41 @@ def daemon_available() -> bool:
     return callable(getattr(sup, "cmd_run", None))
 
 
-class Driver(enum.Enum):
-    DAEMON = "daemon"  # lssupervisor run; migrations shipped into the watched directory
-    MANUAL = "manual"  # worker + render + LS started directly (the operator's offline path)
+def daemon_migrates() -> bool:
+    """True when the daemon's reconcile cycle runs migrations (not only renders and restarts LS).
+
+    The daemon declares it with ``RECONCILE_MIGRATES = True`` in :mod:`lssupervisor.supervisor`; until
+    then, a daemon that starts a ``migrate`` worker (``build_request("migrate"``) in its source counts.
+    """
+    if not daemon_available():
+        return False
+    import lssupervisor.supervisor as sup
+
+    declared = getattr(sup, "RECONCILE_MIGRATES", None)
+    if declared is not None:
+        return bool(declared)
+    import inspect
+
+    for module_name in ("lssupervisor.supervisor", "lssupervisor.reconcile"):
+        try:
+            module = __import__(module_name, fromlist=["_"])
+            source = inspect.getsource(module)
+        except (ImportError, OSError, TypeError):
+            continue
+        if '"migrate"' in source:
+            return True
+    return False
+
+
+def default_driver() -> Driver:
+    """``$LSSUPERVISOR_SCENARIO_DRIVER`` if set, else DAEMON when the daemon migrates, else MANUAL."""
+    forced = os.environ.get(DRIVER_ENV, "")
+    if forced:
+        try:
+            return Driver(forced)
+        except ValueError:
+            raise ScenarioError(f"${DRIVER_ENV}={forced!r}: expected daemon or manual") from None
+    return Driver.DAEMON if daemon_migrates() else Driver.MANUAL
 
 
 # ===================================================================================================
@@ -387,7 +427,7 @@ class Cluster:
         self.storage = self.workdir / "storage"
         self.storage.mkdir(exist_ok=True)
         self.ls = find_ls_binary(ls_binary, self.workdir)
-        self.driver = driver or (Driver.DAEMON if daemon_available() else Driver.MANUAL)
+        self.driver = driver or default_driver()
         self.poll_interval = poll_interval
         self.instances: dict[str, Instance] = {}
         self._envs: dict[str, lmdb.Environment] = {}
@@ -1079,13 +1119,14 @@ def rolling_migration(
     # --- first instance -----------------------------------------------------------------------------
     pid_before = cluster.ls_pid(a)
     t_ship = time.monotonic()
+    say(a, f"shipping {FORMAT_CHANGE.name} into {a}/migrations/ (temp file + rename, as a package "
+           "manager does)")
     cluster.ship_migration(a, FORMAT_CHANGE)
-    say(a, f"shipped {FORMAT_CHANGE.name} into {a}/migrations/ (temp file + rename)")
     doc = _wait_running(cluster, a, 2, step_timeout)
     result_timings[f"{a}_migration"] = time.monotonic() - t_ship
     pid_after = nested(doc, "lightningstream", "pid")
-    say(a, f"migrated {LMDB_NAME} 1→2 (backup {_last_backup(cluster, a)}); LS pid {pid_before} → "
-           f"{pid_after}, prefix now {_rel_prefix(cluster, a)}")
+    say(a, f"{_migrated(cluster, a)}; LS pid {pid_before} → {pid_after}, "
+           f"prefix now {_rel_prefix(cluster, a)}")
     facts["pid_changed"] = pid_before != pid_after
     a_migrated_ns = cluster.markers(a)[a][1]
 
@@ -1095,24 +1136,26 @@ def rolling_migration(
         v1_writes = [w for w in _writer(cluster, b).writes()
                      if w.version == 1 and w.timestamp > a_migrated_ns]
         a_on_v2 = any(s.instance == a for s in cluster.snapshots(2))
-        return len(later) >= 2 and len(v1_writes) >= 3 and a_on_v2
+        return len(later) >= 3 and len(v1_writes) >= 10 and a_on_v2
 
     wait_until(b_still_on_v1, step_timeout, f"{b} to keep syncing v1 while {a} is on v2")
     c1, c2 = cluster.snapshot_counts(1), cluster.snapshot_counts(2)
-    say(b, f"still on v1: writing text records, {c1.get(b, 0)} snapshots under v1/; "
+    say(b, f"still on v1 and syncing: {c1.get(b, 0)} snapshots under v1/ so far; "
            f"{a} has {c2.get(a, 0)} under v2/")
+    for n in names:
+        w = _writer(cluster, n).writes()[-1]
+        say("app", f"{n} just wrote {w.key.decode()} = {w.value.decode()}")
     facts["b_v1_snapshots_while_a_v2"] = c1.get(b, 0)
 
     # --- second instance ----------------------------------------------------------------------------
     pid_before = cluster.ls_pid(b)
     t_ship = time.monotonic()
+    say(b, f"shipping {FORMAT_CHANGE.name} into {b}/migrations/")
     cluster.ship_migration(b, FORMAT_CHANGE)
-    say(b, f"shipped {FORMAT_CHANGE.name} into {b}/migrations/")
     doc = _wait_running(cluster, b, 2, step_timeout)
     result_timings[f"{b}_migration"] = time.monotonic() - t_ship
-    say(b, f"migrated {LMDB_NAME} 1→2 (backup {_last_backup(cluster, b)}); LS pid {pid_before} → "
-           f"{nested(doc, 'lightningstream', 'pid')}, prefix now "
-           f"{_rel_prefix(cluster, b)}")
+    say(b, f"{_migrated(cluster, b)}; LS pid {pid_before} → {nested(doc, 'lightningstream', 'pid')}, "
+           f"prefix now {_rel_prefix(cluster, b)}")
     b_migrated_ns = cluster.markers(b)[b][1]
 
     def both_write_v2() -> bool:
@@ -1157,6 +1200,17 @@ def _writer(cluster: Cluster, name: str) -> AppWriter:
     return writer
 
 
+def _migrated(cluster: Cluster, name: str) -> str:
+    """``migrated main 1→2 with 0002_users_json (52 keys rewritten, backup ...)`` from history.jsonl."""
+    steps = [e for e in cluster.history(name) if e.get("kind") == "migrate" and e.get("result") == "ok"]
+    if not steps:
+        return f"migrated (no history entry; backup {_last_backup(cluster, name)})"
+    e = steps[-1]
+    keys = f"{e['keys']} records rewritten, " if isinstance(e.get("keys"), int) else ""
+    return (f"migrated {e.get('lmdb')} {e.get('from_version')}→{e.get('to_version')} with "
+            f"{e.get('migration')} ({keys}backup {e.get('backup_id') or _last_backup(cluster, name)})")
+
+
 def _last_backup(cluster: Cluster, name: str) -> str:
     for entry in reversed(cluster.history(name)):
         if entry.get("backup_id"):
@@ -1196,7 +1250,9 @@ __all__ = [
     "Write",
     "check_writes",
     "daemon_available",
+    "daemon_migrates",
     "decode",
+    "default_driver",
     "encode",
     "final_checks",
     "format_of",
