@@ -150,6 +150,13 @@ def start(
     return c
 
 
+def _exec_done(pid: int, argv: list[str]) -> bool:
+    try:
+        return psutil.Process(pid).cmdline() == argv
+    except psutil.Error:
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -484,9 +491,9 @@ def _run_supervisor_like(
 def test_kill9_of_supervisor_kills_ls(tmp_path: Path, rendered: Path) -> None:
     parent, ls_pid = _run_supervisor_like(tmp_path, ls_argv(rendered), pdeathsig=True)
     try:
-        wait_for(
-            lambda: _alive(ls_pid) and str(rendered) in psutil.Process(ls_pid).cmdline(), what="LS exec'd"
-        )
+        # setpriv's own argv names the config too; only once LS's argv shows has setpriv set the
+        # parent-death signal and exec'd (dying before that is the documented race the sweep covers).
+        wait_for(lambda: _exec_done(ls_pid, ls_argv(rendered)), what="setpriv to exec LS")
         t0 = time.monotonic()
         parent.kill()
         parent.wait(5)
@@ -595,7 +602,7 @@ def test_sweep_kills_term_ignoring_orphan_and_its_group(
 
 def test_own_child_is_not_an_orphan_but_is_not_gone(children: list[LsChild], rendered: Path) -> None:
     c = start(children, ls_argv(rendered), ls_env())
-    wait_for(lambda: str(rendered) in psutil.Process(c.pid).cmdline(), what="LS exec'd")
+    wait_for(lambda: _exec_done(c.pid, ls_argv(rendered)), what="setpriv to exec LS")
     assert find_orphans(rendered, c.record()) == []
     assert sweep_orphans(rendered, c.record()) == []
     assert c.poll() is None
