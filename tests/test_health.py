@@ -247,8 +247,19 @@ def test_poller_not_started(fake_ls: FakeLs) -> None:
     poller.stop()  # joining a never-started poller is fine
 
 
-def test_poller_against_standin(tmp_path: Path) -> None:
-    """The real shape, from the LS stand-in: not ready until startup_main flips, then on_ready once."""
+def _ls_argv(which: str, config: Path) -> list[str]:
+    if which == "standin":
+        return [sys.executable, "-m", "lssupervisor.testing.standin", "--config", str(config), "sync"]
+    binary = os.environ.get("LIGHTNINGSTREAM_BIN")
+    if not binary:
+        pytest.skip("real Lightning Stream not available (set LIGHTNINGSTREAM_BIN)")
+    return [binary, "--config", str(config), "sync"]
+
+
+@pytest.mark.parametrize("which", ["standin", pytest.param("real", marks=pytest.mark.real_ls)])
+def test_poller_against_ls(tmp_path: Path, which: str) -> None:
+    """The real shape, from the LS stand-in (or real LS): not ready until startup_main flips, then
+    on_ready once; the stop is by group and LS's exit is -15 (no signal handler)."""
     port = free_port()
     config = tmp_path / "ls.yaml"
     config.write_text(
@@ -262,13 +273,13 @@ def test_poller_against_standin(tmp_path: Path) -> None:
     assert probe.check() == HealthResult(False, f"healthz: connection refused on 127.0.0.1:{port}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSSTANDIN_")}
     env["LSSTANDIN_HEALTH_INTERVAL_MS"] = "50"
-    argv = [sys.executable, "-m", "lssupervisor.testing.standin", "--config", str(config), "sync"]
+    argv = _ls_argv(which, config)
     events: queue.SimpleQueue[int] = queue.SimpleQueue()
     child = spawn_ls(argv, env, output=OutputMode.PREFIX, cwd=tmp_path, on_line=lambda line: None)
     try:
         poller = HealthPoller(probe, child.pid, events.put_nowait, interval=0.02)
         try:
-            assert events.get(timeout=10) == child.pid
+            assert events.get(timeout=20) == child.pid  # real LS evaluates startup once a second
             wait_for(lambda: not poller.running, what="poller to end")
             assert events.empty()
             assert poller.last == HealthResult(True, "startup complete for main")
@@ -279,5 +290,6 @@ def test_poller_against_standin(tmp_path: Path) -> None:
             False, "startup pending for other"
         )
     finally:
-        stop_ls(child, timeout=5)
+        result = stop_ls(child, timeout=5)
         assert child.join_output(5)
+    assert (result.returncode, result.killed) == (-15, False)
