@@ -1,0 +1,86 @@
+"""reload / reconcile / pause / resume: finding the daemon by its lock, the persisted pause flag, and
+the real daemon pausing and resuming LS."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lssupervisor import control, lock
+from lssupervisor.config import load_config
+from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
+
+
+def ns(config: Path) -> argparse.Namespace:
+    return argparse.Namespace(config=str(config))
+
+
+def test_without_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "lssupervisor.yaml"
+    config.write_text("state_dir: state\n")
+    cfg = load_config(config)
+    with pytest.raises(control.NotRunning, match="no lssupervisor daemon runs for state dir"):
+        control.cmd_reload(ns(config))
+    with pytest.raises(control.NotRunning):
+        control.cmd_reconcile(ns(config))
+    # pause/resume work offline: the flag is the desired state for the next start.
+    assert control.cmd_pause(ns(config)) == 0
+    assert cfg.paused_file.exists() and "LS will stay stopped" in capsys.readouterr().out
+    assert control.cmd_resume(ns(config)) == 0
+    assert not cfg.paused_file.exists()
+    # An offline command holding the lock is not signalled.
+    with lock.acquire(cfg, [], "migrate"), pytest.raises(control.NotRunning, match="running `migrate`"):
+        control.daemon_pid(cfg)
+
+
+def run_cli(cs: ConfigSet, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lssupervisor", *args, "-c", str(cs.config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def test_pause_and_resume_the_real_daemon(tmp_path: Path) -> None:
+    cs = ConfigSet(tmp_path)
+    d = Daemon(cs)
+    try:
+        ls_pid = d.running_ls_pid()
+        out = run_cli(cs, "pause")
+        assert out.returncode == 0, out.stderr
+        assert f"paused: LS stopped (lssupervisor pid {d.pid})" in out.stdout
+        assert not pid_alive(ls_pid)
+        doc = cs.state_doc()
+        assert doc is not None and doc["state"] == "PAUSED" and doc["paused"] is True
+        assert doc["lightningstream"]["failures"] == 0  # a pause is an intended stop (I5)
+        # A reload while paused keeps LS down.
+        assert run_cli(cs, "reload").returncode == 0
+        d.wait_log(r'state RECONCILING -> PAUSED"')
+        assert len(cs.starts()) == 1
+        out = run_cli(cs, "resume")
+        assert out.returncode == 0, out.stderr
+        assert f"resumed: lssupervisor pid {d.pid} is" in out.stdout
+        new = d.running_ls_pid()
+        assert new != ls_pid and len(cs.starts()) == 2
+        assert run_cli(cs, "reconcile").returncode == 0
+        d.wait_log(r'reason="reconcile \(SIGUSR1\)"')
+        assert d.running_ls_pid() == new
+    finally:
+        d.close()
+
+
+def test_paused_flag_holds_across_a_restart(tmp_path: Path) -> None:
+    cs = ConfigSet(tmp_path)
+    assert run_cli(cs, "pause").returncode == 0  # no daemon yet: only the flag
+    d = Daemon(cs)
+    try:
+        d.wait_state("PAUSED")
+        assert cs.starts() == []
+        d.send(signal.SIGTERM)
+        assert d.wait() == 0
+    finally:
+        d.close()
