@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 
 from lssupervisor.config import LogFormat
 from lssupervisor.logs import fields, logfmt_value, setup_logging
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 STANDIN = str(Path(sys.executable).with_name("lightningstream-standin"))
 TEMPLATE = """\
@@ -61,8 +62,11 @@ class ConfigSet:
         self.write_template()
         self.write()
 
-    def write_template(self, poll: str = "100ms") -> None:
-        self.template.write_text(TEMPLATE.format(lmdb=self.lmdb, storage=self.storage, poll=poll))
+    def write_template(self, poll: str = "100ms", ls_http: str = "") -> None:
+        text = TEMPLATE.format(lmdb=self.lmdb, storage=self.storage, poll=poll)
+        if ls_http:
+            text += f"http:\n  address: {ls_http}\n"
+        self.template.write_text(text)
 
     def write(
         self,
@@ -73,6 +77,7 @@ class ConfigSet:
         restart: dict[str, str] | None = None,
         pdeathsig: bool = True,
         state_dir: str = "state",
+        http: str = "",
     ) -> None:
         env = {"LSSTANDIN_RECORD": str(self.record), **(ls_env or {})}
         env_yaml = "".join(f"\n    {k}: {json.dumps(v)}" for k, v in env.items())
@@ -94,7 +99,7 @@ restart:{restart_yaml}
 migrations:
   path: migrations
 http:
-  address: ""
+  address: "{http}"
 """
         )
 
@@ -485,6 +490,26 @@ def test_json_log_format(cs: ConfigSet) -> None:
             "state STOPPING -> STOPPED",
         ]
         assert transitions[3]["reason"] == "shutdown (SIGTERM)" and isinstance(transitions[3]["pid"], int)
+    finally:
+        d.close()
+
+
+def test_readiness_from_ls_healthz_and_our_http_status(cs: ConfigSet) -> None:
+    ls_port, our_port = free_port(), free_port()
+    cs.write_template(ls_http=f"127.0.0.1:{ls_port}")
+    cs.write(http=f"127.0.0.1:{our_port}", settle_time="60s", ls_env={"LSSTANDIN_HEALTH_INTERVAL_MS": "100"})
+    d = Daemon(cs)
+    try:
+        ls_pid = d.running_ls_pid()  # settle_time is 60 s: only /healthz can make LS ready this soon
+        (line,) = d.lines(r"state STARTING -> RUNNING")
+        assert 'reason="LS ready"' in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{our_port}/status", timeout=5) as resp:
+            doc = json.loads(resp.read())
+        assert doc["state"] == "RUNNING" and doc["lightningstream"]["pid"] == ls_pid
+        with urllib.request.urlopen(f"http://127.0.0.1:{our_port}/readyz", timeout=5) as resp:
+            assert resp.status == 200
+        d.send(signal.SIGTERM)
+        assert d.wait() == 0
     finally:
         d.close()
 
