@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 A migration source is a directory, or an importable package (its directory is used), holding files
-``NNNN_slug.py``. Each file declares, as **literals** at module level::
+``NNNN_slug.py`` (``_*.py``, ``test_*.py``, ``*_test.py`` and ``conftest.py`` are ignored; any other
+``.py`` file is an error, so a misnamed migration is never skipped silently). Each file declares, as
+**literals** at module level::
 
     \"\"\"Split the name field into first and last.\"\"\"   # docstring = description (required)
     VERSION = 3                # contiguous from 1, equal to the number in the file name
@@ -301,6 +303,8 @@ def discover(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> Migra
         name = entry.name
         if not name.endswith(".py") or name.startswith(("_", ".")):
             continue  # __init__.py, editor files, caches
+        if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
+            continue  # tests of the migrations may live beside them; we never run those
         if not entry.is_file():
             raise MigrationLoadError(f"{entry}: not a regular file")
         match = FILE_RE.match(name)

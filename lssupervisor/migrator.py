@@ -614,7 +614,34 @@ class MigrationApi:
             batch.clear()
             shadow_batch.clear()
 
-        for src_key, src_value, src_ts in self._iter_with_ts(src, src_db):
+        fast = fn is None and shadow_cursor is None and keep
+        if fast:
+            # Fast path for the plain native copy: the same work as a raw putmulti(append) loop.
+            unpack = _HDR.unpack_from
+            for key, raw in self._txn.cursor(src_db).iternext(keys=True, values=True):
+                done += 1
+                try:
+                    ts, _txn, version, flags, extra = unpack(raw, 0)
+                except struct.error:
+                    raise self._bad_value(src, key, f"{len(raw)} bytes") from None
+                if version:
+                    raise self._bad_value(src, key, f"header version {version}")
+                if flags & _DELETED:
+                    continue
+                batch.append(
+                    (
+                        key,
+                        pack(ts, txn_id, 0, 0, 0)
+                        + (raw[_HDR_SIZE + 8 * extra :] if extra else raw[_HDR_SIZE:]),
+                    )
+                )
+                nbytes += len(raw)
+                if len(batch) >= _COPY_BATCH:
+                    flush()
+                    self.progress(done, total)  # checks cancellation too
+        # The general path (a mapping fn, shadow mode, fresh timestamps); empty after the fast path.
+        rows: Iterable[tuple[bytes, bytes, int]] = () if fast else self._iter_with_ts(src, src_db)
+        for src_key, src_value, src_ts in rows:
             done += 1
             key, value, ts = src_key, src_value, src_ts
             if fn is not None:
