@@ -46,7 +46,7 @@ from typing import IO, Any, assert_never
 import psutil
 
 from lssupervisor.config import OutputMode
-from lssupervisor.errors import ConfigError
+from lssupervisor.errors import ConfigError, LightningStreamRunning
 from lssupervisor.pidfloor import raise_pid_floor
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,6 @@ def stop_ls(
     For the CLI and tests only; the daemon does the same steps without blocking. Raises
     LightningStreamRunning if members survive SIGKILL (a process stuck in the kernel).
     """
-    from lssupervisor.errors import LightningStreamRunning
-
     start = clock()
     child.terminate_group()
     killed = False
