@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -70,9 +71,21 @@ def _explain_driver(cluster: Cluster) -> str:
                     "start LS")
 
 
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while cleaning up: a second Ctrl-C must not leave processes behind."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(workdir: Path, out: TextIO) -> int:
     timeline = Timeline(out)
-    with Cluster(workdir) as cluster:
+    cluster = Cluster(workdir)
+    try:
         print(f"lssupervisor demo in {workdir}", file=out)
         print(f"  Lightning Stream: {cluster.ls.kind} {cluster.ls.path} ({cluster.ls.why})", file=out)
         print(f"  driver: {cluster.driver.value}: {_explain_driver(cluster)}", file=out)
@@ -85,6 +98,9 @@ def run(workdir: Path, out: TextIO) -> int:
             for name in cluster.instances:
                 print(f"  logs: {cluster.instances[name].log_path}", file=out)
             return int(ExitCode.SOFTWARE)
+    finally:
+        with _uninterruptible():
+            cluster.close()
     summary = result.summary
     print("", file=out)
     for line in iter_lines(summary):

@@ -14,11 +14,13 @@ steps from the harness (worker migrate, render, restart LS) and keeps the harnes
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lssupervisor.testing.scenario import (
@@ -124,3 +126,39 @@ def test_demo_refuses_a_non_empty_dir(tmp_path: Path) -> None:
     )
     assert done.returncode == 64, done.stderr
     assert "not an empty directory" in done.stderr
+
+
+def _processes_naming(path: Path) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(path) in cmdline and proc.pid != os.getpid():
+            found.append(f"{proc.pid} {cmdline[:120]}")
+    return found
+
+
+def test_demo_interrupted_leaves_no_process_behind(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lssupervisor", "demo", "--dir", str(workdir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends at EOF if the demo died early
+            if "writers started" in line:
+                break
+        # Both instances run LS now (and the writers write); Ctrl-C.
+        assert _processes_naming(workdir), "expected LS processes before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    deadline = time.monotonic() + 5
+    while _processes_naming(workdir) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition with a deadline
+    assert _processes_naming(workdir) == []

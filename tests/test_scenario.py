@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
+import psutil
 import pytest
 import yaml
 
@@ -332,3 +333,20 @@ def test_snapshots_are_listed_and_decoded_per_version(cluster: Cluster, tmp_path
 def test_wait_until_names_what_it_waited_for() -> None:
     with pytest.raises(ScenarioError, match=r"timed out after 0\.05s waiting for the moon"):
         wait_until(lambda: None, 0.05, "the moon", interval=0.01)
+
+
+def test_daemon_driver_starts_and_stops_a_supervised_instance(tmp_path: Path) -> None:
+    """The daemon-driven plumbing (start, state.json, rendered prefix, stop with LS gone) works with
+    the daemon as it is, migrations or not."""
+    with Cluster(tmp_path / "work", driver=Driver.DAEMON) as c:
+        inst = c.add_instance("alpha")
+        c.start("alpha")
+        doc = c.wait_state("alpha", lambda d: d.get("state") == "RUNNING", 30, "RUNNING")
+        pid = c.ls_pid("alpha")
+        assert isinstance(pid, int) and doc["lightningstream"]["ready"]
+        assert c.prefix("alpha") == c.storage / "v1"
+        c.stop("alpha")
+        assert inst.daemon is not None and inst.daemon.returncode == 0, c.log_tail("alpha")
+        with pytest.raises(psutil.NoSuchProcess):
+            psutil.Process(pid).status()
+        assert c.state("alpha")["state"] == "STOPPED"

@@ -267,8 +267,12 @@ class AppWriter:
         shared_keys: int = 3,
         shared_every: int = 3,
         marker_dbi: str = DEFAULT_MARKER_DBI,
+        dbi_lock: threading.Lock | None = None,
     ) -> None:
         self.env = env
+        # LMDB's mdb_dbi_open must not run in two transactions of one process at once: every thread
+        # of this process that opens DBIs on ``env`` shares this lock (Cluster.dump does).
+        self.dbi_lock = dbi_lock or threading.Lock()
         self.instance = instance
         self.interval = interval
         self.shared_keys = shared_keys
@@ -317,7 +321,7 @@ class AppWriter:
         """One write; None (nothing written) while the LMDB has no marker for us yet."""
         key, record = self._next()
         # Blocks here while a migration (another process) holds LMDB's writer lock.
-        with self.env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn, self.dbi_lock:
             marker = read_marker(self.env, txn, self.instance, native=True, marker_dbi=self.marker_dbi)
             if marker is None:
                 txn.abort()
@@ -431,6 +435,7 @@ class Cluster:
         self.poll_interval = poll_interval
         self.instances: dict[str, Instance] = {}
         self._envs: dict[str, lmdb.Environment] = {}
+        self._dbi_locks: dict[str, threading.Lock] = {}
         self._env_lock = threading.Lock()
         self._snap_cache: dict[Path, SnapshotFile | None] = {}
         self.started = time.monotonic()
@@ -734,14 +739,21 @@ class Cluster:
                     raise ScenarioError(f"{name}: LMDB {path} does not exist yet (start the instance first)")
                 env = lmdb.open(str(path), subdir=True, max_dbs=64, map_size=MAP_SIZE, create=False)
                 self._envs[name] = env
+                self._dbi_locks[name] = threading.Lock()
             return env
+
+    def dbi_lock(self, name: str) -> threading.Lock:
+        """Held by every thread here while it opens DBIs on the instance's environment (LMDB forbids
+        concurrent ``mdb_dbi_open`` in one process)."""
+        self.env(name)
+        return self._dbi_locks[name]
 
     def dump(self, name: str, *, tombstones: bool = False) -> Dump:
         """Every synced DBI (markers included) as ``{dbi: {key: (value, timestamp)}}``, in one read
         transaction of the shared environment (safe while LS or the daemon runs)."""
         env = self.env(name)
         out: dict[str, dict[bytes, tuple[bytes | None, int]]] = {}
-        with env.begin() as txn:
+        with self.dbi_lock(name), env.begin() as txn:
             names = [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
             for dbi in names:
                 if dbi.startswith("_sync"):
@@ -772,7 +784,7 @@ class Cluster:
         inst = self.instances[name]
         if inst.writer is not None and inst.writer.running:
             raise ScenarioError(f"{name}: writer runs already")
-        inst.writer = AppWriter(self.env(name), name, interval=interval).start()
+        inst.writer = AppWriter(self.env(name), name, interval=interval, dbi_lock=self.dbi_lock(name)).start()
         return inst.writer
 
     def stop_writers(self) -> None:
