@@ -193,6 +193,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def holds_copy(path: Path, size: int, sha256: str) -> bool:
+    """True when ``path`` is byte-identical to a backed-up file. The size is compared first: a live
+    LMDB opened with writemap is as long as its map (sparse, often GBs), hashing it would be slow."""
+    try:
+        if path.stat().st_size != size:
+            return False
+    except FileNotFoundError:
+        return False
+    return sha256_file(path) == sha256
+
+
 def fsync_path(path: Path) -> None:
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if path.is_dir() else 0)
     fd = os.open(path, flags)
@@ -601,7 +612,7 @@ def restore(
         for entry in manifest.lmdbs:
             spec = by_name[entry.name]
             target = data_file(spec)
-            if target.is_file() and sha256_file(target) == entry.sha256:
+            if holds_copy(target, entry.size, entry.sha256):
                 results.append(RestoredLmdb(entry.name, str(target), False, entry.schema_version))
                 continue
             if not started and before_replace is not None:
@@ -626,6 +637,6 @@ def restore(
     for entry in manifest.lmdbs:
         spec = by_name[entry.name]
         target = data_file(spec)
-        if sha256_file(target) != entry.sha256:
+        if not holds_copy(target, entry.size, entry.sha256):
             raise BackupError(f"{target}: changed during the restore (sha256 differs from the backup)")
     return manifest, results

@@ -47,7 +47,8 @@ Results per op (besides ``type``/``ok``/``op``):
 - migrate:  ``target``, ``backup_id``, ``lmdbs`` [migrator.MigrateResult JSON], ``steps``,
   ``duration_s``
 - dry_run:  ``target``, ``lmdbs`` [{lmdb, steps, keys, bytes, duration_s, live_last_txnid_before,
-  live_last_txnid_after, live_sha256_before, live_sha256_after}], ``duration_s``
+  live_last_txnid_after, live_file_before, live_file_after}], ``duration_s`` (the live files are
+  compared by size, mtime and inode, plus the LMDB's last txn id)
 - stamp:    ``lmdbs`` [{lmdb, from, to}]
 - backup:   ``backup`` (manifest JSON), ``duration_s``, ``bytes_per_s``
 - backups:  ``backups`` [manifest JSON]
@@ -988,6 +989,7 @@ class _StepTracker:
         self.steps = list(steps)
         self.phase = phase
         self.index = 0
+        self.reported = -1  # index of the last step that reported progress
         self.started = time.monotonic()
 
     @property
@@ -997,6 +999,10 @@ class _StepTracker:
     def on_progress(self, p: migrator.Progress) -> None:
         step = self.current
         percent = round(100.0 * p.done / p.total, 1) if p.total else 100.0
+        # The first report of each step always goes out: "step k's transaction is open" is what a
+        # watcher (the daemon's status, the crash test) needs to see, throttling or not.
+        first = self.reported != self.index
+        self.reported = self.index
         self.job.progress(
             {
                 "phase": self.phase,
@@ -1010,7 +1016,7 @@ class _StepTracker:
                 "index": self.index,
                 "steps": len(self.steps),
             },
-            force=p.done >= p.total,
+            force=first or p.done >= p.total,
         )
 
     def on_step(self, result: migrator.StepResult) -> migrations.Step:
@@ -1233,14 +1239,14 @@ def _op_dry_run(job: Job) -> Message:
     copies: dict[str, lmdb.Environment] = {}
     try:
         copy_specs: dict[str, LmdbSpec] = {}
-        before: dict[str, tuple[int, str | None]] = {}
+        before: dict[str, tuple[int, str | None]] = {}  # last txn id, file identity
         for p in plans:
             copy_dir = work / p.spec.name
             copy_dir.mkdir()
             if p.exists:
                 live = job.open(p.spec, write=False)
                 info = live.info()
-                before[p.spec.name] = (int(info["last_txnid"]), backup.sha256_file(backup.data_file(p.spec)))
+                before[p.spec.name] = (int(info["last_txnid"]), _file_identity(backup.data_file(p.spec)))
                 live.copy(str(copy_dir / backup.DATA_FILE if p.spec.no_subdir else copy_dir), compact=True)
                 map_size = max(p.spec.map_size, int(info["map_size"]))
             else:
@@ -1275,7 +1281,7 @@ def _op_dry_run(job: Job) -> Message:
             after_txnid, after_sha = 0, None
             if p.exists:
                 after_txnid = int(job.envs[name].info()["last_txnid"])
-                after_sha = backup.sha256_file(backup.data_file(p.spec))
+                after_sha = _file_identity(backup.data_file(p.spec))
             out.append(
                 {
                     "lmdb": name,
@@ -1285,15 +1291,20 @@ def _op_dry_run(job: Job) -> Message:
                     "duration_s": round(sum(r.duration_s for r in results), 6),
                     "live_last_txnid_before": before[name][0],
                     "live_last_txnid_after": after_txnid,
-                    "live_sha256_before": before[name][1],
-                    "live_sha256_after": after_sha,
+                    "live_file_before": before[name][1],
+                    "live_file_after": after_sha,
                 }
             )
     finally:
         for env in copies.values():
             env.close()
         shutil.rmtree(work, ignore_errors=True)
-    changed = [o["lmdb"] for o in out if o["live_sha256_before"] != o["live_sha256_after"]]
+    changed = [
+        o["lmdb"]
+        for o in out
+        if (o["live_file_before"], o["live_last_txnid_before"])
+        != (o["live_file_after"], o["live_last_txnid_after"])
+    ]
     if changed:
         raise WorkerError(f"dry run: live LMDB(s) {', '.join(changed)} changed during the dry run")
     return {
@@ -1302,6 +1313,13 @@ def _op_dry_run(job: Job) -> Message:
         "lmdbs": out,
         "duration_s": round(time.monotonic() - started, 6),
     }
+
+
+def _file_identity(path: Path) -> str:
+    """Size, mtime and inode of a file: any write through LMDB changes the mtime (hashing a sparse,
+    map-sized data file would cost seconds)."""
+    st = path.stat()
+    return f"size={st.st_size} mtime_ns={st.st_mtime_ns} ino={st.st_ino}"
 
 
 def _op_stamp(job: Job) -> Message:
@@ -1381,7 +1399,7 @@ def _op_rollback(job: Job) -> Message:
         if _exists(spec):
             env = job.open(spec, write=False)
             before[entry.name] = job.read_marker_version(env, spec)
-            differs = differs or backup.sha256_file(backup.data_file(spec)) != entry.sha256
+            differs = differs or not backup.holds_copy(backup.data_file(spec), entry.size, entry.sha256)
         else:
             before[entry.name] = None
             differs = True
