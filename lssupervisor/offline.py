@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import sys
@@ -70,84 +69,23 @@ def resolve_target(cfg: Config, override: int | None) -> int | None:
     return None
 
 
-def _lmdb_paths(view: LsView) -> list[str]:
-    return [spec.path for spec in view.lmdbs]
-
-
 @contextlib.contextmanager
 def locked(cfg: Config, view: LsView, purpose: str) -> Iterator[Sequence[int]]:
-    """Hold the daemon's lock for an offline command; yields fds to pass to the worker so that the
-    lock lives exactly as long as both of us. Refuses (LockHeld, naming the daemon's pid) when the
-    daemon or another command holds it."""
-    lock = _lock_module()
+    """Hold the daemon's own locks (state dir + every LMDB) for an offline command; yields the fds to
+    pass to the worker, so the lock lives exactly as long as both of us. Refuses with LockHeld naming
+    the holder's pid when the daemon (or another command) holds it."""
+    from lssupervisor import lock
+
     try:
-        held: Any = (
-            lock.acquire(cfg, _lmdb_paths(view), purpose) if lock is not None else _fallback_lock(cfg)
-        )
+        held = lock.acquire(cfg, view.lmdbs, purpose)
     except LockHeld as exc:
-        pid = exc.holder_pid if exc.holder_pid is not None else _holder_pid(cfg)
-        who = f"the lssupervisor daemon (pid {pid})" if pid else "another lssupervisor"
         raise LockHeld(
-            f"{cfg.lock_path}: {who} holds the lock; `lssupervisor {purpose}` works only while the "
-            f"daemon is stopped (stop it, or use `lssupervisor reconcile` to let the daemon do it)",
-            holder_pid=pid,
+            f"lssupervisor {purpose}: {exc}; offline commands run only while the daemon is stopped "
+            "(or let the running daemon do it: lssupervisor reconcile)",
+            holder_pid=exc.holder_pid,
         ) from None
-    try:
-        fileno = getattr(held, "fileno", None)
-        fds: Sequence[int] = (fileno(),) if callable(fileno) else ()
-        yield fds
-    finally:
-        release = getattr(held, "release", None) or getattr(held, "close", None)
-        if callable(release):
-            release()
-
-
-def _lock_module() -> Any:
-    try:
-        return importlib.import_module("lssupervisor.lock")
-    except ImportError:  # pragma: no cover - transitional: lock.py is landing in parallel
-        return None
-
-
-class _FallbackLock:
-    """The state-dir flock alone, used only until ``lssupervisor.lock`` exists in this build."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def release(self) -> None:
-        os.close(self.fd)
-
-
-def _fallback_lock(cfg: Config) -> _FallbackLock:
-    import fcntl
-
-    path = cfg.lock_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise LockHeld(f"{path}: held", holder_pid=int(text) if text.isdigit() else None) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return _FallbackLock(fd)
-
-
-def _holder_pid(cfg: Config) -> int | None:
-    lock = _lock_module()
-    holder = getattr(lock, "holder_pid", None) if lock is not None else None
-    if not callable(holder):
-        return None
-    with contextlib.suppress(Exception):
-        pid = holder(cfg)
-        return int(pid) if pid else None
-    return None
+    with held:
+        yield (held.fileno(),)
 
 
 def _looks_like_ls(entry: Mapping[str, Any]) -> bool:

@@ -1,0 +1,214 @@
+"""The offline commands end to end: `lssupervisor plan|migrate|stamp|history|backups|rollback|fleet`
+against a real config set, LS template, migrations and LMDB; the daemon's lock and a running LS are
+refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lssupervisor import backup
+from lssupervisor.cli import main
+from lssupervisor.errors import ExitCode
+from lssupervisor.lsmodel import LmdbSpec
+from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
+from tests.test_worker import BASIC_MIGRATIONS, INSTANCE, write_migrations
+
+
+@dataclass
+class ConfigSet:
+    root: Path
+    config: Path
+    spec: LmdbSpec
+
+    def run(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([argv[0], "-c", str(self.config), *argv[1:]])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+
+@pytest.fixture
+def cs(tmp_path: Path) -> ConfigSet:
+    write_migrations(tmp_path / "migrations", BASIC_MIGRATIONS)
+    (tmp_path / "ls.yaml.in").write_text(
+        textwrap.dedent(f"""\
+        instance: {INSTANCE}
+        lmdbs:
+          main:
+            path: {tmp_path}/db
+            schema_tracks_changes: true
+        storage:
+          type: fs
+          options:
+            root_path: {tmp_path}/storage/v${{APP_SCHEMA_VERSION}}
+    """)
+    )
+    config = tmp_path / "lssupervisor.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+        state_dir: state
+        lightningstream:
+          template: ls.yaml.in
+        migrations:
+          path: migrations
+        backup:
+          keep: 3
+        http:
+          address: ""
+    """)
+    )
+    data = {"data": {f"k{i:06d}": f"value-{i}" for i in range(500)}}
+    spec = build_lmdb(tmp_path / "db", data, marker=1, instance=INSTANCE)
+    return ConfigSet(tmp_path, config, spec)
+
+
+def test_plan_as_table_and_json(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cs.run(capsys, "plan")
+    assert code == 0
+    assert out.splitlines()[:2] == [
+        "LMDB  MARKER  FROM  TARGET  ACTION",
+        "main  1       1     3       migrate",
+    ]
+    assert "0002_upper  prefix" in out and "0003_copy   new-dbi" in out
+    code, out, _ = cs.run(capsys, "plan", "--to", "2", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["target"] == 2 and [s["to"] for s in data["steps"]] == [2]
+
+
+def test_migrate_history_backups_and_fleet(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cs.run(capsys, "migrate")
+    assert code == 0, err
+    assert "migrated to version 3" in out and "backup 2" in out
+    assert "committed: main 1 -> 2 0002_upper" in err and "backup: main done" in err  # progress on stderr
+    assert read_marker_version(cs.spec, instance=INSTANCE) == 3
+    code, out, _ = cs.run(capsys, "history", "--json")
+    kinds = [(e["kind"], e.get("to_version")) for e in json.loads(out)]
+    assert code == 0 and kinds == [("backup", 1), ("migrate", 2), ("migrate", 3)]
+    code, out, _ = cs.run(capsys, "history")
+    assert code == 0 and out.startswith("END") and "0003_copy" in out
+    code, out, _ = cs.run(capsys, "backups", "--json")
+    (only,) = json.loads(out)
+    assert code == 0 and only["schema_version"] == 1 and only["reason"] == "before migrating to 3"
+    code, out, _ = cs.run(capsys, "backups")
+    assert code == 0 and only["id"] in out
+    code, out, _ = cs.run(capsys, "fleet")
+    assert code == 0 and f"{INSTANCE} (this instance)  3" in out
+    code, out, _ = cs.run(capsys, "migrate", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 0
+
+
+def test_dry_run_changes_nothing(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
+    before = backup.sha256_file(backup.data_file(cs.spec))
+    code, out, _ = cs.run(capsys, "migrate", "--dry-run", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["op"] == "dry_run" and data["lmdbs"][0]["keys"] == 1000
+    assert backup.sha256_file(backup.data_file(cs.spec)) == before
+    assert not (cs.root / "state" / "history.jsonl").exists()
+
+
+def test_unmarked_lmdb_is_refused_until_stamped(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
+    build_lmdb(cs.root / "db2", {"data": {"a": "1"}})
+    template = cs.root / "ls.yaml.in"
+    template.write_text(template.read_text().replace(f"{cs.root}/db\n", f"{cs.root}/db2\n"))
+    code, _, err = cs.run(capsys, "migrate", "--no-backup")
+    assert code == int(ExitCode.MIGRATION)
+    assert err.count("\n") == 1 and err.startswith("lssupervisor: error: ") and "lssupervisor stamp N" in err
+    code, out, _ = cs.run(capsys, "stamp", "2")
+    assert code == 0 and out.strip() == "stamped LMDB main: unmarked -> 2"
+    code, out, err = cs.run(capsys, "migrate", "--no-backup")
+    assert code == 0 and "no backup taken" in out and "without a backup" in err
+    assert read_values(LmdbSpec(name="main", path=str(cs.root / "db2")))["data_v3"] == {b"a": b"1!"}
+
+
+def test_rollback_restores_and_renders_the_config_back(
+    cs: ConfigSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = read_values(cs.spec)
+    assert cs.run(capsys, "migrate")[0] == 0
+    code, out, _ = cs.run(capsys, "rollback")
+    assert code == 0 and "LMDB main: restored (version 3 -> 1)" in out
+    assert read_values(cs.spec) == original and read_marker_version(cs.spec, instance=INSTANCE) == 1
+    rendered = (cs.root / "state" / "lightningstream.yaml").read_text()
+    assert f"root_path: {cs.root}/storage/v1\n" in rendered
+    code, out, _ = cs.run(capsys, "rollback")
+    assert code == 0 and "LMDB main: already in place" in out
+    code, _, err = cs.run(capsys, "rollback", "no-such-backup")
+    assert code == int(ExitCode.MIGRATION) and "no backup 'no-such-backup'" in err
+
+
+HOLD_LOCK = """
+import sys
+from lssupervisor.config import load_config
+from lssupervisor.lock import acquire
+lock = acquire(load_config(sys.argv[1]), [], "daemon")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def daemon_lock(cs: ConfigSet) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(cs.config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("argv", [("migrate",), ("stamp", "2"), ("rollback",), ("migrate", "--dry-run")])
+def test_offline_commands_refuse_while_the_daemon_holds_the_lock(
+    cs: ConfigSet,
+    capsys: pytest.CaptureFixture[str],
+    daemon_lock: subprocess.Popen[str],
+    argv: tuple[str, ...],
+) -> None:
+    code, _out, err = cs.run(capsys, *argv)
+    assert code == int(ExitCode.LOCKED)
+    assert f"pid {daemon_lock.pid}" in err and "daemon is stopped" in err and err.count("\n") == 1
+    assert read_marker_version(cs.spec, instance=INSTANCE) == 1
+
+
+FAKE_LS = """
+import sys, lmdb
+env = lmdb.open(sys.argv[2], max_dbs=64, readonly=True)
+txn = env.begin()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_migrate_refuses_while_lightning_stream_has_the_lmdb_open(
+    cs: ConfigSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argv[1] makes the process look like LS in its command line
+    fake = subprocess.Popen(
+        [sys.executable, "-c", FAKE_LS, "lightningstream", cs.spec.path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "ready"
+        code, _, err = cs.run(capsys, "migrate")
+    finally:
+        assert fake.stdin is not None
+        fake.stdin.close()
+        fake.wait(10)
+    assert code == int(ExitCode.LS_RUNNING)
+    assert f"Lightning Stream pid {fake.pid} has it open" in err
+    assert read_marker_version(cs.spec, instance=INSTANCE) == 1
+    assert not (cs.root / "state" / "backups").exists()
