@@ -88,6 +88,19 @@ def locked(cfg: Config, view: LsView, purpose: str) -> Iterator[Sequence[int]]:
         yield (held.fileno(),)
 
 
+def _run(
+    cfg: Config,
+    request: Message,
+    fds: Sequence[int] = (),
+    on_message: _Progress | None = None,
+    timeout: float | None = None,
+) -> Message:
+    """One worker run to its end; its error becomes the matching SupervisorError. Every worker opens an
+    LMDB, so each one starts above ``lightningstream.min_pid`` (the PID-keyed lock table)."""
+    final = run_worker(request, on_message, timeout, min_pid=cfg.lightningstream.min_pid, pass_fds=fds)
+    return raise_for_error(final)
+
+
 def _looks_like_ls(entry: Mapping[str, Any]) -> bool:
     name = str(entry.get("name", ""))
     cmdline = " ".join(str(a) for a in entry.get("cmdline", []))
@@ -97,7 +110,7 @@ def _looks_like_ls(entry: Mapping[str, Any]) -> bool:
 def refuse_if_ls_runs(cfg: Config, view: LsView, fds: Sequence[int]) -> None:
     """Refuse when a Lightning Stream process has one of the LMDBs open (the daemon may be gone but
     its LS not, or someone started LS by hand)."""
-    final = raise_for_error(run_worker(build_request("readers", cfg, view), pass_fds=fds))
+    final = _run(cfg, build_request("readers", cfg, view), fds)
     for entry in final["lmdbs"]:
         for reader in entry["readers"]:
             if reader.get("alive") and _looks_like_ls(reader):
@@ -192,7 +205,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     target = resolve_target(cfg, args.to)
     # Read-only (LMDB readers never block anyone): no lock, works while the daemon runs too.
-    final = raise_for_error(run_worker(build_request("plan", cfg, view, target=target)))
+    final = _run(cfg, build_request("plan", cfg, view, target=target))
     if args.json:
         _print_json(_clean(final))
         return 0
@@ -233,17 +246,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if not args.dry_run:
             refuse_if_ls_runs(cfg, view, fds)
         request = build_request(op, cfg, view, target=target, **extra)
+        # The worker cancels itself at migrations.timeout; the extra time is the backstop for a hang.
         timeout = cfg.migrations.timeout
-        final = raise_for_error(
-            run_worker(
-                request,
-                _Progress(sys.stderr),
-                # The worker cancels itself at the timeout; this is the backstop for a hang.
-                timeout=None if timeout is None else timeout + 30.0,
-                min_pid=cfg.lightningstream.min_pid,
-                pass_fds=fds,
-            )
-        )
+        final = _run(cfg, request, fds, _Progress(sys.stderr), None if timeout is None else timeout + 30.0)
     if args.json:
         _print_json(_clean(final))
         return 0
@@ -276,7 +281,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     with locked(cfg, view, "stamp") as fds:
         refuse_if_ls_runs(cfg, view, fds)
         request = build_request("stamp", cfg, view, version=args.version, lmdb=args.lmdb)
-        final = raise_for_error(run_worker(request, _Progress(sys.stderr), pass_fds=fds))
+        final = _run(cfg, request, fds, _Progress(sys.stderr))
     for e in final["lmdbs"]:
         print(f"stamped LMDB {e['lmdb']}: {e['from'] if e['from'] is not None else 'unmarked'} -> {e['to']}")
     return 0
@@ -342,7 +347,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     with locked(cfg, view, "rollback") as fds:
         refuse_if_ls_runs(cfg, view, fds)
         request = build_request("rollback", cfg, view, backup_id=args.backup)
-        final = raise_for_error(run_worker(request, _Progress(sys.stderr), pass_fds=fds))
+        final = _run(cfg, request, fds, _Progress(sys.stderr))
         rendered = _rerender(cfg, final.get("schema_version"))
     for e in final["lmdbs"]:
         what = "restored" if e["restored"] else "already in place"
@@ -376,7 +381,7 @@ def _rerender(cfg: Config, version: Any) -> str | None:
 def cmd_fleet(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     # Read-only and harmless while the daemon runs (LMDB readers never block anyone), so no lock.
-    final = raise_for_error(run_worker(build_request("fleet", cfg, view)))
+    final = _run(cfg, build_request("fleet", cfg, view))
     if args.json:
         _print_json(_clean(final))
         return 0

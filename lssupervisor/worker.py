@@ -429,7 +429,8 @@ def read_schema_version(cfg: Config, view: LsView) -> int | None:
     None when no LMDB is marked. MigrationError when the LMDBs disagree (a partial multi-LMDB
     migration): LS cannot run one prefix over two schema versions.
     """
-    final = raise_for_error(run_worker(build_request("markers", cfg, view)))
+    request = build_request("markers", cfg, view)
+    final = raise_for_error(run_worker(request, min_pid=cfg.lightningstream.min_pid))
     versions: dict[str, int | None] = {entry["lmdb"]: entry["version"] for entry in final["lmdbs"]}
     known = {v for v in versions.values() if v is not None}
     if not known:
