@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from lssupervisor import backup, history
 from lssupervisor.errors import ConfigError, LightningStreamRunning, LockHeld, UsageError
 from lssupervisor.lsmodel import LsView
-from lssupervisor.worker import Message, build_request, raise_for_error, run_worker
+from lssupervisor.worker import Message, build_request, describe_progress, raise_for_error, run_worker
 
 if TYPE_CHECKING:
     from lssupervisor.config import Config
@@ -139,34 +139,13 @@ class _Progress:
     def __call__(self, msg: Message) -> None:
         kind = msg.get("type")
         if kind == "progress":
-            line = _progress_line(msg)
+            line = describe_progress(msg)
             if line:
                 print(line, file=self.out, flush=True)
         elif kind == "log" and not self.quiet_logs:
             level = str(msg.get("level", "info"))
             if level in ("warning", "error", "critical"):
                 print(f"lssupervisor: {level}: {msg.get('msg')}", file=self.out, flush=True)
-
-
-def _progress_line(msg: Mapping[str, Any]) -> str | None:
-    phase = msg.get("phase")
-    if phase == "backup":
-        if msg.get("event") == "start":
-            return f"backup: copying {', '.join(msg.get('lmdbs', []))}"
-        done = f"{msg.get('done')}/{msg.get('total')}"
-        return f"backup: {msg.get('lmdb')} done ({done}, {msg.get('bytes')} bytes)"
-    if phase in ("migrate", "dry_run"):
-        return (
-            f"{phase}: {msg.get('lmdb')} {msg.get('from')} -> {msg.get('to')} {msg.get('step') or ''} "
-            f"{msg.get('percent')}% ({msg.get('done')}/{msg.get('total')}) "
-            f"[step {int(msg.get('index', 0)) + 1}/{msg.get('steps')}]"
-        )
-    if phase == "step_committed":
-        return (
-            f"committed: {msg.get('lmdb')} {msg.get('from')} -> {msg.get('to')} {msg.get('step') or ''} "
-            f"in {msg.get('duration_s')}s [{msg.get('index')}/{msg.get('steps')}]"
-        )
-    return None
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -253,14 +232,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         _print_json(_clean(final))
         return 0
     if args.dry_run:
-        print(_table(
-            ["LMDB", "STEPS", "KEYS", "BYTES", "SECONDS", "LIVE TXN BEFORE", "LIVE TXN AFTER"],
-            [
-                [e["lmdb"], len(e["steps"]), e["keys"], e["bytes"], e["duration_s"],
-                 e["live_last_txnid_before"], e["live_last_txnid_after"]]
-                for e in final["lmdbs"]
-            ],
-        ))
+        print(
+            _table(
+                ["LMDB", "STEPS", "KEYS", "BYTES", "SECONDS", "LIVE TXN BEFORE", "LIVE TXN AFTER"],
+                [
+                    [
+                        e["lmdb"],
+                        len(e["steps"]),
+                        e["keys"],
+                        e["bytes"],
+                        e["duration_s"],
+                        e["live_last_txnid_before"],
+                        e["live_last_txnid_after"],
+                    ]
+                    for e in final["lmdbs"]
+                ],
+            )
+        )
         print(f"\ndry run to version {final['target']} on a copy; the live LMDBs were not changed")
         return 0
     rows = []
@@ -308,8 +296,17 @@ def cmd_history(args: argparse.Namespace) -> int:
         _table(
             ["END", "KIND", "LMDB", "FROM", "TO", "MIGRATION", "RESULT", "KEYS", "BACKUP"],
             [
-                [e.end, e.kind.value, e.lmdb, e.from_version, e.to_version, e.migration, e.result.value,
-                 e.keys, e.backup_id]
+                [
+                    e.end,
+                    e.kind.value,
+                    e.lmdb,
+                    e.from_version,
+                    e.to_version,
+                    e.migration,
+                    e.result.value,
+                    e.keys,
+                    e.backup_id,
+                ]
                 for e in hist.entries
             ],
         )
@@ -333,8 +330,14 @@ def cmd_backups(args: argparse.Namespace) -> int:
         _table(
             ["ID", "TIME", "VERSION", "SIZE", "LMDBS", "REASON"],
             [
-                [b.id, b.manifest.time, b.manifest.schema_version, _size(b.manifest.size),
-                 ",".join(x.name for x in b.manifest.lmdbs), b.manifest.reason]
+                [
+                    b.id,
+                    b.manifest.time,
+                    b.manifest.schema_version,
+                    _size(b.manifest.size),
+                    ",".join(x.name for x in b.manifest.lmdbs),
+                    b.manifest.reason,
+                ]
                 for b in found
             ],
         )
@@ -391,7 +394,15 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             rows.append([entry["lmdb"], "-", None, None, None, None])
         for m in entry["markers"]:
             me = " (this instance)" if m["instance"] == final["instance"] else ""
-            rows.append([entry["lmdb"], m["instance"] + me, m["version"], m["migration"] or "stamp",
-                         m["time"], m["tool_version"]])
+            rows.append(
+                [
+                    entry["lmdb"],
+                    m["instance"] + me,
+                    m["version"],
+                    m["migration"] or "stamp",
+                    m["time"],
+                    m["tool_version"],
+                ]
+            )
     print(_table(["LMDB", "INSTANCE", "VERSION", "MIGRATION", "TIME", "TOOL"], rows))
     return 0

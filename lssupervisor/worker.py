@@ -167,6 +167,7 @@ class WorkerRun:
     the last call is always the final ``result``/``error`` message, delivered only after the worker
     process has exited (so "final message seen" means "no LMDB is open in the worker any more"). If the
     worker dies without a final message, one is synthesised (``"worker killed by SIGKILL"``).
+    Call :meth:`wait` after the final message (it returns at once then) to join the reader threads.
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], on_message: OnMessage, op: str) -> None:
@@ -388,6 +389,28 @@ def run_worker(
         raise
     assert final is not None
     return final
+
+
+def describe_progress(msg: Mapping[str, Any]) -> str | None:
+    """One human line for a progress message (CLI stderr, the daemon's status and logs)."""
+    phase = msg.get("phase")
+    if phase == "backup":
+        if msg.get("event") == "start":
+            return f"backup: copying {', '.join(msg.get('lmdbs', []))}"
+        done = f"{msg.get('done')}/{msg.get('total')}"
+        return f"backup: {msg.get('lmdb')} done ({done}, {msg.get('bytes')} bytes)"
+    if phase in ("migrate", "dry_run"):
+        return (
+            f"{phase}: {msg.get('lmdb')} {msg.get('from')} -> {msg.get('to')} {msg.get('step') or ''} "
+            f"{msg.get('percent')}% ({msg.get('done')}/{msg.get('total')}) "
+            f"[step {int(msg.get('index', 0)) + 1}/{msg.get('steps')}]"
+        )
+    if phase == "step_committed":
+        return (
+            f"committed: {msg.get('lmdb')} {msg.get('from')} -> {msg.get('to')} {msg.get('step') or ''} "
+            f"in {msg.get('duration_s')}s [{msg.get('index')}/{msg.get('steps')}]"
+        )
+    return None
 
 
 def _ignore(msg: Message) -> None:
