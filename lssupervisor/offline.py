@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 from lssupervisor import backup, history
 from lssupervisor.errors import ConfigError, LightningStreamRunning, LockHeld, UsageError
 from lssupervisor.lsmodel import LsView
-from lssupervisor.worker import Message, build_request, describe_progress, raise_for_error, run_worker
+from lssupervisor.worker import (
+    Message,
+    build_request,
+    describe_pid,
+    describe_progress,
+    raise_for_error,
+    run_worker,
+)
 
 if TYPE_CHECKING:
     from lssupervisor.config import Config
@@ -120,9 +127,7 @@ def refuse_if_ls_runs(cfg: Config, view: LsView, fds: Sequence[int]) -> None:
                 )
         holder = entry.get("open_by_pid")
         if holder:
-            from lssupervisor.worker import _describe_pid
-
-            info = _describe_pid(int(holder))
+            info = describe_pid(int(holder))
             if info["alive"] and _looks_like_ls(info):
                 raise LightningStreamRunning(
                     f"LMDB {entry['lmdb']!r}: Lightning Stream pid {holder} has it open; stop it first"

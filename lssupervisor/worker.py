@@ -927,7 +927,7 @@ def parse_readers(text: str) -> list[tuple[int, str, int | None]]:
     return found
 
 
-def _describe_pid(pid: int) -> Message:
+def describe_pid(pid: int) -> Message:
     try:
         proc = psutil.Process(pid)
         return {
@@ -958,7 +958,7 @@ def _op_readers(job: Job) -> Message:
         for pid, thread, txnid in parse_readers(env.readers()):
             if pid == me:
                 continue
-            readers.append({"pid": pid, "thread": thread, "txnid": txnid, **_describe_pid(pid)})
+            readers.append({"pid": pid, "thread": thread, "txnid": txnid, **describe_pid(pid)})
         out.append({"lmdb": spec.name, "exists": True, "open_by_pid": holder, "readers": readers})
     return {"lmdbs": out}
 

@@ -420,3 +420,15 @@ def test_empty_and_missing_lmdbs_are_stamped_with_the_target_without_backup(tmp_
         "missing": (1, "empty"),
     }
     assert read_marker_version(missing, instance=INSTANCE) == 1
+
+
+def test_min_pid_starts_the_worker_above_the_floor(tmp_path: Path) -> None:
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    floor = last + 500
+    if floor >= int(Path("/proc/sys/kernel/pid_max").read_text()):
+        pytest.skip("too close to pid_max to raise the floor")
+    spec = sample_lmdb(tmp_path / "db")
+    run = WorkerRun.start(make_request("markers", make_view(spec), tmp_path), Collector(), min_pid=floor)
+    final = run.wait(30)
+    assert final is not None and final["type"] == "result"
+    assert run.pid >= floor
