@@ -152,7 +152,7 @@ class LightningStreamConfig:
     output: OutputMode = opt(
         OutputMode.INHERIT,
         "`inherit`: LS logs straight to our stderr. `prefix`: each LS line is re-logged as "
-        "`lightningstream: <line>` (a full pipe never blocks the daemon; excess lines are dropped).",
+        "`lightningstream: <line>` (read by its own thread, so LS output never stalls the main loop).",
     )
     drain: bool = opt(
         False,
