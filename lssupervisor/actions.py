@@ -23,10 +23,74 @@ class SweepOrphans:
 
 @dataclass(frozen=True, slots=True)
 class PrepareConfig:
-    """Load (``reload``: re-read our config file too) the template, find the version to render (the
-    LMDB's marker, I2), render in memory and report ``ConfigPrepared`` or ``ConfigFailed``."""
+    """Load (``reload``: re-read our config file too) the template, the migrations and the target, then
+    start the plan worker (markers + plan). Result: ``Planned`` or ``TaskFailed(plan)``, or
+    ``ConfigFailed`` when loading failed (the old config, template and migrations are kept). A shell
+    without migrations may answer ``ConfigPrepared`` at once."""
 
     reload: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RenderConfig:
+    """Render the LS config for ``version`` (the marker, I2) in memory, check it (our checks, and
+    ``LS -c candidate`` when it differs from the running one): ``ConfigPrepared`` or ``ConfigFailed``."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProveGone:
+    """LS is stopped: prove it (group empty, no process naming our config, no LS pid among the LMDB
+    readers, via a ``readers`` worker): ``GoneProven``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartDrain:
+    """Render the config for ``version`` (the OLD one) and run ``LS --config it sync --only-once
+    --timeout T``: ``DrainFinished``."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunHook:
+    """Run hook ``index`` of ``phase`` (``hooks.pre_migrate`` / ``hooks.post_migrate``): ``HookFinished``."""
+
+    phase: str
+    index: int
+    from_version: int | None
+    to_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartMigration:
+    """Start the ``migrate`` worker (backup, steps, history) toward ``target``: ``MigrationProgress``*,
+    then ``Migrated`` or ``TaskFailed(migrate)``."""
+
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarkers:
+    """Start a ``markers`` worker: ``MarkersRead`` or ``TaskFailed(verify)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTask:
+    """Cancel the job in flight (SIGKILL a worker: its open write transaction aborts; SIGKILL the drain
+    LS's group or the hook). Its result, if any, arrives later and is ignored as stale."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShowProgress:
+    """Migration progress for people: status (state.json, HTTP), sdnotify ``STATUS=``, and
+    ``EXTEND_TIMEOUT_USEC`` while a start-up migration runs (``startup``)."""
+
+    text: str
+    startup: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +169,14 @@ class Exit:
 Action = (
     SweepOrphans
     | PrepareConfig
+    | RenderConfig
+    | ProveGone
+    | StartDrain
+    | RunHook
+    | StartMigration
+    | ReadMarkers
+    | CancelTask
+    | ShowProgress
     | SpawnChild
     | SignalGroup
     | KillGroup

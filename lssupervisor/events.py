@@ -93,6 +93,89 @@ class ChildExited:
     description: str
 
 
+# -- results of the reconcile cycle's jobs (the shell translates worker messages into these) ----------
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """The plan worker read the markers and planned current -> target.
+
+    ``render_version``: the one version every LMDB is marked with (what the LS config gets, I2); None
+    when an LMDB is unmarked (empty: stamped by the cycle) or they differ. ``writes``: the cycle must
+    write the LMDB (migration steps, or a stamp). ``steps``: one line per step for logs and status."""
+
+    render_version: int | None
+    target: int
+    writes: bool
+    steps: tuple[str, ...] = ()
+    markers: tuple[tuple[str, int | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """The job named by ``task`` failed (a worker error, a hook or drain that could not start...).
+    ``error``: the worker's error class name (``SchemaTooNew``, ``MigrationCancelled``...)."""
+
+    task: str  # states.Task value
+    error: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class GoneProven:
+    """PROVING finished: ``remaining`` are LS pids that still live (empty: proven gone)."""
+
+    remaining: tuple[int, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainFinished:
+    returncode: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class HookFinished:
+    phase: str  # "pre" | "post"
+    index: int
+    ok: bool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationProgress:
+    """A progress line of the migrate worker. ``phase``: backup | migrate | step_committed."""
+
+    phase: str
+    text: str  # "migrating main 2→3: 45%", "backing up main", "committed main 2→3 (1/2)"
+
+
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    """The migrate worker succeeded (steps committed, markers moved, backup taken if enabled)."""
+
+    backup_id: str | None = None
+    steps: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MarkersRead:
+    """VERIFYING: the markers read back after the migrate worker ended (success or not)."""
+
+    markers: tuple[tuple[str, int | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileChanged:
+    """The watcher saw a watched file change (observer thread). ``ours``: our own config file (a
+    reload, not just a reconcile). Debounced by the core."""
+
+    path: str
+    ours: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Tick:
     """The loop woke up (a deadline passed, or the 1 s backstop). Deadlines are checked against now."""
@@ -110,6 +193,15 @@ Event = (
     | SpawnFailed
     | ChildReady
     | ChildExited
+    | Planned
+    | TaskFailed
+    | GoneProven
+    | DrainFinished
+    | HookFinished
+    | MigrationProgress
+    | Migrated
+    | MarkersRead
+    | FileChanged
     | Tick
 )
 

@@ -35,10 +35,27 @@ asked for, a config result outside RECONCILING, an exit without a child) raise :
 they are bugs in the shell. Stale facts that races can produce (readiness of an LS that already exited,
 a signal after shutdown) are ignored.
 
-Seam for the reconcile cycle: ``PrepareConfig`` is where the shell asks a ``VersionSource`` which schema
-version to render (the LMDB's marker, I2). The migration sub-steps (DRAINING, BACKING_UP, MIGRATING,
-VERIFYING) will be entered from ``_settle`` when the worker reports a plan with steps: stop LS with a
-``MIGRATION`` purpose, then ``StartWorker`` actions and ``Worker*`` events, as the ``Substep`` enum names.
+The reconcile cycle (docs/reconcile.md) is a sequence of RECONCILING sub-steps, each waiting for one
+asynchronous job of the shell (``state.task``)::
+
+    PLANNING (PrepareConfig -> Planned)
+      nothing to write -> RENDERING (RenderConfig -> ConfigPrepared) -> settle as above (LS keeps its
+                          pid when the rendered config is unchanged)
+      else             -> [STOPPING purpose migration: SIGTERM LS, intended (I5)]
+                          -> PROVING (ProveGone -> GoneProven)
+                          -> [DRAINING (StartDrain -> DrainFinished) -> PROVING]   lightningstream.drain
+                          -> PRE_HOOKS (RunHook -> HookFinished)*
+                          -> BACKING_UP/MIGRATING (StartMigration -> MigrationProgress* -> Migrated)
+                          -> VERIFYING (ReadMarkers -> MarkersRead)
+                          -> POST_HOOKS* -> RENDERING for the version the markers HAVE (I2)
+                          -> settle: STARTING -> RUNNING
+    failures -> PARKED (reason names the next command) or, with ``on_failure: resume``, RENDERING for
+    the version the LMDB has (after a failed step k of n: version k).
+
+A job's result is accepted only while ``state.task`` names that job: results of a cancelled job are
+stale and ignored. Shutdown during a migration lets it finish (the second TERM cancels it: the worker
+is SIGKILLed and its open transaction aborts); any other job is cancelled at once. Either way LS is
+not started again and the exit code is 0.
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ from typing import assert_never
 from lssupervisor.actions import (
     Action,
     AnnounceState,
+    CancelTask,
     Exit,
     KillGroup,
     Level,
@@ -59,13 +77,20 @@ from lssupervisor.actions import (
     Notify,
     NotifyKind,
     PrepareConfig,
+    ProveGone,
+    ReadMarkers,
+    RenderConfig,
+    RunHook,
+    ShowProgress,
     SignalGroup,
     SpawnChild,
+    StartDrain,
+    StartMigration,
     SweepOrphans,
     WriteState,
 )
 from lssupervisor.backoff import BackoffPolicy, BackoffState, GiveUp, Retry, record_failure, reset_deadline
-from lssupervisor.config import Config
+from lssupervisor.config import Config, OnFailure
 from lssupervisor.errors import ExitCode
 from lssupervisor.events import (
     Booted,
@@ -74,16 +99,26 @@ from lssupervisor.events import (
     ChildSpawned,
     ConfigFailed,
     ConfigPrepared,
+    DrainFinished,
     Event,
+    FileChanged,
+    GoneProven,
+    HookFinished,
+    MarkersRead,
+    Migrated,
+    MigrationProgress,
+    Planned,
     ReconcileRequested,
     ReloadRequested,
     ShutdownRequested,
     SpawnFailed,
     StatusRequested,
+    TaskFailed,
     Tick,
 )
 from lssupervisor.states import (
     Child,
+    Cycle,
     Desired,
     Goal,
     Pending,
@@ -92,11 +127,16 @@ from lssupervisor.states import (
     StopPurpose,
     Substep,
     SupervisorState,
+    Task,
 )
 
 # After SIGKILL, how long LS may take to disappear before we say it is unkillable (D state, a
 # kernel problem). Not configurable: SIGKILL cannot be caught, so this only covers stuck kernels.
 KILL_GRACE_S = 5.0
+
+
+# Jobs whose result may be a ConfigPrepared/ConfigFailed (None: a shell answering PrepareConfig at once).
+_CONFIG_TASKS = (None, Task.PLAN, Task.RENDER)
 
 
 class LifecycleError(Exception):
@@ -120,6 +160,27 @@ class Timeouts:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class CyclePolicy:
+    """The reconcile cycle's parameters (from our config; swapped with the core on reload)."""
+
+    drain: bool = False
+    pre_hooks: int = 0
+    post_hooks: int = 0
+    on_failure: OnFailure = OnFailure.PARK
+    debounce: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CyclePolicy:
+        return cls(
+            drain=cfg.lightningstream.drain,
+            pre_hooks=len(cfg.hooks.pre_migrate),
+            post_hooks=len(cfg.hooks.post_migrate),
+            on_failure=cfg.schema.on_failure,
+            debounce=float(cfg.watch.debounce),
+        )
+
+
 def _secs(value: float) -> str:
     """Seconds for people: 5s, 2.5s, 0.1s."""
     return f"{value:g}s" if value >= 0.1 or value == 0 else f"{value:.3f}s"
@@ -134,14 +195,21 @@ class Lifecycle:
         timeouts: Timeouts | None = None,
         policy: BackoffPolicy | None = None,
         rand: Callable[[], float] = random.random,
+        cycle: CyclePolicy | None = None,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.policy = policy or BackoffPolicy()
         self.rand = rand
+        self.cycle = cycle or CyclePolicy()
 
     @classmethod
     def from_config(cls, cfg: Config, rand: Callable[[], float] = random.random) -> Lifecycle:
-        return cls(Timeouts.from_config(cfg), BackoffPolicy.from_config(cfg.restart), rand)
+        return cls(
+            Timeouts.from_config(cfg),
+            BackoffPolicy.from_config(cfg.restart),
+            rand,
+            CyclePolicy.from_config(cfg),
+        )
 
     # -- entry points ------------------------------------------------------------------------------
 
@@ -177,6 +245,24 @@ class Lifecycle:
                 new = self._child_ready(st, event, now, acts)
             case ChildExited():
                 new = self._child_exited(st, event, now, acts)
+            case Planned():
+                new = self._planned(st, event, now, acts)
+            case TaskFailed():
+                new = self._task_failed(st, event, now, acts)
+            case GoneProven():
+                new = self._gone_proven(st, event, now, acts)
+            case DrainFinished():
+                new = self._drain_finished(st, event, now, acts)
+            case HookFinished():
+                new = self._hook_finished(st, event, now, acts)
+            case MigrationProgress():
+                new = self._progress(st, event, now, acts)
+            case Migrated():
+                new = self._migrated(st, event, now, acts)
+            case MarkersRead():
+                new = self._markers_read(st, event, now, acts)
+            case FileChanged():
+                new = self._file_changed(st, event, now, acts)
             case Tick():
                 new = self._tick(st, now, acts)
             case _:
@@ -206,6 +292,8 @@ class Lifecycle:
                 pass
             case _:
                 assert_never(st.state)
+        if st.state is not State.STOPPED:
+            candidates.append(st.watch_due_at)
         present = [c for c in candidates if c is not None]
         return min(present) if present else None
 
@@ -323,7 +411,8 @@ class Lifecycle:
         desired = Desired(goal=Goal.PAUSE if ev.paused else Goal.RUN, target_version=ev.target_version)
         st = replace(st, booted=True, desired=desired, prior=None)
         acts.append(SweepOrphans())
-        st = self._enter(st, State.RECONCILING, "boot", now, acts, substep=Substep.RENDERING)
+        st = replace(st, task=Task.PLAN)
+        st = self._enter(st, State.RECONCILING, "boot", now, acts, substep=Substep.PLANNING)
         acts.append(PrepareConfig(reload=False))
         return st
 
@@ -336,8 +425,30 @@ class Lifecycle:
             st.desired, goal=Goal.SHUTDOWN, shutdown_requests=st.desired.shutdown_requests + 1
         )
         first = st.desired.goal is not Goal.SHUTDOWN
-        st = replace(st, desired=desired, pending=None)
+        st = replace(st, desired=desired, pending=None, watch_due_at=None)
         reason = f"shutdown ({ev.signal})"
+        if st.state is State.RECONCILING and st.task is Task.MIGRATE:
+            # A migration step in flight: let it commit (cancelling throws its work away); a second
+            # TERM cancels it. Either way LS is not started again.
+            if first:
+                acts.append(
+                    LogLine(
+                        Level.WARNING,
+                        f"{ev.signal} during the migration: it completes, then lssupervisor exits without "
+                        f"starting LS; send {ev.signal} again to cancel it (the open step rolls back)",
+                    )
+                )
+                acts.append(Notify(NotifyKind.STOPPING))
+                acts.append(WriteState())
+            elif desired.shutdown_requests == 2:
+                acts.append(LogLine(Level.WARNING, f"second {ev.signal}: cancelling the migration"))
+                acts.append(CancelTask(f"cancelled by a second {ev.signal}"))
+            return st
+        if st.task is not None:
+            # Any other job only reads (or is the drain LS, or a hook): end it now.
+            acts.append(CancelTask(reason))
+            st = replace(st, task=None)
+        st = replace(st, cycle=None, progress=None)
         if st.state is State.STOPPING:
             stopping = st.stopping
             assert stopping is not None
@@ -360,7 +471,7 @@ class Lifecycle:
         if st.spawn_pending:
             return st  # ChildSpawned stops the new LS at once
         acts.append(Notify(NotifyKind.STOPPING))
-        code = ExitCode.PARKED if st.state is State.PARKED else ExitCode.OK
+        code = st.park_exit if st.state is State.PARKED else ExitCode.OK
         st = replace(st, exit_code=code, retry_at=None)
         st = self._enter(st, State.STOPPED, reason, now, acts)
         acts.append(Exit(code))
@@ -391,37 +502,64 @@ class Lifecycle:
     def _start_reconcile(
         self, st: SupervisorState, reload: bool, reason: str, now: float, acts: list[Action]
     ) -> SupervisorState:
-        st = replace(st, prior=st.state, pending=None)
-        st = self._enter(st, State.RECONCILING, reason, now, acts, substep=Substep.RENDERING)
+        st = replace(st, prior=st.state, pending=None, task=Task.PLAN, cycle=None, progress=None)
+        st = self._enter(st, State.RECONCILING, reason, now, acts, substep=Substep.PLANNING)
         acts.append(PrepareConfig(reload=reload))
         return st
 
     def _config_prepared(
         self, st: SupervisorState, ev: ConfigPrepared, now: float, acts: list[Action]
     ) -> SupervisorState:
-        if st.state is not State.RECONCILING or st.spawn_pending:
-            raise LifecycleError(f"ConfigPrepared in {st.state.value}")
-        leaving_park = st.prior is State.PARKED
+        if st.state is not State.RECONCILING or st.spawn_pending or st.task not in _CONFIG_TASKS:
+            raise LifecycleError(f"ConfigPrepared in {st.state.value} (task {st.task})")
+        cycle = st.cycle
+        if cycle is not None and cycle.version is not None and ev.version != cycle.version:
+            # I2: after a migration the config follows the marker read back, nothing else.
+            raise LifecycleError(f"ConfigPrepared for version {ev.version}, the LMDB has {cycle.version}")
+        target = ev.target_version if ev.target_version is not None else st.desired.target_version
         st = replace(
             st,
             digest=ev.digest,
             version=ev.version,
             wait_for_health=ev.wait_for_health,
-            desired=replace(st.desired, target_version=ev.target_version),
+            desired=replace(st.desired, target_version=target),
+            task=None,
+            cycle=None,
+            progress=None,
         )
-        if leaving_park and st.child is None and st.unkillable_pid is None:
-            # An operator acted (HUP/USR1/resume) and the config is good: a fresh restart budget.
-            st = replace(st, park_reason=None, backoff=BackoffState(), retry_at=None)
+        st = self._leave_park(st)
         if st.pending is not None:
             return self._start_reconcile(st, st.pending.reload, "reconcile (requested meanwhile)", now, acts)
         reason = "boot" if st.prior is None else "LS config unchanged"
         return self._settle(st, now, acts, reason)
 
+    def _leave_park(self, st: SupervisorState) -> SupervisorState:
+        if st.prior is State.PARKED and st.child is None and st.unkillable_pid is None:
+            # An operator acted (HUP/USR1/resume) and the config is good: a fresh restart budget.
+            return replace(
+                st, park_reason=None, park_exit=ExitCode.PARKED, backoff=BackoffState(), retry_at=None
+            )
+        return st
+
     def _config_failed(
         self, st: SupervisorState, ev: ConfigFailed, now: float, acts: list[Action]
     ) -> SupervisorState:
-        if st.state is not State.RECONCILING or st.spawn_pending:
-            raise LifecycleError(f"ConfigFailed in {st.state.value}")
+        if st.state is not State.RECONCILING or st.spawn_pending or st.task not in _CONFIG_TASKS:
+            raise LifecycleError(f"ConfigFailed in {st.state.value} (task {st.task})")
+        cycle = st.cycle
+        st = replace(st, task=None)
+        if cycle is not None:
+            # The LMDB was (or was to be) written: the previous config may name another version's
+            # prefix, so it must not be started (I2).
+            version = cycle.version if cycle.version is not None else cycle.from_version
+            return self._park(
+                st,
+                f"cannot render the LS config for schema version {version}: {ev.message}; LS stays down; "
+                "fix it, then run `lssupervisor reload`",
+                now,
+                acts,
+                code=ExitCode.CONFIG,
+            )
         if st.digest is None:
             # Nothing was ever rendered: there is no old config to keep. Fail closed (EX_CONFIG).
             acts.append(LogLine(Level.ERROR, f"cannot render the LS config: {ev.message}"))
@@ -519,11 +657,24 @@ class Lifecycle:
             case StopPurpose.PAUSE | StopPurpose.RESTART | StopPurpose.SHUTDOWN:
                 # SHUTDOWN purpose with another goal cannot happen: shutdown sets the goal for good.
                 return self._settle(st, now, acts, stopping.reason)
+            case StopPurpose.MIGRATION:
+                if st.cycle is None:
+                    return self._settle(st, now, acts, stopping.reason)
+                return self._prove(st, now, acts)
+            case StopPurpose.PARK:
+                return self._enter(st, State.PARKED, st.park_reason or stopping.reason, now, acts)
             case _:
                 raise LifecycleError(f"stop purpose {stopping.purpose.value} after the stop")
 
     def _tick(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:
         t = self.timeouts
+        if st.watch_due_at is not None and now >= st.watch_due_at:
+            reload = st.watch_reload
+            st = replace(st, watch_due_at=None, watch_reload=False)
+            if st.booted and st.state is not State.STOPPED and st.desired.goal is not Goal.SHUTDOWN:
+                paused = st.desired.goal is Goal.PAUSE
+                reason = "reload (config file changed)" if reload else "reconcile (watched file changed)"
+                st = self._reconcile_requested(st, now, acts, paused=paused, reload=reload, reason=reason)
         match st.state:
             case State.STARTING:
                 child = st.child
@@ -587,3 +738,386 @@ class Lifecycle:
             acts.append(Exit(ExitCode.LS_RUNNING))
             return st
         return self._enter(st, State.PARKED, reason, now, acts)
+
+    # -- the reconcile cycle -------------------------------------------------------------------------
+
+    @staticmethod
+    def _expects(st: SupervisorState, task: Task) -> bool:
+        """Is ``task`` the job we wait for? False: the result of a cancelled job (stale, ignored)."""
+        return st.state is State.RECONCILING and st.task is task
+
+    def _step(  # noqa: PLR0917 (internal helper; every argument is needed and positional reads best)
+        self,
+        st: SupervisorState,
+        substep: Substep,
+        reason: str,
+        task: Task,
+        action: Action,
+        now: float,
+        acts: list[Action],
+    ) -> SupervisorState:
+        st = self._enter(replace(st, task=task), State.RECONCILING, reason, now, acts, substep=substep)
+        acts.append(action)
+        return st
+
+    def _park(
+        self,
+        st: SupervisorState,
+        reason: str,
+        now: float,
+        acts: list[Action],
+        *,
+        code: ExitCode = ExitCode.PARKED,
+    ) -> SupervisorState:
+        """LS stays down until an operator acts; ``reason`` names what to run next."""
+        acts.append(LogLine(Level.ERROR, f"parked: {reason}"))
+        st = replace(
+            st,
+            park_reason=reason,
+            park_exit=code,
+            cycle=None,
+            task=None,
+            progress=None,
+            retry_at=None,
+            pending=None,  # a request made during the failed cycle would only repeat it
+        )
+        if st.child is not None:
+            return self._begin_stop(st, StopPurpose.PARK, reason, now, acts)
+        return self._enter(st, State.PARKED, reason, now, acts)
+
+    def _exit_after_cycle(
+        self, st: SupervisorState, reason: str, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        """Shutdown was requested while a job ran: it ended; exit without starting LS."""
+        st = replace(st, task=None, cycle=None, progress=None)
+        if (
+            st.child is not None
+        ):  # cannot happen (jobs with LS running are cancelled), but never exit with LS up
+            return self._begin_stop(st, StopPurpose.SHUTDOWN, reason, now, acts)
+        st = replace(st, exit_code=ExitCode.OK)
+        st = self._enter(st, State.STOPPED, reason, now, acts)
+        acts.append(Exit(ExitCode.OK))
+        return st
+
+    def _render(
+        self, st: SupervisorState, version: int, reason: str, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        return self._step(st, Substep.RENDERING, reason, Task.RENDER, RenderConfig(version), now, acts)
+
+    def _prove(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:
+        reason = "LS stopped; proving it gone (process group, LMDB readers)"
+        return self._step(st, Substep.PROVING, reason, Task.PROVE, ProveGone(), now, acts)
+
+    def _planned(self, st: SupervisorState, ev: Planned, now: float, acts: list[Action]) -> SupervisorState:
+        if not self._expects(st, Task.PLAN):
+            return st
+        st = replace(st, task=None, desired=replace(st.desired, target_version=ev.target))
+        if not ev.writes:
+            if ev.render_version is None:
+                shown = ", ".join(f"{name}={v}" for name, v in ev.markers)
+                return self._plan_problem(
+                    st,
+                    f"the LMDBs have no common schema version ({shown}); run `lssupervisor migrate` (or "
+                    "`lssupervisor stamp N`) to bring them to one version",
+                    now,
+                    acts,
+                )
+            return self._render(
+                st, ev.render_version, f"schema v{ev.render_version}, nothing to migrate", now, acts
+            )
+        cycle = Cycle(
+            from_version=ev.render_version, target=ev.target, steps=ev.steps, startup=st.prior is None
+        )
+        acts.append(LogLine(Level.INFO, f"migration planned: {cycle.describe()}"))
+        if st.unkillable_pid is not None:
+            return self._park(
+                st,
+                f"LS pid {st.unkillable_pid} survived SIGKILL; no migration while it lives; "
+                "restart lssupervisor",
+                now,
+                acts,
+                code=ExitCode.LS_RUNNING,
+            )
+        if st.desired.goal is Goal.PAUSE:
+            acts.append(
+                LogLine(Level.INFO, f"paused: migration {cycle.describe()} waits for `lssupervisor resume`")
+            )
+            return self._settle(st, now, acts, "paused by operator")
+        st = self._leave_park(replace(st, cycle=cycle))
+        if st.child is not None:
+            return self._begin_stop(st, StopPurpose.MIGRATION, f"migration {cycle.describe()}", now, acts)
+        return self._prove(st, now, acts)
+
+    def _plan_problem(
+        self, st: SupervisorState, message: str, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        """Planning failed before anything was touched. A running LS keeps running (its config matches
+        the unchanged markers, I2); without LS we cannot know what to start: park."""
+        if st.child is not None:
+            acts.append(LogLine(Level.ERROR, f"reconcile failed, LS keeps running: {message}"))
+            return self._settle(st, now, acts, "reconcile failed, LS keeps running")
+        return self._park(st, message, now, acts)
+
+    def _task_failed(
+        self, st: SupervisorState, ev: TaskFailed, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        if st.state is not State.RECONCILING or st.task is None or st.task.value != ev.task:
+            return st  # a cancelled job's late result
+        task = st.task
+        st = replace(st, task=None, progress=None)
+        if st.desired.goal is Goal.SHUTDOWN:
+            acts.append(LogLine(Level.WARNING, f"{task.value} ended: {ev.message}"))
+            return self._exit_after_cycle(st, "shutdown", now, acts)
+        cycle = st.cycle
+        match task:
+            case Task.PLAN:
+                if ev.error == "SchemaTooNew":
+                    return self._park(st, ev.message, now, acts, code=ExitCode.TOO_NEW)
+                return self._plan_problem(st, ev.message, now, acts)
+            case Task.PROVE:
+                return self._park(
+                    st,
+                    f"cannot prove LS gone: {ev.message}; check, then run `lssupervisor resume`",
+                    now,
+                    acts,
+                    code=ExitCode.LS_RUNNING,
+                )
+            case Task.DRAIN | Task.HOOK:
+                return self._failed_before_write(st, f"{task.value} could not run: {ev.message}", now, acts)
+            case Task.MIGRATE:
+                assert cycle is not None
+                acts.append(LogLine(Level.ERROR, f"migration {cycle.describe()} failed: {ev.message}"))
+                st = replace(st, cycle=replace(cycle, failure=ev.message))
+                return self._verify(st, now, acts)
+            case Task.VERIFY:
+                return self._park(
+                    st,
+                    f"cannot read the schema markers back: {ev.message}; check the LMDB "
+                    "(`lssupervisor status`), "
+                    "then run `lssupervisor resume`",
+                    now,
+                    acts,
+                    code=ExitCode.MIGRATION,
+                )
+            case Task.RENDER:
+                raise LifecycleError("TaskFailed(render): rendering answers ConfigFailed")
+            case _:
+                assert_never(task)
+
+    def _failed_before_write(
+        self, st: SupervisorState, what: str, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        """Drain or a pre hook failed: nothing was written. ``on_failure`` decides."""
+        cycle = st.cycle
+        assert cycle is not None
+        version = cycle.from_version
+        if self.cycle.on_failure is OnFailure.RESUME and version is not None:
+            acts.append(
+                LogLine(
+                    Level.ERROR,
+                    f"{what}; nothing was written; on_failure resume: LS restarts on version {version}",
+                )
+            )
+            st = replace(st, cycle=replace(cycle, failure=what, version=version))
+            return self._render(st, version, f"{what}; resuming on version {version}", now, acts)
+        at = f"at version {version}" if version is not None else "unmarked"
+        return self._park(
+            st,
+            f"{what}; nothing was written (the LMDB is {at}); fix it, then run `lssupervisor resume`",
+            now,
+            acts,
+        )
+
+    def _gone_proven(
+        self, st: SupervisorState, ev: GoneProven, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        if not self._expects(st, Task.PROVE):
+            return st
+        st = replace(st, task=None)
+        cycle = st.cycle
+        assert cycle is not None
+        if ev.remaining:
+            pids = ", ".join(str(p) for p in ev.remaining)
+            detail = f" ({ev.detail})" if ev.detail else ""
+            return self._park(
+                st,
+                f"LS still runs after the stop: pid {pids}{detail}; the LMDB is not touched (I1); "
+                "stop it, then "
+                "run `lssupervisor resume`",
+                now,
+                acts,
+                code=ExitCode.LS_RUNNING,
+            )
+        if self.cycle.drain and not cycle.drained and cycle.from_version is not None:
+            version = cycle.from_version
+            reason = f"draining: sync --only-once on version {version}"
+            return self._step(st, Substep.DRAINING, reason, Task.DRAIN, StartDrain(version), now, acts)
+        return self._hooks(st, "pre", 0, now, acts)
+
+    def _drain_finished(
+        self, st: SupervisorState, ev: DrainFinished, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        if not self._expects(st, Task.DRAIN):
+            return st
+        cycle = st.cycle
+        assert cycle is not None
+        st = replace(st, task=None)
+        if ev.returncode == 0:
+            acts.append(LogLine(Level.INFO, "drain finished: peers' last changes merged, ours pushed"))
+            # The drain LS had the LMDB open too: prove it gone before the first write.
+            return self._prove(replace(st, cycle=replace(cycle, drained=True)), now, acts)
+        if ev.returncode == 75:
+            what = "drain did not finish within lightningstream.drain_timeout (LS exit 75)"
+        else:
+            what = f"drain failed: LS {ev.description}"
+        return self._failed_before_write(st, what, now, acts)
+
+    def _hooks(
+        self, st: SupervisorState, phase: str, index: int, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        cycle = st.cycle
+        assert cycle is not None
+        count = self.cycle.pre_hooks if phase == "pre" else self.cycle.post_hooks
+        if index < count:
+            st = replace(st, cycle=replace(cycle, hook=index))
+            substep = Substep.PRE_HOOKS if phase == "pre" else Substep.POST_HOOKS
+            to = cycle.version if phase == "post" and cycle.version is not None else cycle.target
+            action = RunHook(phase=phase, index=index, from_version=cycle.from_version, to_version=to)
+            return self._step(
+                st, substep, f"{phase}_migrate hook {index + 1}/{count}", Task.HOOK, action, now, acts
+            )
+        if phase == "pre":
+            return self._migrate(st, now, acts)
+        assert cycle.version is not None
+        return self._render(st, cycle.version, f"schema v{cycle.version} verified", now, acts)
+
+    def _hook_finished(
+        self, st: SupervisorState, ev: HookFinished, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        cycle = st.cycle
+        if not self._expects(st, Task.HOOK) or cycle is None or cycle.hook != ev.index:
+            return st
+        st = replace(st, task=None)
+        if ev.ok:
+            return self._hooks(st, ev.phase, ev.index + 1, now, acts)
+        what = f"{ev.phase}_migrate hook {ev.index + 1} failed: {ev.message}"
+        if ev.phase == "pre":
+            return self._failed_before_write(st, what, now, acts)
+        return self._park(
+            st,
+            f"{what}; the LMDB is migrated to version {cycle.version}; fix the hook, then run "
+            "`lssupervisor resume`",
+            now,
+            acts,
+        )
+
+    def _migrate(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:
+        cycle = st.cycle
+        assert cycle is not None
+        # The worker backs up first (when enabled and there is something to back up); its progress
+        # moves us to MIGRATING. A stamp has no steps and no backup.
+        substep = Substep.BACKING_UP if cycle.steps else Substep.MIGRATING
+        action = StartMigration(cycle.target)
+        return self._step(st, substep, f"migrating {cycle.describe()}", Task.MIGRATE, action, now, acts)
+
+    def _progress(
+        self, st: SupervisorState, ev: MigrationProgress, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        cycle = st.cycle
+        if not self._expects(st, Task.MIGRATE) or cycle is None:
+            return st
+        if ev.phase == "step_committed":
+            acts.append(LogLine(Level.INFO, ev.text))
+        substep = Substep.BACKING_UP if ev.phase == "backup" else Substep.MIGRATING
+        st = replace(st, progress=ev.text)
+        if substep is not st.substep:
+            st = self._enter(st, State.RECONCILING, st.reason, now, acts, substep=substep)
+        acts.append(ShowProgress(ev.text, startup=cycle.startup))
+        return st
+
+    def _migrated(self, st: SupervisorState, ev: Migrated, now: float, acts: list[Action]) -> SupervisorState:
+        cycle = st.cycle
+        if not self._expects(st, Task.MIGRATE) or cycle is None:
+            return st
+        backup = f", backup {ev.backup_id}" if ev.backup_id else ""
+        acts.append(
+            LogLine(
+                Level.INFO,
+                f"migration {cycle.describe()} done: {ev.steps} step(s) in {_secs(ev.duration_s)}{backup}",
+            )
+        )
+        st = replace(
+            st, task=None, progress=None, cycle=replace(cycle, migrated=True, backup_id=ev.backup_id)
+        )
+        if st.desired.goal is Goal.SHUTDOWN:
+            return self._exit_after_cycle(st, "shutdown after the migration", now, acts)
+        return self._verify(st, now, acts)
+
+    def _verify(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:
+        reason = "reading the schema markers back"
+        return self._step(st, Substep.VERIFYING, reason, Task.VERIFY, ReadMarkers(), now, acts)
+
+    def _markers_read(
+        self, st: SupervisorState, ev: MarkersRead, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        cycle = st.cycle
+        if not self._expects(st, Task.VERIFY) or cycle is None:
+            return st
+        st = replace(st, task=None)
+        versions = {v for _, v in ev.markers}
+        shown = ", ".join(f"{name}={v}" for name, v in ev.markers)
+        if len(versions) != 1 or None in versions:
+            return self._park(
+                st,
+                f"after the migration the LMDBs are not at one schema version ({shown}); run "
+                "`lssupervisor migrate` to finish it (or `lssupervisor rollback`)",
+                now,
+                acts,
+                code=ExitCode.MIGRATION,
+            )
+        (version,) = versions
+        assert version is not None
+        cycle = replace(cycle, version=version)
+        st = replace(st, cycle=cycle)
+        if cycle.failure is not None:
+            if self.cycle.on_failure is OnFailure.RESUME:
+                acts.append(
+                    LogLine(
+                        Level.ERROR,
+                        f"on_failure resume: LS restarts on version {version}, the version the LMDB has",
+                    )
+                )
+                return self._render(
+                    st, version, f"migration failed; resuming on version {version}", now, acts
+                )
+            restore = (
+                f" (or restore the backup: `lssupervisor rollback {cycle.backup_id}`)"
+                if cycle.backup_id
+                else ""
+            )
+            return self._park(
+                st,
+                f"migration to version {cycle.target} failed: {cycle.failure}; the LMDB is consistently at "
+                f"version {version}; fix the migration, then run `lssupervisor resume`{restore}",
+                now,
+                acts,
+                code=ExitCode.MIGRATION,
+            )
+        if version != cycle.target:
+            return self._park(
+                st,
+                f"verification failed: the markers say {shown} after migrating to {cycle.target}; "
+                "check `lssupervisor history`, then run `lssupervisor resume`",
+                now,
+                acts,
+                code=ExitCode.MIGRATION,
+            )
+        return self._hooks(st, "post", 0, now, acts)
+
+    def _file_changed(
+        self, st: SupervisorState, ev: FileChanged, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        if not st.booted or st.state is State.STOPPED or st.desired.goal is Goal.SHUTDOWN:
+            return st
+        # Debounce: a burst of changes (an editor, a package install) becomes one reconcile.
+        return replace(st, watch_due_at=now + self.cycle.debounce, watch_reload=st.watch_reload or ev.ours)

@@ -24,20 +24,39 @@ class State(enum.Enum):
     RUNNING = "RUNNING"  # LS ready
     STOPPING = "STOPPING"  # SIGTERM sent to LS's group; SIGKILL at the deadline
     BACKOFF = "BACKOFF"  # LS failed; waiting before the next start
-    RECONCILING = "RECONCILING"  # loading config, reading markers, rendering (later: migrating)
+    RECONCILING = "RECONCILING"  # the reconcile cycle; the substep says where (see Substep)
     PAUSED = "PAUSED"  # LS held down by the operator (persisted flag)
     PARKED = "PARKED"  # LS down, waiting for an operator; the reason says why
     STOPPED = "STOPPED"  # not booted yet, or shut down (terminal)
 
 
 class Substep(enum.Enum):
-    """Sub-steps of RECONCILING (filled in by the reconcile cycle; RENDERING is all there is today)."""
+    """Sub-steps of RECONCILING, in cycle order (docs/reconcile.md). Only PLANNING and RENDERING happen
+    when there is nothing to migrate; the rest run with LS stopped (STOPPING purpose migration first)."""
 
-    DRAINING = "DRAINING"
-    BACKING_UP = "BACKING_UP"
-    MIGRATING = "MIGRATING"
-    VERIFYING = "VERIFYING"
-    RENDERING = "RENDERING"
+    PLANNING = "PLANNING"  # load config, template, migrations; worker reads markers and plans
+    PROVING = "PROVING"  # LS stopped: prove it gone (group empty, no LS pid among the LMDB readers)
+    DRAINING = "DRAINING"  # optional `sync --only-once` on the OLD config
+    PRE_HOOKS = "PRE_HOOKS"
+    BACKING_UP = "BACKING_UP"  # the migrate worker's backup phase
+    MIGRATING = "MIGRATING"  # the migrate worker's steps
+    VERIFYING = "VERIFYING"  # a worker re-reads the markers: the version LS will get (I2)
+    POST_HOOKS = "POST_HOOKS"
+    RENDERING = "RENDERING"  # render for the marker version, validate, then start LS
+
+
+class Task(enum.Enum):
+    """The one asynchronous job the shell runs for the cycle (a worker op, the drain LS, a hook). Its
+    result event is accepted only while ``SupervisorState.task`` names it: a cancelled job's late result
+    is stale and ignored."""
+
+    PLAN = "plan"
+    PROVE = "prove"
+    DRAIN = "drain"
+    HOOK = "hook"
+    MIGRATE = "migrate"
+    VERIFY = "verify"
+    RENDER = "render"
 
 
 class Goal(enum.Enum):
@@ -56,6 +75,8 @@ class StopPurpose(enum.Enum):
     RESTART = "restart"  # the rendered config, argv or env changed
     PAUSE = "pause"
     FAILED_START = "failed-start"
+    MIGRATION = "migration"  # the reconcile cycle needs the LMDB: continue with PROVING after the stop
+    PARK = "park"  # a reconcile decided LS must stay down (schema too new...): PARKED after the stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +117,27 @@ class Pending:
 
 
 @dataclass(frozen=True, slots=True)
+class Cycle:
+    """A reconcile that writes the LMDB (migration steps, or a stamp of an unmarked LMDB)."""
+
+    from_version: int | None  # the marker before (None: unmarked, to be stamped)
+    target: int
+    steps: tuple[str, ...]  # "main 1→2 (0002_users_json)", for logs and status
+    startup: bool = False  # runs before LS was ever ready (systemd start: extend the timeout)
+    drained: bool = False
+    hook: int = 0  # index of the hook running (PRE_HOOKS / POST_HOOKS)
+    migrated: bool = False  # the migrate worker reported success
+    backup_id: str | None = None
+    failure: str | None = None  # the migrate worker's error message (the LMDB is at some step k)
+    version: int | None = None  # the marker read back in VERIFYING
+
+    def describe(self) -> str:
+        what = ", ".join(self.steps) if self.steps else "stamp"
+        start = "unmarked" if self.from_version is None else str(self.from_version)
+        return f"{start}→{self.target} ({what})"
+
+
+@dataclass(frozen=True, slots=True)
 class SupervisorState:
     """Everything the pure core knows. Times are monotonic seconds from the injected clock."""
 
@@ -124,6 +166,14 @@ class SupervisorState:
     starts: int = 0
     last_exit: str | None = None
     exit_code: ExitCode | None = None
+    # The reconcile cycle (RECONCILING): the job in flight and, when the LMDB is written, the cycle.
+    task: Task | None = None
+    cycle: Cycle | None = None
+    progress: str | None = None  # "migrating main 2→3: 45%"
+    park_exit: ExitCode = ExitCode.PARKED  # exit code of a shutdown while PARKED (TOO_NEW...)
+    # Debounced file-watch trigger: reconcile at this time (reload: our config file changed).
+    watch_due_at: float | None = None
+    watch_reload: bool = False
 
     @property
     def pid(self) -> int | None:

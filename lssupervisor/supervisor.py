@@ -20,10 +20,12 @@ An LS exit becomes ``ChildExited`` only once its whole process group is gone: a 
 leaving group members behind (a re-exec'd LS) gets them SIGKILLed first, so "exited" always means
 "nothing of that LS is left" (the precondition of a restart, a migration, I1/I4).
 
-The version seam (I2): :class:`VersionSource` says which schema version the LS config is rendered for.
-Today :class:`ConfiguredVersion` (``schema.target``, else 1). The reconcile cycle replaces it with the
-worker's marker read (``worker.read_schema_version``), moved off the loop into a worker run whose
-result comes back as an event.
+The reconcile cycle (docs/reconcile.md): the core names one asynchronous job at a time (``state.task``)
+and the shell runs it: a worker process (``plan``, ``readers``, ``migrate``, ``markers``) whose reader
+thread enqueues ``WorkerMessage`` items, translated here into the core's events; or the drain LS and
+the hooks, polled like LS. The version LS's config is rendered for always comes from the markers a
+worker read (I2); the daemon never opens an LMDB. Jobs die with the daemon (``PR_SET_PDEATHSIG`` in the
+worker, ``setpriv --pdeathsig`` for the drain LS and hooks) and are cancelled and collected at exit.
 """
 
 from __future__ import annotations
@@ -38,18 +40,22 @@ import os
 import queue
 import random
 import signal
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, assert_never
+from typing import Any, assert_never
 
-from lssupervisor import __version__, child, lock
+from lssupervisor import __version__, child, lock, lsconfig, migrations
+from lssupervisor import backup as backup_mod
 from lssupervisor import signals as sigs
+from lssupervisor import worker as worker_mod
 from lssupervisor.actions import (
     Action,
     AnnounceState,
+    CancelTask,
     Exit,
     KillGroup,
     Level,
@@ -58,12 +64,19 @@ from lssupervisor.actions import (
     Notify,
     NotifyKind,
     PrepareConfig,
+    ProveGone,
+    ReadMarkers,
+    RenderConfig,
+    RunHook,
+    ShowProgress,
     SignalGroup,
     SpawnChild,
+    StartDrain,
+    StartMigration,
     SweepOrphans,
     WriteState,
 )
-from lssupervisor.config import Config, load_config, parse_address
+from lssupervisor.config import Config, format_duration, load_config, parse_address
 from lssupervisor.errors import ConfigError, ExitCode, SupervisorError
 from lssupervisor.events import (
     Booted,
@@ -72,50 +85,58 @@ from lssupervisor.events import (
     ChildSpawned,
     ConfigFailed,
     ConfigPrepared,
+    DrainFinished,
     Event,
+    FileChanged,
+    GoneProven,
+    HookFinished,
+    MarkersRead,
+    Migrated,
+    MigrationProgress,
+    Planned,
     ReconcileRequested,
     ReloadRequested,
     ShutdownRequested,
     SignalReceived,
     SpawnFailed,
     StatusRequested,
+    TaskFailed,
     Tick,
 )
 from lssupervisor.lifecycle import Lifecycle
 from lssupervisor.logs import fields, setup_logging
 from lssupervisor.lsmodel import LsView
 from lssupervisor.statefile import read_state, write_state
-from lssupervisor.states import Goal, SupervisorState
+from lssupervisor.states import Goal, State, SupervisorState, Task
 
 log = logging.getLogger("lssupervisor.supervisor")
 
 MAX_WAIT_S = 1.0  # backstop: the loop ticks at least this often whatever the deadlines say
 OUTPUT_JOIN_S = 1.0
+# A start-up migration (before READY=1): systemd's start timeout is extended by this much, re-sent every
+# EXTEND_RESEND_S while a job runs, so a long migration is not killed as a hung start.
+EXTEND_TIMEOUT_S = 30.0
+EXTEND_RESEND_S = 10.0
+JOB_WAIT_S = 5.0  # at exit: how long a cancelled job may take to be collected
 
 
 # ---------------------------------------------------------------------------------------------------
-# The version seam
+# What a reconcile loaded and rendered
+
+# Read by lssupervisor.testing.scenario (the rolling-migration acceptance test): the cycle migrates.
+RECONCILE_MIGRATES = True
 
 
 @dataclass(frozen=True, slots=True)
-class VersionReading:
-    render_version: int  # the version whose prefix the LS config gets: the LMDB's marker (I2)
-    markers: Mapping[str, int | None]  # per LMDB name; None = not known (unmarked, or not read)
+class Loaded:
+    """Our config, the LS template, the migrations (discovered, never imported here) and the target,
+    loaded and checked together at the start of a reconcile. A failed load keeps the previous one."""
 
-
-class VersionSource(Protocol):
-    def read(self, cfg: Config, view: LsView) -> VersionReading: ...
-
-
-class ConfiguredVersion:
-    """Until markers are read by a worker: ``schema.target`` if set, else 1. Markers unknown."""
-
-    def read(self, cfg: Config, view: LsView) -> VersionReading:
-        return VersionReading(cfg.schema.target or 1, {spec.name: None for spec in view.lmdbs})
-
-
-# ---------------------------------------------------------------------------------------------------
-# What a reconcile prepared
+    cfg: Config
+    template: lsconfig.Template
+    view: LsView
+    target: int | None  # pinned (schema.target / target_file); None: the newest migration
+    newest: int | None  # the newest migration's version (None: no migration source configured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +146,7 @@ class Prepared:
     view: LsView
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    reading: VersionReading
+    version: int
     digest: str
 
 
@@ -142,15 +163,49 @@ def _digest(cfg: Config, text: str, argv: Sequence[str], env: Mapping[str, str])
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(cfg: Config, source: VersionSource, base_env: Mapping[str, str]) -> Prepared:
-    """Load the template, ask ``source`` for the version, render in memory. Raises SupervisorError."""
-    from lssupervisor import lsconfig
+def read_target(cfg: Config) -> int | None:
+    """The pinned target version: the target file when configured and present, else ``schema.target``,
+    else None (the newest migration). ConfigError naming the file for unreadable content."""
+    path = cfg.schema.target_file
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return cfg.schema.target
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the target version (schema.target_file): {exc}") from None
+        if not text.isdigit():
+            raise ConfigError(
+                f"{path}: expected a schema version number (schema.target_file), got {text[:40]!r}"
+            )
+        return int(text)
+    return cfg.schema.target
 
+
+def load(cfg: Config, base_env: Mapping[str, str]) -> Loaded:
+    """Load and check the template, the migrations (discovery: names, gaps, literals, ownership; no
+    code runs in the daemon) and the target. Raises SupervisorError with a one-line message."""
     template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = lsconfig.inspect_template(template, lsconfig.ls_environment(cfg, 0, base_env))
-    reading = source.read(cfg, view)
-    env = lsconfig.ls_environment(cfg, reading.render_version, base_env)
-    rendered = lsconfig.render(template, reading.render_version, env)
+    source = cfg.migrations.path if cfg.migrations.path is not None else cfg.migrations.package
+    newest: int | None = None
+    if source is not None:
+        found = migrations.discover(source, [spec.name for spec in view.lmdbs])
+        newest = found.newest
+        if any(m.strategy is migrations.Strategy.PREFIX for m in found.migrations):
+            lsconfig.check_prefix_safety(template, lsconfig.ls_environment(cfg, 0, base_env))
+    target = read_target(cfg)
+    if target is not None and newest is not None and target > newest:
+        where = cfg.schema.target_file or f"{cfg.name}: schema.target"
+        raise ConfigError(f"{where}: target version {target} is unknown: the migrations go up to {newest}")
+    return Loaded(cfg=cfg, template=template, view=view, target=target, newest=newest)
+
+
+def render_for(loaded: Loaded, version: int, base_env: Mapping[str, str]) -> Prepared:
+    """Render the LS config for ``version`` (the LMDB's marker, I2) in memory. Raises SupervisorError."""
+    cfg = loaded.cfg
+    env = lsconfig.ls_environment(cfg, version, base_env)
+    rendered = lsconfig.render(loaded.template, version, env)
     for warning in rendered.warnings:
         log.warning("%s", warning)
     ls = cfg.lightningstream
@@ -161,8 +216,104 @@ def prepare(cfg: Config, source: VersionSource, base_env: Mapping[str, str]) -> 
         view=rendered.view,
         argv=argv,
         env=env,
-        reading=reading,
+        version=version,
         digest=_digest(cfg, rendered.text, argv, env),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs of the cycle (one at a time; a cancelled one is kept until it is gone)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMessage:
+    """Put on the queue by a worker's reader thread (enqueue only); ``job`` says whose it is."""
+
+    job: int
+    msg: Mapping[str, Any]
+
+
+@dataclass(eq=False)
+class Job:
+    id: int
+    task: Task
+    started: float  # monotonic
+    started_wall: float
+    worker: worker_mod.WorkerRun | None = None
+    drain: child.LsChild | None = None
+    hook: subprocess.Popen[bytes] | None = None
+    hook_phase: str = ""
+    hook_index: int = 0
+    deadline: float | None = None  # hook time limit, drain backstop
+    cancelled: bool = False
+    timed_out: bool = False
+    backup_id: str | None = None
+
+    def pids(self) -> list[int]:
+        """Pids whose status a Popen of ours still has to collect (kept from the reaper)."""
+        out = []
+        if self.worker is not None and not self.worker.done:
+            out.append(self.worker.pid)
+        if self.drain is not None and self.drain.returncode is None:
+            out.append(self.drain.pid)
+        if self.hook is not None and self.hook.returncode is None:
+            out.append(self.hook.pid)
+        return out
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled = True
+        if self.worker is not None:
+            self.worker.cancel(reason)
+        if self.drain is not None:
+            self.drain.kill_group()
+        if self.hook is not None and self.hook.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.hook.pid, signal.SIGKILL)
+
+    def finished(self) -> bool:
+        if self.worker is not None:
+            return self.worker.done
+        if self.drain is not None:
+            return self.drain.poll() is not None and not self.drain.group_alive()
+        if self.hook is not None:
+            return self.hook.poll() is not None
+        return True
+
+
+def _progress_text(msg: Mapping[str, Any]) -> tuple[str, str]:
+    """A migrate worker progress message as (phase, text for people)."""
+    phase = str(msg.get("phase") or "")
+    lmdb = msg.get("lmdb") or ""
+    arrow = f"{msg.get('from')}→{msg.get('to')}"
+    match phase:
+        case "backup":
+            if "percent" in msg:
+                return phase, f"backing up {lmdb}: {msg.get('percent'):g}%"
+            return phase, "backing up"
+        case "step_committed":
+            step = f" ({msg['step']})" if msg.get("step") else ""
+            return phase, f"committed {lmdb} {arrow}{step}, step {msg.get('index')}/{msg.get('steps')}"
+        case _:
+            percent = msg.get("percent")
+            shown = f"{percent:g}%" if isinstance(percent, int | float) else "?"
+            return "migrate", f"migrating {lmdb} {arrow}: {shown}"
+
+
+def _step_line(step: Mapping[str, Any]) -> str:
+    name = f" ({step['migration']})" if step.get("migration") else " (marker only)"
+    return f"{step.get('lmdb')} {step.get('from')}→{step.get('to')}{name}"
+
+
+def planned_event(result: Mapping[str, Any]) -> Planned:
+    """A ``plan`` worker result as the core's ``Planned``."""
+    lmdbs = list(result.get("lmdbs") or [])
+    markers = tuple((str(e["lmdb"]), e.get("marker_version")) for e in lmdbs)
+    versions = {v for _, v in markers}
+    render = next(iter(versions)) if len(versions) == 1 and None not in versions else None
+    writes = any(e.get("action") != "none" for e in lmdbs)
+    steps = tuple(_step_line(s) for s in result.get("steps") or [])
+    return Planned(
+        render_version=render, target=int(result["target"]), writes=writes, steps=steps, markers=markers
     )
 
 
@@ -177,7 +328,7 @@ def _iso(wall: float | None) -> str | None:
 
 
 class Supervisor:
-    """Owns the LS child, the state file, the optional HTTP server and systemd notifier."""
+    """Owns the LS child, the cycle's jobs, the state file, the watcher, HTTP server and notifier."""
 
     def __init__(
         self,
@@ -187,7 +338,6 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
-        version_source: VersionSource | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -195,18 +345,37 @@ class Supervisor:
         self.clock = clock
         self.wall = wall
         self.rng = rng
-        self.versions = version_source or ConfiguredVersion()
         self.environ = dict(os.environ if environ is None else environ)
         self.core = Lifecycle.from_config(cfg, rng)
         self.st = SupervisorState()
-        self.queue: queue.SimpleQueue[Event | SignalReceived] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Event | SignalReceived | WorkerMessage] = queue.SimpleQueue()
+        self.loaded: Loaded | None = None
         self.prepared: Prepared | None = None
+        self.validated: set[str] = set()  # digests LS itself accepted (`LS -c candidate`)
+        self.markers: dict[str, int | None] = {}
         self.child: child.LsChild | None = None
+        self.last_ls: child.LsChild | None = None
         self.leader_exited = False
         self.poller: Any = None  # health.HealthPoller while LS starts
+        self.job: Job | None = None
+        self.cancelled: list[Job] = []  # cancelled jobs not gone yet
+        self.job_ids = 0
+        self.migration: dict[str, Any] = {
+            "progress": None,
+            "last_result": None,
+            "last_error": None,
+            "last_duration_s": None,
+            "last_success_at": None,
+            "last_backup": None,
+        }
         self.exit_code: ExitCode | None = None
         self.notifier: Any = None
+        self.ready_sent = False
+        self.next_extend = 0.0
         self.http: Any = None
+        self.watcher: Any = None
+        self.watched: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self.reaper: Any = None
         self.watchdog_interval: float | None = None
         self.next_watchdog = 0.0
         # The record of an LS started by an earlier run (read before we overwrite state.json).
@@ -218,6 +387,7 @@ class Supervisor:
         """Run until shut down; returns the exit code. Call from the main thread."""
         self.previous_record = self._read_previous_record()
         self._start_notifier()
+        self._start_reaper()
         try:
             self._start_http()
             with sigs.installed(self.queue):
@@ -245,9 +415,9 @@ class Supervisor:
         timeout = MAX_WAIT_S if deadline is None else min(MAX_WAIT_S, max(0.0, deadline - now))
         if self.watchdog_interval is not None:
             timeout = min(timeout, max(0.0, self.next_watchdog - now))
-        if self.leader_exited:
-            timeout = min(timeout, 0.02)  # group stragglers being killed: look again soon
-        items: list[Event | SignalReceived] = []
+        if self.leader_exited or (self.job is not None and self.job.worker is None):
+            timeout = min(timeout, 0.02)  # group stragglers being killed, a drain/hook running: look soon
+        items: list[Event | SignalReceived | WorkerMessage] = []
         with contextlib.suppress(queue.Empty):
             items.append(self.queue.get(timeout=timeout))
             while True:
@@ -261,10 +431,15 @@ class Supervisor:
         if self.exit_code is None:
             self._poll_child()
         if self.exit_code is None:
+            self._poll_job()
+        self._reap()
+        if self.exit_code is None:
             self._feed(Tick())
         self._heartbeat()
 
-    def _translate(self, item: Event | SignalReceived) -> Event | None:
+    def _translate(self, item: Event | SignalReceived | WorkerMessage) -> Event | None:
+        if isinstance(item, WorkerMessage):
+            return self._worker_message(item)
         if not isinstance(item, SignalReceived):
             return item
         signum = item.signum
@@ -279,7 +454,7 @@ class Supervisor:
             return ReconcileRequested(paused=self.cfg.paused_file.exists(), source="SIGUSR1")
         if signum == signal.SIGUSR2:
             return StatusRequested()
-        return None  # SIGCHLD: the poll after the queue drain does the work
+        return None  # SIGCHLD: the polls after the queue drain do the work
 
     def _feed(self, first: Event) -> None:
         pending: deque[Event] = deque([first])
@@ -296,7 +471,23 @@ class Supervisor:
             case SweepOrphans():
                 self._sweep_orphans()
             case PrepareConfig(reload=reload):
-                return [self._prepare(reload)]
+                return self._prepare(reload)
+            case RenderConfig(version=version):
+                return [self._render(version)]
+            case ProveGone():
+                return self._start_worker(Task.PROVE, "readers")
+            case StartDrain(version=version):
+                return self._start_drain(version)
+            case RunHook():
+                return self._run_hook(action)
+            case StartMigration(target=target):
+                return self._start_worker(Task.MIGRATE, "migrate", target=target)
+            case ReadMarkers():
+                return self._start_worker(Task.VERIFY, "markers")
+            case CancelTask(reason=reason):
+                self._cancel_job(reason)
+            case ShowProgress(text=text, startup=startup):
+                self._show_progress(text, startup)
             case SpawnChild():
                 return [self._spawn(action)]
             case SignalGroup(pid=pid):
@@ -335,7 +526,11 @@ class Supervisor:
         if ended:
             log.warning("ended lightningstream orphans of an earlier run", extra=fields(pids=ended))
 
-    def _prepare(self, reload: bool) -> Event:
+    # -- PLANNING ----------------------------------------------------------------------------------
+
+    def _prepare(self, reload: bool) -> list[Event]:
+        """Load config, template, migrations and target; start the plan worker. On a load failure the
+        previous ones stay (ConfigFailed: one error line, LS keeps running)."""
         cfg = self.cfg
         try:
             if reload:
@@ -343,22 +538,21 @@ class Supervisor:
                     raise ConfigError("cannot reload: the config was not loaded from a file")
                 cfg = load_config(cfg.source)
                 self._check_reloadable(cfg)
-            prepared = prepare(cfg, self.versions, self.environ)
+            loaded = load(cfg, self.environ)
             if self.held is not None:
                 # A reload may name another LMDB: lock it too before LS can touch it (I4).
-                self.held.add_lmdbs(prepared.view.lmdbs)
+                self.held.add_lmdbs(loaded.view.lmdbs)
         except SupervisorError as exc:
-            return ConfigFailed(str(exc))
+            return [ConfigFailed(str(exc))]
         if reload:
             self.cfg = cfg
             self.core = Lifecycle.from_config(cfg, self.rng)
-        self.prepared = prepared
-        return ConfigPrepared(
-            digest=prepared.digest,
-            version=prepared.reading.render_version,
-            wait_for_health=bool(prepared.view.http_address),
-            target_version=cfg.schema.target,
-        )
+        self.loaded = loaded
+        self._update_watcher()
+        if loaded.newest is None:
+            # No migration source: nothing can be planned; the version is the marker (a worker read).
+            return [ConfigFailed(f"{cfg.name}: migrations: neither path nor package is set")]
+        return self._start_worker(Task.PLAN, "plan", target=loaded.target)
 
     def _check_reloadable(self, new: Config) -> None:
         if Path(new.state_dir).resolve() != Path(self.cfg.state_dir).resolve():
@@ -369,20 +563,325 @@ class Supervisor:
         if new.http.address != self.cfg.http.address:
             log.warning("http.address changed; the status server keeps its address until a restart")
 
-    def _spawn(self, action: SpawnChild) -> Event:
-        from lssupervisor import lsconfig
+    # -- workers -----------------------------------------------------------------------------------
 
+    def _start_worker(self, task: Task, op: str, **fields_: Any) -> list[Event]:
+        loaded = self.loaded
+        assert loaded is not None, "worker before a successful load"
+        assert self.job is None, f"second job {task} while {self.job.task if self.job else None} runs"
+        self.job_ids += 1
+        job = Job(id=self.job_ids, task=task, started=self.clock(), started_wall=self.wall())
+        request = worker_mod.build_request(op, loaded.cfg, loaded.view, **fields_)
+        q, job_id = self.queue, job.id
+
+        def on_message(msg: dict[str, Any]) -> None:
+            q.put_nowait(WorkerMessage(job_id, msg))  # reader thread: enqueue only
+
+        pass_fds = (self.held.fileno(),) if self.held is not None else ()
+        try:
+            job.worker = worker_mod.WorkerRun.start(
+                request, on_message, min_pid=loaded.cfg.lightningstream.min_pid, pass_fds=pass_fds
+            )
+        except (OSError, SupervisorError, RuntimeError) as exc:
+            return [TaskFailed(task.value, type(exc).__name__, f"cannot start the {op} worker: {exc}")]
+        log.debug("worker started", extra=fields(op=op, pid=job.worker.pid))
+        self.job = job
+        return []
+
+    def _worker_message(self, item: WorkerMessage) -> Event | None:
+        job = self.job
+        if job is None or job.id != item.job or job.cancelled:
+            return None  # a cancelled job's messages
+        msg = item.msg
+        kind = msg.get("type")
+        if kind == "log":
+            level = {"warning": logging.WARNING, "error": logging.ERROR, "debug": logging.DEBUG}
+            log.log(level.get(str(msg.get("level")), logging.INFO), "worker: %s", msg.get("msg"))
+            return None
+        if kind == "progress":
+            if job.task is not Task.MIGRATE:
+                return None
+            phase, text = _progress_text(msg)
+            return MigrationProgress(phase=phase, text=text)
+        if kind not in ("result", "error"):
+            return None
+        self.job = None
+        if kind == "error":
+            return self._worker_failed(job, msg)
+        try:
+            return self._worker_result(job, msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            return TaskFailed(job.task.value, "WorkerError", f"unexpected {job.task.value} result: {exc!r}")
+
+    def _worker_result(self, job: Job, msg: Mapping[str, Any]) -> Event:
+        match job.task:
+            case Task.PLAN:
+                event = planned_event(msg)
+                self.markers = dict(event.markers)
+                return event
+            case Task.PROVE:
+                return self._proof(msg)
+            case Task.MIGRATE:
+                duration = float(msg.get("duration_s") or 0.0)
+                backup_id = msg.get("backup_id")
+                self.migration.update(
+                    progress=None,
+                    last_result="ok",
+                    last_error=None,
+                    last_duration_s=round(duration, 3),
+                    last_success_at=_iso(self.wall()),
+                    last_backup=backup_id or self.migration["last_backup"],
+                )
+                return Migrated(
+                    backup_id=str(backup_id) if backup_id else None,
+                    steps=int(msg.get("steps") or 0),
+                    duration_s=duration,
+                )
+            case Task.VERIFY:
+                markers = tuple((str(e["lmdb"]), e.get("version")) for e in msg["lmdbs"])
+                self.markers = dict(markers)
+                return MarkersRead(markers)
+            case Task.DRAIN | Task.HOOK | Task.RENDER:
+                raise ValueError(f"{job.task.value} is not a worker job")
+            case _:
+                assert_never(job.task)
+
+    def _worker_failed(self, job: Job, msg: Mapping[str, Any]) -> Event:
+        error = str(msg.get("error") or "WorkerError")
+        message = str(msg.get("message") or "worker failed")
+        if job.task is Task.PLAN and error == "SchemaTooNew":
+            message += "; " + self._restore_hint()
+        if job.task is Task.MIGRATE:
+            backup_id = self._backup_since(job.started_wall)
+            self.migration.update(
+                progress=None,
+                last_result="cancelled" if error == "MigrationCancelled" else "failed",
+                last_error=message,
+                last_duration_s=round(self.clock() - job.started, 3),
+                last_backup=backup_id or self.migration["last_backup"],
+            )
+            if backup_id:
+                message += f" (backup {backup_id} was taken before the first write)"
+        return TaskFailed(job.task.value, error, message)
+
+    def _restore_hint(self) -> str:
+        try:
+            newest = backup_mod.find_backup(self.cfg.backup_dir, None)
+        except SupervisorError:
+            return f"no backup found in {self.cfg.backup_dir} to restore"
+        return f"restore the newest backup: `lssupervisor rollback {newest.id}`"
+
+    def _backup_since(self, wall: float) -> str | None:
+        """The backup a failed migrate worker took (the newest one made since it started)."""
+        found = None
+        for info in backup_mod.list_backups(self.cfg.backup_dir):
+            with contextlib.suppress(OSError):
+                if info.path.stat().st_mtime >= wall - 1.0:
+                    found = info.id
+        return found
+
+    def _proof(self, msg: Mapping[str, Any]) -> GoneProven:
+        """PROVING: no process of our last LS's group, none naming our config, and no LS among the
+        LMDB readers (a reader is LS when it is our last LS pid or runs the LS binary)."""
+        binary = os.path.basename(self.cfg.lightningstream.binary)
+        ours = {self.last_ls.pid} if self.last_ls is not None else set()
+        suspects: dict[int, str] = {}
+        for entry in msg.get("lmdbs") or []:
+            for reader in entry.get("readers") or []:
+                pid = int(reader["pid"])
+                cmd = [str(c) for c in reader.get("cmdline") or []]
+                names_ls = any(os.path.basename(c) == binary for c in cmd[:2])
+                if reader.get("alive") and (pid in ours or names_ls):
+                    suspects[pid] = f"LMDB {entry.get('lmdb')} reader: {' '.join(cmd)[:120]}"
+            holder = entry.get("open_by_pid")
+            if isinstance(holder, int) and holder in ours:
+                suspects[holder] = f"holds LMDB {entry.get('lmdb')} open"
+        remaining = child.prove_gone(self.last_ls, self.cfg.rendered_config, extra_pids=suspects)
+        detail = "; ".join(suspects.get(p, "names our LS config") for p in remaining)
+        if not remaining:
+            log.info("LS proven gone: no process of its group, no LS among the LMDB readers")
+        return GoneProven(remaining=tuple(remaining), detail=detail)
+
+    # -- DRAINING, hooks ---------------------------------------------------------------------------
+
+    def _start_drain(self, version: int) -> list[Event]:
+        loaded = self.loaded
+        assert loaded is not None
+        cfg = loaded.cfg
+        ls = cfg.lightningstream
+        try:
+            old = render_for(loaded, version, self.environ)
+            target = cfg.rendered_config
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lsconfig.write_atomic(target, old.text)  # the OLD version's config (I2 holds: not migrated yet)
+            timeout = lsconfig_duration(float(ls.drain_timeout))
+            argv = (ls.binary, "--config", str(target), "--timeout", timeout, "sync", "--only-once")
+            drain = child.spawn_ls(
+                argv, old.env, pdeathsig=ls.pdeathsig, min_pid=ls.min_pid, output=ls.output
+            )
+        except (SupervisorError, OSError, RuntimeError) as exc:
+            return [TaskFailed(Task.DRAIN.value, type(exc).__name__, str(exc))]
+        log.info("drain started", extra=fields(pid=drain.pid, version=version, timeout=timeout))
+        self.job_ids += 1
+        self.job = Job(
+            id=self.job_ids,
+            task=Task.DRAIN,
+            started=self.clock(),
+            started_wall=self.wall(),
+            drain=drain,
+            deadline=self.clock() + float(ls.drain_timeout) + float(ls.stop_timeout),
+        )
+        return []
+
+    def _run_hook(self, action: RunHook) -> list[Event]:
+        loaded = self.loaded
+        assert loaded is not None
+        cfg = loaded.cfg
+        hooks = cfg.hooks.pre_migrate if action.phase == "pre" else cfg.hooks.post_migrate
+        argv = list(hooks[action.index])
+        env = dict(self.environ)
+        env.update(
+            LSSUPERVISOR_HOOK=f"{action.phase}_migrate",
+            LSSUPERVISOR_FROM_VERSION="" if action.from_version is None else str(action.from_version),
+            LSSUPERVISOR_TO_VERSION=str(action.to_version),
+            LSSUPERVISOR_CONFIG=str(cfg.source or ""),
+            LSSUPERVISOR_INSTANCE=loaded.view.instance,
+        )
+        wrapper = child.setpriv_path() if cfg.lightningstream.pdeathsig else None
+        full = [wrapper, "--pdeathsig", "KILL", "--", *argv] if wrapper else argv
+        try:
+            proc = subprocess.Popen(full, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            message = f"cannot run {argv[0]}: {exc.strerror}"
+            return [HookFinished(action.phase, action.index, ok=False, message=message)]
+        log.info("hook started", extra=fields(hook=f"{action.phase}_migrate", argv=argv, pid=proc.pid))
+        self.job_ids += 1
+        self.job = Job(
+            id=self.job_ids,
+            task=Task.HOOK,
+            started=self.clock(),
+            started_wall=self.wall(),
+            hook=proc,
+            hook_phase=action.phase,
+            hook_index=action.index,
+            deadline=self.clock() + float(cfg.hooks.timeout),
+        )
+        return []
+
+    def _poll_job(self) -> None:
+        """Drain and hook processes are polled (SIGCHLD wakes us); workers report through the queue."""
+        self.cancelled = [j for j in self.cancelled if not j.finished()]
+        job = self.job
+        if job is None or job.worker is not None:
+            return
+        now = self.clock()
+        if job.deadline is not None and now >= job.deadline and not job.timed_out and not job.finished():
+            job.timed_out = True
+            log.warning("%s over its time limit: SIGKILL", job.task.value)
+            job.cancel("time limit")
+        if job.drain is not None:
+            d = job.drain
+            if d.poll() is None:
+                return
+            if d.group_alive():
+                d.kill_group()
+                return
+            rc = d.returncode
+            assert rc is not None
+            d.join_output(OUTPUT_JOIN_S)
+            self.job = None
+            description = child.describe_exit(rc)
+            log.info("drain ended", extra=fields(pid=d.pid, status=description))
+            self._feed(DrainFinished(rc, description))
+        elif job.hook is not None:
+            rc = job.hook.poll()
+            if rc is None:
+                return
+            self.job = None
+            ok = rc == 0 and not job.timed_out
+            if job.timed_out:
+                message = f"timed out after {format_duration(float(self.cfg.hooks.timeout))}"
+            else:
+                message = child.describe_exit(rc)
+            log.log(logging.INFO if ok else logging.ERROR, "hook ended",
+                    extra=fields(hook=f"{job.hook_phase}_migrate", status=message))
+            self._feed(HookFinished(job.hook_phase, job.hook_index, ok=ok, message=message))
+
+    def _cancel_job(self, reason: str) -> None:
+        job = self.job
+        if job is None:
+            return
+        log.warning("cancelling %s", job.task.value, extra=fields(reason=reason))
+        job.cancel(reason)
+        self.job = None
+        self.cancelled.append(job)
+
+    def _show_progress(self, text: str, startup: bool) -> None:
+        self.migration["progress"] = text
+        self._write_state()
+        if self.notifier is not None:
+            self.notifier.status(text[:200])
+            if startup and not self.ready_sent:
+                self._extend_timeout(force=True)
+
+    def _extend_timeout(self, *, force: bool = False) -> None:
+        """A start-up migration: ask systemd for more time, ahead of its start timeout."""
+        now = self.clock()
+        if self.notifier is None or (not force and now < self.next_extend):
+            return
+        if force and now < self.next_extend - EXTEND_RESEND_S + 1.0:
+            return  # throttle progress-driven extensions to one a second
+        self.notifier.extend_timeout(int(EXTEND_TIMEOUT_S * 1_000_000))
+        self.next_extend = now + EXTEND_RESEND_S
+
+    # -- RENDERING, spawning -----------------------------------------------------------------------
+
+    def _render(self, version: int) -> Event:
+        loaded = self.loaded
+        assert loaded is not None
+        try:
+            prepared = render_for(loaded, version, self.environ)
+            if prepared.digest not in self.validated and (
+                self.child is None or self.st.child is None or self.st.child.digest != prepared.digest
+            ):
+                self._validate_with_ls(prepared)
+        except SupervisorError as exc:
+            return ConfigFailed(str(exc))
+        self.prepared = prepared
+        return ConfigPrepared(
+            digest=prepared.digest,
+            version=version,
+            wait_for_health=bool(prepared.view.http_address),
+            target_version=loaded.target,
+        )
+
+    def _validate_with_ls(self, prepared: Prepared) -> None:
+        """Ask LS itself (``LS -c candidate``, exits 0 or 1 at once) before the swap."""
+        target = prepared.cfg.rendered_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        candidate = target.with_name(f".{target.name}.candidate")
+        try:
+            lsconfig.write_atomic(candidate, prepared.text, keep_previous=False)
+            lsconfig.validate_with_binary(prepared.cfg.lightningstream.binary, candidate, prepared.env)
+        except OSError as exc:
+            raise ConfigError(f"{candidate}: cannot write the candidate LS config: {exc.strerror}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+        self.validated.add(prepared.digest)
+
+    def _spawn(self, action: SpawnChild) -> Event:
         prepared = self.prepared
         assert prepared is not None and prepared.digest == action.digest, "spawn of an unprepared config"
         assert self.child is None or self.child.poll() is not None, "second LS (I4)"
+        assert self.job is None, "LS start while a job of the cycle runs (I1)"
         cfg = prepared.cfg
         ls = cfg.lightningstream
         try:
             target = cfg.rendered_config
             target.parent.mkdir(parents=True, exist_ok=True)
             if lsconfig.write_atomic(target, prepared.text):
-                version = prepared.reading.render_version
-                log.info("wrote LS config", extra=fields(path=str(target), version=version))
+                log.info("wrote LS config", extra=fields(path=str(target), version=prepared.version))
             new = child.spawn_ls(
                 prepared.argv,
                 prepared.env,
@@ -435,10 +934,80 @@ class Supervisor:
         assert rc is not None
         c.join_output(OUTPUT_JOIN_S)
         self.child = None
+        self.last_ls = c
         self.leader_exited = False
         description = child.describe_exit(rc)
         log.info("lightningstream exited", extra=fields(pid=c.pid, status=description))
         self._feed(ChildExited(pid=c.pid, returncode=rc, description=description))
+
+    # -- reaping, watching -------------------------------------------------------------------------
+
+    def _own_pids(self) -> set[int]:
+        pids: set[int] = set()
+        if self.child is not None and self.child.returncode is None:
+            pids.add(self.child.pid)
+        for job in [self.job, *self.cancelled]:
+            if job is not None:
+                pids.update(job.pids())
+        return pids
+
+    def _start_reaper(self) -> None:
+        try:
+            from lssupervisor import reaper
+        except ImportError:
+            return
+        self.reaper = reaper.Reaper(self._own_pids)
+        self.reaper.become_subreaper()
+
+    def _reap(self) -> None:
+        if self.reaper is None:
+            return
+        try:
+            self.reaper.reap()
+        except OSError as exc:
+            log.warning("reaping exited orphans failed: %s", exc)
+
+    def _update_watcher(self) -> None:
+        """(Re)start the watcher when the set of watched paths changed (a reload may move them)."""
+        cfg = self.cfg
+        if not cfg.watch.enabled:
+            self._stop_watcher()
+            return
+        files = [str(Path(cfg.lightningstream.template).absolute())]
+        if cfg.source is not None:
+            files.append(str(Path(cfg.source).absolute()))
+        if cfg.schema.target_file is not None:
+            files.append(str(Path(cfg.schema.target_file).absolute()))
+        dirs = [str(Path(cfg.migrations.path).absolute())] if cfg.migrations.path is not None else []
+        wanted = (tuple(sorted(files)), tuple(sorted(dirs)))
+        if wanted == self.watched and self.watcher is not None:
+            return
+        self._stop_watcher()
+        try:
+            from lssupervisor import watch
+        except ImportError:
+            return
+        q = self.queue
+        ours = str(Path(cfg.source).absolute()) if cfg.source is not None else None
+
+        def on_change(path: str) -> None:
+            q.put_nowait(FileChanged(path, ours=path == ours))  # observer thread: enqueue only
+
+        watcher = watch.Watcher([Path(f) for f in files], [Path(d) for d in dirs], on_change)
+        try:
+            watcher.start()
+        except OSError as exc:
+            log.warning("cannot watch files; reconcile with SIGHUP/SIGUSR1: %s", exc)
+            return
+        self.watcher = watcher
+        self.watched = wanted
+
+    def _stop_watcher(self) -> None:
+        if self.watcher is not None:
+            with contextlib.suppress(Exception):
+                self.watcher.stop()
+            self.watcher = None
+            self.watched = ((), ())
 
     # -- visibility --------------------------------------------------------------------------------
 
@@ -448,23 +1017,31 @@ class Supervisor:
             extra["pid"] = a.pid
         if a.substep is not None:
             extra["substate"] = a.substep.value
-        log.info("state %s -> %s", a.old.value, a.new.value, extra={"fields": extra})
+        if a.old is a.new and a.substep is not None:
+            log.info("state %s step %s", a.new.value, a.substep.value, extra={"fields": extra})
+        else:
+            log.info("state %s -> %s", a.old.value, a.new.value, extra={"fields": extra})
+        if a.new is not State.RECONCILING:
+            self.migration["progress"] = None
         self._write_state()
         if self.notifier is not None:
-            text = a.new.value if not a.reason else f"{a.new.value}: {a.reason}"
+            shown = a.new.value if a.substep is None else f"{a.new.value}/{a.substep.value}"
+            text = shown if not a.reason else f"{shown}: {a.reason}"
             self.notifier.status(text[:200])
 
     def _notify(self, kind: NotifyKind) -> None:
         n = self.notifier
-        if n is None:
-            return
         match kind:
             case NotifyKind.READY:
-                n.ready()
+                self.ready_sent = True
+                if n is not None:
+                    n.ready()
             case NotifyKind.STOPPING:
-                n.stopping()
+                if n is not None:
+                    n.stopping()
             case NotifyKind.RELOADING:
-                n.reloading()
+                if n is not None:
+                    n.reloading()
             case _:
                 assert_never(kind)
 
@@ -476,14 +1053,13 @@ class Supervisor:
             return None if mono is None else _iso(now_wall - (now_mono - mono))
 
         prepared = self.prepared
+        loaded = self.loaded
         c = self.child if st.child is not None else None
         lmdbs: dict[str, Any] = {}
-        if prepared is not None:
-            for spec in prepared.view.lmdbs:
-                lmdbs[spec.name] = {
-                    "path": spec.path,
-                    "schema_version": prepared.reading.markers.get(spec.name),
-                }
+        if loaded is not None:
+            for spec in loaded.view.lmdbs:
+                lmdbs[spec.name] = {"path": spec.path, "schema_version": self.markers.get(spec.name)}
+        cycle = st.cycle
         return {
             "state": st.state.value,
             "substate": st.substep.value if st.substep is not None else None,
@@ -494,6 +1070,7 @@ class Supervisor:
             "paused": st.desired.goal is Goal.PAUSE,
             "target_version": st.desired.target_version,
             "schema_version": st.version,
+            "park_reason": st.park_reason if st.state is State.PARKED else None,
             "lightningstream": {
                 "pid": st.pid,
                 "ready": st.ready,
@@ -509,10 +1086,12 @@ class Supervisor:
             },
             "lmdbs": lmdbs,
             "migration": {
-                "progress": None,
-                "last_result": None,
-                "last_duration_s": None,
-                "last_success_at": None,
+                **self.migration,
+                "progress": st.progress,
+                "task": st.task.value if st.task is not None else None,
+                "plan": list(cycle.steps) if cycle is not None else None,
+                "from_version": cycle.from_version if cycle is not None else None,
+                "to_version": cycle.target if cycle is not None else None,
             },
             "version": __version__,
             "updated_at": _iso(now_wall),
@@ -534,6 +1113,7 @@ class Supervisor:
             "status",
             extra=fields(
                 state=st.state.value,
+                substate=st.substep.value if st.substep is not None else None,
                 reason=st.reason,
                 pid=st.pid,
                 ready=st.ready,
@@ -585,9 +1165,13 @@ class Supervisor:
         if self.watchdog_interval is not None and self.notifier is not None and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.watchdog_interval
+        cycle = self.st.cycle
+        if cycle is not None and cycle.startup and not self.ready_sent and self.st.task is not None:
+            self._extend_timeout()
 
     def _emergency_stop(self) -> None:
         """The loop died (a bug): never leave LS behind (I6), even before pdeathsig would act."""
+        self._cancel_job("the main loop failed")
         c = self.child
         if c is None:
             return
@@ -596,6 +1180,18 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         self._stop_poller()
+        self._stop_watcher()
+        # Jobs die with us anyway (pdeathsig); end and collect them so nothing is left half-done.
+        self._cancel_job("lssupervisor exits")
+        for job in self.cancelled:
+            with contextlib.suppress(Exception):
+                if job.worker is not None:
+                    job.worker.wait(JOB_WAIT_S)
+                elif job.drain is not None:
+                    job.drain.wait(JOB_WAIT_S)
+                elif job.hook is not None:
+                    job.hook.wait(JOB_WAIT_S)
+        self.cancelled.clear()
         if self.http is not None:
             with contextlib.suppress(Exception):
                 self.http.stop()
@@ -603,6 +1199,11 @@ class Supervisor:
         if self.notifier is not None:
             with contextlib.suppress(Exception):
                 self.notifier.close()
+
+
+def lsconfig_duration(seconds: float) -> str:
+    """A Go duration string for LS flags (``60s``, ``1.5s``): LS reads a bare number as nanoseconds."""
+    return f"{seconds:g}s"
 
 
 _LOG_LEVELS = {Level.INFO: logging.INFO, Level.WARNING: logging.WARNING, Level.ERROR: logging.ERROR}
@@ -613,8 +1214,6 @@ _LOG_LEVELS = {Level.INFO: logging.INFO, Level.WARNING: logging.WARNING, Level.E
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lssupervisor import lsconfig
-
     cfg = load_config(args.config)
     if getattr(args, "log_format", None) or getattr(args, "log_level", None):
         log_cfg = dataclasses.replace(

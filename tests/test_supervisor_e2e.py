@@ -46,6 +46,16 @@ storage_poll_interval: 100ms
 """
 
 
+BASELINE = '''"""Baseline: the users DBI."""
+
+VERSION = 1
+
+
+def upgrade(m):
+    m.db("users", create=True)
+'''
+
+
 class ConfigSet:
     """A config set in tmp_path: lssupervisor.yaml, the LS template (fs storage), an LMDB dir."""
 
@@ -57,8 +67,12 @@ class ConfigSet:
         self.storage = root / "storage"
         self.state = root / "state"
         self.record = root / "ls-starts.jsonl"
+        self.migrations = root / "migrations"
         self.lmdb.mkdir()
         self.storage.mkdir()
+        self.migrations.mkdir()
+        # The application's migrations: a baseline (an empty LMDB is stamped with it at boot).
+        (self.migrations / "0001_baseline.py").write_text(BASELINE)
         self.write_template()
         self.write()
 
@@ -103,11 +117,20 @@ http:
 """
         )
 
-    def starts(self) -> list[dict[str, Any]]:
-        """The stand-in's start records (pid, time_ns, config...), one per LS start."""
+    def records(self) -> list[dict[str, Any]]:
+        """Every line of the record file: stand-in starts (LS, and `LS -c candidate` validation runs)
+        and, with the overlap knob, the worker's write_txn_begin/end."""
         if not self.record.exists():
             return []
         return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+
+    def starts(self) -> list[dict[str, Any]]:
+        """The stand-in's start records (pid, time_ns, config...), one per LS start; the daemon's
+        `LS -c candidate` validation runs (no subcommand) are left out."""
+        return [
+            r for r in self.records()
+            if r.get("event") == "start" and not str(r.get("config", "")).endswith(".candidate")
+        ]
 
     def state_doc(self) -> dict[str, Any] | None:
         try:
@@ -458,7 +481,8 @@ def test_status_json_fields_and_stale_detection(daemon: Daemon, cs: ConfigSet) -
     ls = doc["lightningstream"]
     assert ls["pid"] == ls_pid and ls["ready"] is True and ls["restarts"] == 0
     assert ls["config"] == str(cs.state / "lightningstream.yaml") and ls["started_at"].endswith("Z")
-    assert doc["lmdbs"] == {"main": {"path": str(cs.lmdb), "schema_version": None}}
+    # The marker a worker read (the empty LMDB was stamped with the newest migration at boot).
+    assert doc["lmdbs"] == {"main": {"path": str(cs.lmdb), "schema_version": 1}}
     assert set(doc["migration"]) >= {"progress", "last_result", "last_duration_s", "last_success_at"}
     assert doc["daemon"] == {
         "running": True, "stale": False, "lock_holder": {"pid": daemon.pid, "purpose": "daemon"},
@@ -482,14 +506,20 @@ def test_json_log_format(cs: ConfigSet) -> None:
         assert d.wait() == 0
         ours = [json.loads(line) for line in d.text().splitlines() if line.startswith("{")]
         transitions = [o for o in ours if o["msg"].startswith("state ")]
+        # Boot on an empty LMDB: the cycle stamps it (no LS runs yet), then renders for its marker.
         assert [t["msg"] for t in transitions] == [
             "state STOPPED -> RECONCILING",
+            "state RECONCILING step PROVING",
+            "state RECONCILING step MIGRATING",
+            "state RECONCILING step VERIFYING",
+            "state RECONCILING step RENDERING",
             "state RECONCILING -> STARTING",
             "state STARTING -> RUNNING",
             "state RUNNING -> STOPPING",
             "state STOPPING -> STOPPED",
         ]
-        assert transitions[3]["reason"] == "shutdown (SIGTERM)" and isinstance(transitions[3]["pid"], int)
+        assert transitions[0]["substate"] == "PLANNING"
+        assert transitions[-2]["reason"] == "shutdown (SIGTERM)" and isinstance(transitions[-2]["pid"], int)
     finally:
         d.close()
 
