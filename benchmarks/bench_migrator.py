@@ -218,7 +218,7 @@ def rss_child(path: str, writemap: bool, kind: str) -> None:
     )
     env.close()
     with open("/proc/self/status") as f:
-        status = {line.split(":")[0]: line.split()[1] for line in f if ":" in line}
+        status = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f) if v.strip()}
     print(
         json.dumps(
             {

@@ -37,10 +37,12 @@ with an estimate of the room needed; ``grow_map=True`` grows the map and retries
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -210,6 +212,47 @@ def open_env(
     return env
 
 
+_MADV_DONTNEED = 4
+_RELEASE_EVERY_TICKS = 64  # x 1024 entries
+_libc: Any = None
+
+
+def _map_ranges(env: lmdb.Environment) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the LMDB data file (from /proc/self/maps)."""
+    path = env.path()
+    data = os.path.join(path, "data.mdb") if env.flags().get("subdir", True) else path
+    target = os.path.realpath(data)
+    ranges: list[tuple[int, int]] = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((start, end - start))
+    return ranges
+
+
+def _release_map(env: lmdb.Environment) -> None:
+    """Drop this process's page-table entries of the LMDB map (Linux ``madvise(MADV_DONTNEED)``).
+
+    Iterating a big DBI faults every page of the file mapping into our RSS (and with writemap the
+    dirty pages too). The mapping is MAP_SHARED, so the data stays in the page cache (dirty pages keep
+    their dirty state and are written back as usual) and the next access is a minor fault: this only
+    keeps the worker's RSS flat. Best effort: any failure is ignored.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for start, length in _map_ranges(env):
+            _libc.madvise(start, length, _MADV_DONTNEED)
+    except (OSError, AttributeError, ValueError, lmdb.Error):
+        pass
+
+
 def _is_cancelled(cancel: Cancel) -> bool:
     if cancel is None:
         return False
@@ -290,6 +333,7 @@ class MigrationApi:
         self.txn = RawTxn(self)
         self.done = 0
         self.total = 0
+        self._ticks = 0
 
     # -- DBIs ---------------------------------------------------------------------------------------
 
@@ -368,7 +412,6 @@ class MigrationApi:
                 return
         elif not cursor.first():
             return
-        cancel = self._cancel
         n = 0
         try:
             if self.native:
@@ -377,8 +420,8 @@ class MigrationApi:
                     if prefix and not key.startswith(prefix):
                         break
                     n += 1
-                    if not n & (_CANCEL_EVERY - 1) and cancel is not None:
-                        self._check_cancel()
+                    if not n & (_CANCEL_EVERY - 1):
+                        self._tick()
                     try:
                         ts, _txn, version, flags, extra = unpack(raw, 0)
                     except struct.error:
@@ -398,8 +441,8 @@ class MigrationApi:
                     if prefix and not key.startswith(prefix):
                         break
                     n += 1
-                    if not n & (_CANCEL_EVERY - 1) and cancel is not None:
-                        self._check_cancel()
+                    if not n & (_CANCEL_EVERY - 1):
+                        self._tick()
                     self._src_dbi = dbi
                     self._src_key = key
                     self._src_val = value
@@ -639,6 +682,8 @@ class MigrationApi:
                 if len(batch) >= _COPY_BATCH:
                     flush()
                     self.progress(done, total)  # checks cancellation too
+                    if not written & (_COPY_BATCH * 16 - 1):
+                        _release_map(self._env)
         # The general path (a mapping fn, shadow mode, fresh timestamps); empty after the fast path.
         rows: Iterable[tuple[bytes, bytes, int]] = () if fast else self._iter_with_ts(src, src_db)
         for src_key, src_value, src_ts in rows:
@@ -672,15 +717,14 @@ class MigrationApi:
 
     def _iter_with_ts(self, dbi: str, db: Any) -> Iterator[tuple[bytes, bytes, int]]:
         """Live (key, value, timestamp) of a DBI; checks cancellation."""
-        cancel = self._cancel
         n = 0
         cursor = self._txn.cursor(db)
         if self.native:
             unpack = _HDR.unpack_from
             for key, raw in cursor.iternext(keys=True, values=True):
                 n += 1
-                if not n & (_CANCEL_EVERY - 1) and cancel is not None:
-                    self._check_cancel()
+                if not n & (_CANCEL_EVERY - 1):
+                    self._tick()
                 try:
                     ts, _txn, version, flags, extra = unpack(raw, 0)
                 except struct.error:
@@ -698,8 +742,8 @@ class MigrationApi:
         skey, sraw = next(shadow_iter, (None, b""))
         for key, value in cursor.iternext(keys=True, values=True):
             n += 1
-            if not n & (_CANCEL_EVERY - 1) and cancel is not None:
-                self._check_cancel()
+            if not n & (_CANCEL_EVERY - 1):
+                self._tick()
             while skey is not None and skey < key:
                 skey, sraw = next(shadow_iter, (None, b""))
             ts = self.now_ns
@@ -708,6 +752,14 @@ class MigrationApi:
             yield key, value, ts
 
     # -- progress, cancellation, logging, tools -----------------------------------------------------
+
+    def _tick(self) -> None:
+        """Every 1024 entries: cancellation; every 64k: let go of the pages of the map we touched."""
+        self._ticks += 1
+        if self._cancel is not None:
+            self._check_cancel()
+        if not self._ticks & (_RELEASE_EVERY_TICKS - 1):
+            _release_map(self._env)
 
     def _check_cancel(self) -> None:
         if _is_cancelled(self._cancel):

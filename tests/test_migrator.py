@@ -568,3 +568,24 @@ def test_on_step_is_called_after_each_commit(tmp_path: Path) -> None:
         (0, 1, "0001_step1"),
         (1, 2, "0002_step2"),
     ]
+
+
+def test_releasing_map_pages_mid_transaction_keeps_every_write(tmp_path: Path) -> None:
+    """The RSS trim (madvise DONTNEED on the shared map) must never lose dirty writemap pages."""
+    from lssupervisor.migrator import _map_ranges, _release_map
+
+    spec = build_lmdb(tmp_path / "db", {"users": {}}, marker=0)
+    env = open_env(spec, writemap=True)
+    try:
+        assert _map_ranges(env), "the data file mapping is found in /proc/self/maps"
+        with env.begin(write=True) as txn:
+            db = open_dbi(env, txn, "users")
+            for i in range(20000):
+                txn.put(b"k%06d" % i, lsheader.encode(b"v%d" % i, i + 1), db=db)
+            _release_map(env)
+            assert txn.get(b"k012345", db=db) == lsheader.encode(b"v12345", 12346)
+        _release_map(env)
+    finally:
+        env.close()
+    users = read_lmdb(spec)["users"]
+    assert len(users) == 20000 and users[b"k019999"] == (b"v19999", 20000)
