@@ -530,7 +530,10 @@ class Lifecycle:
         st = self._leave_park(st)
         if st.pending is not None:
             return self._start_reconcile(st, st.pending.reload, "reconcile (requested meanwhile)", now, acts)
-        reason = "boot" if st.prior is None else "LS config unchanged"
+        if cycle is not None:
+            reason = st.reason or f"schema v{ev.version}"  # the RENDERING step's: why LS starts now
+        else:
+            reason = "boot" if st.prior is None else "LS config unchanged"
         return self._settle(st, now, acts, reason)
 
     def _leave_park(self, st: SupervisorState) -> SupervisorState:

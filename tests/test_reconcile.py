@@ -1,0 +1,663 @@
+"""The reconcile cycle in the pure core: every sub-step transition and failure, literal times, no processes.
+
+A ``Cycler`` replays a history (honcho-style) and keeps every action; ``substeps()`` is the sequence of
+RECONCILING sub-steps as status and logs show it. The shell's side (workers, drain, hooks) is played by
+feeding the result events by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+
+from lssupervisor.actions import (
+    Action,
+    AnnounceState,
+    CancelTask,
+    Exit,
+    LogLine,
+    PrepareConfig,
+    ProveGone,
+    ReadMarkers,
+    RenderConfig,
+    RunHook,
+    ShowProgress,
+    SignalGroup,
+    SpawnChild,
+    StartDrain,
+    StartMigration,
+)
+from lssupervisor.backoff import BackoffPolicy
+from lssupervisor.config import OnFailure
+from lssupervisor.errors import ExitCode
+from lssupervisor.events import (
+    Booted,
+    ChildExited,
+    ChildReady,
+    ChildSpawned,
+    ConfigFailed,
+    ConfigPrepared,
+    DrainFinished,
+    Event,
+    FileChanged,
+    GoneProven,
+    HookFinished,
+    MarkersRead,
+    Migrated,
+    MigrationProgress,
+    Planned,
+    ReconcileRequested,
+    ShutdownRequested,
+    TaskFailed,
+    Tick,
+)
+from lssupervisor.lifecycle import CyclePolicy, Lifecycle, LifecycleError, Timeouts
+from lssupervisor.states import State, StopPurpose, Substep, SupervisorState, Task
+
+TIMEOUTS = Timeouts(stop_timeout=10.0, ready_timeout=30.0, settle_time=3.0, kill_grace=5.0)
+POLICY = BackoffPolicy(initial_delay=1.0, max_delay=60.0, jitter=0.0, burst_limit=5)
+
+MIGRATE_1_2 = Planned(
+    render_version=1, target=2, writes=True, steps=("main 1→2 (0002_users_json)",), markers=(("main", 1),)
+)
+MIGRATE_1_3 = Planned(
+    render_version=1,
+    target=3,
+    writes=True,
+    steps=("main 1→2 (0002_users_json)", "main 2→3 (0003_split)"),
+    markers=(("main", 1),),
+)
+NOTHING_V1 = Planned(render_version=1, target=1, writes=False, markers=(("main", 1),))
+STAMP_EMPTY = Planned(render_version=None, target=2, writes=True, steps=(), markers=(("main", None),))
+EXITED_TERM = ChildExited(pid=10, returncode=-15, description="killed by SIGTERM")
+
+
+class Cycler:
+    def __init__(self, **policy: object) -> None:
+        self.core = Lifecycle(TIMEOUTS, POLICY, rand=lambda: 0.0, cycle=CyclePolicy(**policy))  # type: ignore[arg-type]
+        self.st = SupervisorState()
+        self.acts: list[Action] = []
+
+    def __call__(self, ev: Event, now: float) -> list[Action]:
+        self.st, acts = self.core.handle(self.st, ev, now)
+        self.acts.extend(acts)
+        return acts
+
+    def state(self) -> State:
+        return self.st.state
+
+    def announced(self) -> list[tuple[str, str | None]]:
+        return [
+            (a.new.value, a.substep.value if a.substep else None)
+            for a in self.acts
+            if isinstance(a, AnnounceState)
+        ]
+
+    def substeps(self) -> list[str]:
+        return [sub for new, sub in self.announced() if new == "RECONCILING" and sub is not None]
+
+    def of(self, kind: type[Action]) -> list[Action]:
+        return [a for a in self.acts if isinstance(a, kind)]
+
+    def logged(self) -> str:
+        return "\n".join(a.msg for a in self.acts if isinstance(a, LogLine))
+
+
+def running(c: Cycler, pid: int = 10) -> None:
+    """Boot on a marked LMDB with nothing to migrate, LS ready."""
+    c(Booted(), 0.0)
+    c(NOTHING_V1, 0.2)
+    c(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 0.3)
+    c(ChildSpawned(pid=pid), 0.3)
+    c(ChildReady(pid=pid), 1.0)
+    assert c.state() is State.RUNNING
+    c.acts.clear()
+
+
+def to_migrating(c: Cycler, planned: Planned = MIGRATE_1_2) -> None:
+    """From RUNNING: USR1, plan with steps, LS stopped and proven gone, migrate worker started."""
+    c(ReconcileRequested(), 10.0)
+    c(planned, 10.2)
+    c(EXITED_TERM, 10.3)
+    c(GoneProven(), 10.4)
+    assert c.st.task is Task.MIGRATE
+
+
+# -- the whole cycle ---------------------------------------------------------------------------------
+
+
+def test_full_cycle_from_running_follows_the_substep_sequence() -> None:
+    c = Cycler()
+    running(c)
+    assert c(ReconcileRequested(), 10.0)[-1] == PrepareConfig(reload=False)
+    assert (c.st.substep, c.st.task) == (Substep.PLANNING, Task.PLAN)
+    acts = c(MIGRATE_1_2, 10.2)
+    # LS is stopped for the migration: an intended stop, never the restart policy (I5).
+    assert c.state() is State.STOPPING and c.st.stopping is not None
+    assert c.st.stopping.purpose is StopPurpose.MIGRATION
+    assert SignalGroup(pid=10) in acts
+    assert c(EXITED_TERM, 10.3)[-1] == ProveGone()
+    assert c(GoneProven(), 10.4)[-1] == StartMigration(target=2)
+    assert c.st.substep is Substep.BACKING_UP
+    c(MigrationProgress("backup", "backing up main: 100%"), 10.5)
+    acts = c(MigrationProgress("migrate", "migrating main 1→2: 45%"), 10.6)
+    assert c.st.substep is Substep.MIGRATING and c.st.progress == "migrating main 1→2: 45%"
+    assert ShowProgress("migrating main 1→2: 45%", startup=False) in acts
+    c(MigrationProgress("step_committed", "committed main 1→2 (0002_users_json), step 1/1"), 10.7)
+    assert c(Migrated(backup_id="b1", steps=1, duration_s=0.3), 10.8)[-1] == ReadMarkers()
+    assert c(MarkersRead((("main", 2),)), 10.9)[-1] == RenderConfig(version=2)
+    acts = c(ConfigPrepared(digest="d2", version=2, wait_for_health=True), 11.0)
+    assert acts[-1] == SpawnChild(digest="d2", reason="schema v2 verified")
+    c(ChildSpawned(pid=11), 11.0)
+    c(ChildReady(pid=11), 11.5)
+    assert c.state() is State.RUNNING and c.st.version == 2 and c.st.pid == 11
+    assert c.substeps() == ["PLANNING", "PROVING", "BACKING_UP", "MIGRATING", "VERIFYING", "RENDERING"]
+    assert [new for new, _ in c.announced() if new != "RECONCILING"] == ["STOPPING", "STARTING", "RUNNING"]
+    assert c.st.cycle is None and c.st.task is None and c.st.progress is None
+    assert c.st.backoff.consecutive == 0 and not c.of(Exit)
+    assert "committed main 1→2" in c.logged() and "backup b1" in c.logged()
+
+
+def test_nothing_to_migrate_and_config_unchanged_keeps_the_ls_pid() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    assert c(NOTHING_V1, 10.2)[-1] == RenderConfig(version=1)
+    acts = c(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 10.3)
+    assert c.state() is State.RUNNING and c.st.pid == 10
+    assert not any(isinstance(a, SignalGroup | SpawnChild | ProveGone | StartMigration) for a in acts)
+    assert c.substeps() == ["PLANNING", "RENDERING"]
+
+
+def test_nothing_to_migrate_but_a_changed_template_restarts_ls_once() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(NOTHING_V1, 10.2)
+    c(ConfigPrepared(digest="d2", version=1, wait_for_health=True), 10.3)
+    assert c.st.stopping is not None and c.st.stopping.purpose is StopPurpose.RESTART
+    assert c(EXITED_TERM, 10.4)[-1] == SpawnChild(digest="d2", reason="LS config changed")
+    assert not c.of(StartMigration)
+
+
+def test_boot_on_an_empty_lmdb_stamps_the_target_then_starts_ls() -> None:
+    c = Cycler()
+    c(Booted(), 0.0)
+    assert c(STAMP_EMPTY, 0.2)[-1] == ProveGone()  # no LS yet: straight to the proof
+    assert c(GoneProven(), 0.3)[-1] == StartMigration(target=2)
+    assert c.st.substep is Substep.MIGRATING  # a stamp has no backup phase
+    assert c.st.cycle is not None and c.st.cycle.startup  # before READY=1: systemd timeout extended
+    acts = c(MigrationProgress("migrate", "migrating main ?→2: 100%"), 0.4)
+    assert ShowProgress("migrating main ?→2: 100%", startup=True) in acts
+    c(Migrated(steps=0), 0.5)
+    assert c(MarkersRead((("main", 2),)), 0.6)[-1] == RenderConfig(version=2)
+    assert isinstance(c(ConfigPrepared(digest="d2", version=2, wait_for_health=False), 0.7)[-1], SpawnChild)
+    assert c.substeps() == ["PLANNING", "PROVING", "MIGRATING", "VERIFYING", "RENDERING"]
+
+
+def test_drain_runs_on_the_old_version_and_ls_is_proven_gone_again() -> None:
+    c = Cycler(drain=True)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    assert c(GoneProven(), 10.3)[-1] == StartDrain(version=1)
+    assert c.st.substep is Substep.DRAINING
+    assert c(DrainFinished(0, "exit 0"), 12.0)[-1] == ProveGone()
+    assert c(GoneProven(), 12.1)[-1] == StartMigration(target=2)
+    assert c.substeps() == ["PLANNING", "PROVING", "DRAINING", "PROVING", "BACKING_UP"]
+
+
+@pytest.mark.parametrize(
+    ("rc", "words"), [(75, "drain_timeout (LS exit 75)"), (1, "drain failed: LS exit 1")]
+)
+def test_drain_failure_parks_by_default_and_nothing_was_written(rc: int, words: str) -> None:
+    c = Cycler(drain=True)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    c(GoneProven(), 10.3)
+    c(DrainFinished(rc, f"exit {rc}"), 12.0)
+    assert c.state() is State.PARKED and c.st.reason is not None
+    assert words in c.st.reason and "nothing was written" in c.st.reason
+    assert "lssupervisor resume" in c.st.reason
+    assert not c.of(StartMigration) and not c.of(SpawnChild)
+
+
+def test_drain_failure_with_on_failure_resume_restarts_ls_on_the_old_version() -> None:
+    c = Cycler(drain=True, on_failure=OnFailure.RESUME)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    c(GoneProven(), 10.3)
+    assert c(DrainFinished(75, "exit 75"), 12.0)[-1] == RenderConfig(version=1)
+    assert isinstance(c(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 12.1)[-1], SpawnChild)
+
+
+def test_pre_and_post_hooks_run_in_order_around_the_migration() -> None:
+    c = Cycler(pre_hooks=2, post_hooks=1)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    assert c(GoneProven(), 10.3)[-1] == RunHook("pre", 0, from_version=1, to_version=2)
+    assert c(HookFinished("pre", 0, ok=True), 10.4)[-1] == RunHook("pre", 1, from_version=1, to_version=2)
+    assert c(HookFinished("pre", 1, ok=True), 10.5)[-1] == StartMigration(target=2)
+    c(Migrated(steps=1), 11.0)
+    assert c(MarkersRead((("main", 2),)), 11.1)[-1] == RunHook("post", 0, from_version=1, to_version=2)
+    assert c(HookFinished("post", 0, ok=True), 11.2)[-1] == RenderConfig(version=2)
+    assert c.substeps() == [
+        "PLANNING", "PROVING", "PRE_HOOKS", "PRE_HOOKS", "BACKING_UP", "VERIFYING", "POST_HOOKS", "RENDERING"
+    ]
+
+
+def test_pre_hook_failure_aborts_before_any_write() -> None:
+    c = Cycler(pre_hooks=1)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    c(GoneProven(), 10.3)
+    c(HookFinished("pre", 0, ok=False, message="exit 3"), 10.4)
+    assert c.state() is State.PARKED and not c.of(StartMigration)
+    assert c.st.reason == (
+        "pre_migrate hook 1 failed: exit 3; nothing was written (the LMDB is at version 1); fix it, then run "
+        "`lssupervisor resume`"
+    )
+
+
+def test_post_hook_failure_parks_whatever_the_policy_naming_the_migrated_version() -> None:
+    c = Cycler(post_hooks=1, on_failure=OnFailure.RESUME)
+    running(c)
+    to_migrating(c)
+    c(Migrated(steps=1), 11.0)
+    c(MarkersRead((("main", 2),)), 11.1)
+    c(HookFinished("post", 0, ok=False, message="timed out after 5s"), 11.2)
+    assert c.state() is State.PARKED and c.st.reason is not None
+    assert "migrated to version 2" in c.st.reason and not c.of(SpawnChild)
+
+
+# -- failures of the migration ---------------------------------------------------------------------------
+
+
+def test_failed_step_k_of_n_parks_with_the_version_the_lmdb_has_and_what_to_run() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c, MIGRATE_1_3)
+    c(MigrationProgress("step_committed", "committed main 1→2 (0002_users_json), step 1/2"), 11.0)
+    failed = TaskFailed("migrate", "MigrationError", "0003_split.py:4: KeyError 'x' (step rolled back)")
+    acts = c(failed, 11.2)
+    assert acts[-1] == ReadMarkers()  # what the LMDB has now decides, not what we hoped
+    c(MarkersRead((("main", 2),)), 11.3)
+    assert c.state() is State.PARKED and c.st.reason is not None
+    assert "consistently at version 2" in c.st.reason and "lssupervisor resume" in c.st.reason
+    assert "0003_split.py:4" in c.st.reason and not c.of(SpawnChild)
+    assert c(ShutdownRequested(), 20.0)[-1] == Exit(ExitCode.MIGRATION)
+
+
+def test_failed_step_with_on_failure_resume_renders_for_step_k_never_the_target() -> None:
+    c = Cycler(on_failure=OnFailure.RESUME)
+    running(c)
+    to_migrating(c, MIGRATE_1_3)
+    c(TaskFailed("migrate", "MigrationError", "boom"), 11.2)
+    assert c(MarkersRead((("main", 2),)), 11.3)[-1] == RenderConfig(version=2)  # I2: k, not 3, not 1
+    with pytest.raises(LifecycleError):  # the shell rendering any other version is a bug
+        c.core.handle(c.st, ConfigPrepared(digest="d3", version=3, wait_for_health=True), 11.4)
+    acts = c(ConfigPrepared(digest="d2", version=2, wait_for_health=True), 11.4)
+    assert acts[-1] == SpawnChild(digest="d2", reason="migration failed; resuming on version 2")
+    assert c.st.version == 2
+
+
+def test_failure_before_any_commit_with_resume_restarts_ls_on_the_old_version() -> None:
+    c = Cycler(on_failure=OnFailure.RESUME)
+    running(c)
+    to_migrating(c)
+    c(TaskFailed("migrate", "BackupError", "no space left for the backup"), 11.0)
+    assert c(MarkersRead((("main", 1),)), 11.1)[-1] == RenderConfig(version=1)
+
+
+def test_verification_mismatch_parks() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(Migrated(steps=1), 11.0)
+    c(MarkersRead((("main", 1),)), 11.1)
+    assert c.state() is State.PARKED and c.st.reason is not None
+    assert c.st.reason.startswith("verification failed: the markers say main=1")
+
+
+def test_lmdbs_at_different_versions_after_a_migration_park() -> None:
+    c = Cycler(on_failure=OnFailure.RESUME)
+    running(c)
+    to_migrating(c)
+    c(TaskFailed("migrate", "MigrationError", "step of dns failed"), 11.0)
+    c(MarkersRead((("main", 2), ("dns", 1))), 11.1)
+    # No single prefix can be right (I2): even `resume` must not start LS.
+    assert c.state() is State.PARKED and not c.of(SpawnChild) and not c.of(RenderConfig)
+
+
+def test_render_failure_after_a_migration_never_starts_the_old_config() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(Migrated(steps=1), 11.0)
+    c(MarkersRead((("main", 2),)), 11.1)
+    c(ConfigFailed("lightningstream.yaml.in: bad"), 11.2)
+    assert c.state() is State.PARKED and not c.of(SpawnChild) and c.st.reason is not None
+    assert "schema version 2" in c.st.reason and "lssupervisor reload" in c.st.reason
+
+
+def test_schema_too_new_stops_ls_and_parks_naming_the_backup_and_exits_too_new() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    message = "LMDB 'main' is at schema version 5, newer than ...; restore the newest backup: " \
+              "`lssupervisor rollback 20240101T000000Z-1`"
+    c(TaskFailed("plan", "SchemaTooNew", message), 10.2)
+    assert c.state() is State.STOPPING and c.st.stopping is not None
+    assert c.st.stopping.purpose is StopPurpose.PARK
+    c(EXITED_TERM, 10.3)
+    assert c.state() is State.PARKED and c.st.reason == message
+    assert c.st.backoff.consecutive == 0  # an intended stop (I5)
+    assert c(ShutdownRequested(), 20.0)[-1] == Exit(ExitCode.TOO_NEW)
+
+
+def test_plan_failure_with_ls_running_keeps_it_running() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    acts = c(TaskFailed("plan", "ChecksumMismatch", "0002_users_json.py: changed since it was applied"), 10.2)
+    assert c.state() is State.RUNNING and c.st.pid == 10
+    assert not any(isinstance(a, SignalGroup | SpawnChild) for a in acts)
+    assert "reconcile failed, LS keeps running: 0002_users_json.py" in c.logged()
+
+
+def test_plan_failure_at_boot_parks_with_the_message() -> None:
+    c = Cycler()
+    c(Booted(), 0.0)
+    msg = "LMDB 'main' at /db has data but no schema marker ...; run: lssupervisor stamp N"
+    c(TaskFailed("plan", "UnmarkedDatabase", msg), 0.2)
+    assert c.state() is State.PARKED and c.st.reason == msg and not c.of(SpawnChild)
+
+
+def test_ls_not_proven_gone_parks_without_touching_the_lmdb() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    c(GoneProven(remaining=(77,), detail="LMDB main reader: lightningstream --config x"), 10.3)
+    assert c.state() is State.PARKED and not c.of(StartMigration) and c.st.reason is not None
+    assert "pid 77" in c.st.reason and "(I1)" in c.st.reason
+    assert c(ShutdownRequested(), 20.0)[-1] == Exit(ExitCode.LS_RUNNING)
+
+
+def test_paused_operator_holds_the_migration() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(paused=True, source="pause"), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    assert c.st.stopping is not None and c.st.stopping.purpose is StopPurpose.PAUSE
+    c(EXITED_TERM, 10.2)
+    assert c.state() is State.PAUSED and not c.of(StartMigration)
+    assert "waits for `lssupervisor resume`" in c.logged()
+
+
+def test_resume_from_a_failed_migration_park_retries_the_cycle() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(TaskFailed("migrate", "MigrationError", "boom"), 11.0)
+    c(MarkersRead((("main", 1),)), 11.1)
+    assert c.state() is State.PARKED
+    c(ReconcileRequested(source="resume"), 30.0)
+    c(MIGRATE_1_2, 30.1)
+    assert c(GoneProven(), 30.2)[-1] == StartMigration(target=2)  # no LS to stop: straight on
+    c(Migrated(steps=1), 31.0)
+    c(MarkersRead((("main", 2),)), 31.1)
+    assert isinstance(c(ConfigPrepared(digest="d2", version=2, wait_for_health=True), 31.2)[-1], SpawnChild)
+    assert c.st.park_reason is None
+
+
+# -- shutdown and cancellation -------------------------------------------------------------------------
+
+
+def test_first_term_during_the_migration_lets_it_finish_then_exits_without_ls() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    acts = c(ShutdownRequested(), 11.0)
+    assert c.state() is State.RECONCILING and not any(isinstance(a, CancelTask) for a in acts)
+    assert "send SIGTERM again to cancel it" in c.logged()
+    acts = c(Migrated(steps=1), 12.0)
+    assert c.state() is State.STOPPED and acts[-1] == Exit(ExitCode.OK)
+    assert not c.of(SpawnChild) and not c.of(ReadMarkers)
+
+
+def test_second_term_cancels_the_migration_and_exits_zero_without_ls() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(ShutdownRequested(), 11.0)
+    acts = c(ShutdownRequested(), 11.5)
+    assert CancelTask("cancelled by a second SIGTERM") in acts and c.state() is State.RECONCILING
+    assert c(ShutdownRequested(), 11.6) == []  # a third one changes nothing
+    acts = c(TaskFailed("migrate", "MigrationCancelled", "worker killed by SIGKILL (cancelled)"), 11.7)
+    assert c.state() is State.STOPPED and acts[-1] == Exit(ExitCode.OK)
+    assert not c.of(SpawnChild)
+
+
+def test_term_while_planning_with_ls_running_cancels_the_plan_and_stops_ls() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    acts = c(ShutdownRequested(), 10.1)
+    assert isinstance(acts[0], CancelTask) and c.state() is State.STOPPING
+    assert c(MIGRATE_1_2, 10.2) == [] and c.state() is State.STOPPING  # stale: ignored
+    assert c(EXITED_TERM, 10.3)[-1] == Exit(ExitCode.OK)
+
+
+def test_term_while_proving_exits_at_once() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(EXITED_TERM, 10.2)
+    acts = c(ShutdownRequested(), 10.3)
+    assert isinstance(acts[0], CancelTask) and acts[-1] == Exit(ExitCode.OK)
+    assert c(GoneProven(), 10.4) == []  # the cancelled job's result
+
+
+def test_stale_results_outside_their_step_are_ignored() -> None:
+    c = Cycler()
+    running(c)
+    before = c.st
+    for ev in (MIGRATE_1_2, GoneProven(), Migrated(), MarkersRead((("main", 2),)), DrainFinished(0, "exit 0"),
+               HookFinished("pre", 0, ok=True), MigrationProgress("migrate", "x"),
+               TaskFailed("migrate", "WorkerError", "x")):
+        assert c(ev, 10.0) == [] and c.st == before
+
+
+def test_a_request_during_the_migration_runs_after_it() -> None:
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(ReconcileRequested(source="watch"), 10.5)
+    assert c.st.pending is not None and c.st.task is Task.MIGRATE
+    c(Migrated(steps=1), 11.0)
+    c(MarkersRead((("main", 2),)), 11.1)
+    acts = c(ConfigPrepared(digest="d2", version=2, wait_for_health=True), 11.2)
+    assert acts[-1] == PrepareConfig(reload=False) and c.st.substep is Substep.PLANNING
+
+
+def test_unkillable_ls_blocks_any_migration() -> None:
+    c = Cycler()
+    running(c)
+    c.st = replace(c.st, state=State.PARKED, child=None, unkillable_pid=10, park_reason="LS pid 10 survived")
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    assert c.state() is State.PARKED and not c.of(ProveGone)
+
+
+# -- the watcher's debounce ------------------------------------------------------------------------------
+
+
+def test_file_changes_are_debounced_into_one_reconcile() -> None:
+    c = Cycler(debounce=1.0)
+    running(c)
+    assert c(FileChanged("/app/migrations"), 10.0) == []
+    c(FileChanged("/app/migrations"), 10.5)
+    assert c.core.next_deadline(c.st) == pytest.approx(11.5)
+    assert c(Tick(), 11.0) == [] and c.state() is State.RUNNING
+    assert c(Tick(), 11.5)[-1] == PrepareConfig(reload=False)
+    assert c.st.reason == "reconcile (watched file changed)" and c.st.watch_due_at is None
+
+
+def test_a_change_of_our_config_file_is_a_reload() -> None:
+    c = Cycler(debounce=0.2)
+    running(c)
+    c(FileChanged("/etc/lssupervisor/lssupervisor.yaml", ours=True), 10.0)
+    c(FileChanged("/etc/lssupervisor/lightningstream.yaml.in"), 10.1)
+    assert c(Tick(), 10.3)[-1] == PrepareConfig(reload=True)
+
+
+def test_a_change_while_reconciling_is_kept_pending() -> None:
+    c = Cycler(debounce=0.2)
+    running(c)
+    to_migrating(c)
+    c(FileChanged("/app/migrations"), 11.0)
+    c(Tick(), 11.3)
+    assert c.st.pending is not None and c.st.task is Task.MIGRATE
+
+
+def test_no_reconcile_from_the_watcher_after_shutdown() -> None:
+    c = Cycler(debounce=0.2)
+    running(c)
+    c(FileChanged("/app/migrations"), 10.0)
+    c(ShutdownRequested(), 10.1)
+    assert c.st.watch_due_at is None
+    assert c(FileChanged("/app/migrations"), 10.2) == [] and c.st.watch_due_at is None
+
+
+# -- random histories with the cycle: I1 and I5 under any interleaving -----------------------------------
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hst.lists(hst.integers(min_value=0, max_value=11), min_size=1, max_size=80),
+    hst.booleans(),
+    hst.booleans(),
+)
+def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
+    script: list[int], drain: bool, resume: bool
+) -> None:
+    """A simulated, protocol-abiding shell: jobs finish (or fail) whenever the script says, LS dies when
+    signalled. Invariants: no LS is alive while a drain, a migration or a marker read is in flight
+    (I1), LS is never spawned while a job runs, and a render is always for the marker the simulated
+    LMDB has (I2)."""
+    c = Lifecycle(
+        TIMEOUTS, POLICY, rand=lambda: 0.0,
+        cycle=CyclePolicy(
+            drain=drain, pre_hooks=1, on_failure=OnFailure.RESUME if resume else OnFailure.PARK
+        ),
+    )
+    s = SupervisorState()
+    now = 0.0
+    marker = 1
+    live: int | None = None
+    next_pid = 100
+    job: Action | None = None  # the job the simulated shell runs
+    queue: list[Event] = []
+    n = 0
+
+    def run(first: Event) -> None:
+        queue.append(first)
+        while queue:
+            one(queue.pop(0))
+
+    def one(ev: Event) -> None:
+        nonlocal s, live, next_pid, job
+        s, acts = c.handle(s, ev, now)
+        for a in acts:
+            if isinstance(a, SpawnChild):
+                assert live is None and job is None, "LS started while a job runs"
+                next_pid += 1
+                live = next_pid
+                queue.append(ChildSpawned(pid=live))
+            elif isinstance(a, StartMigration | StartDrain | ReadMarkers | ProveGone):
+                assert live is None, f"{type(a).__name__} with LS alive (I1)"
+                job = a
+            elif isinstance(a, PrepareConfig | RunHook | RenderConfig):
+                job = a
+                if isinstance(a, RenderConfig):
+                    assert a.version == marker, "rendered for a version the LMDB does not have (I2)"
+                    job = None
+                    queue.append(
+                        ConfigPrepared(digest=f"d{a.version}", version=a.version, wait_for_health=True)
+                    )
+            elif isinstance(a, CancelTask):
+                job = None
+
+    def finish(ok: bool) -> None:
+        nonlocal job, marker, n
+        j, job = job, None
+        n += 1
+        match j:
+            case PrepareConfig():
+                run(Planned(render_version=marker, target=3, writes=marker < 3,
+                            steps=tuple(f"main {v}→{v + 1}" for v in range(marker, 3)),
+                            markers=(("main", marker),)) if ok else TaskFailed("plan", "WorkerError", "x"))
+            case ProveGone():
+                run(GoneProven())
+            case StartDrain():
+                run(DrainFinished(0 if ok else 75, "exit"))
+            case RunHook(phase=phase, index=index):
+                run(HookFinished(phase, index, ok=ok or n % 3 != 0))
+            case StartMigration(target=target):
+                if ok:
+                    marker = target
+                    run(Migrated(steps=1))
+                else:
+                    marker = min(marker + 1, target) if n % 2 else marker  # failed after k steps
+                    run(TaskFailed("migrate", "MigrationError", "boom"))
+            case ReadMarkers():
+                run(MarkersRead((("main", marker),)))
+            case _:
+                job = j
+
+    run(Booted())
+    for step in script:
+        if s.state is State.STOPPED:
+            break
+        now += 0.3 * (step + 1)
+        match step:
+            case 0:
+                run(ShutdownRequested())
+            case 1 | 2:
+                run(ReconcileRequested())
+            case 3:
+                if live is not None:
+                    pid, live = live, None
+                    run(ChildExited(pid=pid, returncode=1, description="exit 1"))
+            case 4:
+                if live is not None:
+                    run(ChildReady(pid=live))
+            case 5 | 6 | 7 | 8:
+                if job is not None:
+                    finish(ok=step != 5)
+            case _:
+                deadline = c.next_deadline(s)
+                if deadline is not None:
+                    now = max(now, deadline)
+                run(Tick())
+        if s.state is State.STOPPING and live is not None:
+            pid, live = live, None
+            run(ChildExited(pid=pid, returncode=-15, description="killed by SIGTERM"))
+        if s.task in (Task.MIGRATE, Task.DRAIN, Task.VERIFY, Task.PROVE):
+            assert live is None and s.child is None
