@@ -196,19 +196,13 @@ def open_env(
         "writemap": writemap and not readonly,
         "lock": True,
     }
-    if spec.map_size:
-        kwargs["map_size"] = spec.map_size
+    # map_size 0 makes LMDB use the size recorded in the file (the one LS or the application chose);
+    # py-lmdb's own default (10 MiB) would shrink a bigger map down to the pages in use.
+    kwargs["map_size"] = spec.map_size
     try:
         env = lmdb.open(spec.path, **kwargs)
     except lmdb.Error as exc:
         raise MigrationError(f"LMDB {spec.name!r} at {spec.path}: cannot open ({exc})") from exc
-    if not spec.map_size:
-        # LMDB's default map (1 MiB or 10 MiB in py-lmdb) would be smaller than the data: use the
-        # size the file says, never shrink below what is in use.
-        info = env.info()
-        used = (info["last_pgno"] + 1) * env.stat()["psize"]
-        if info["map_size"] < used:
-            env.set_mapsize(used)
     return env
 
 
