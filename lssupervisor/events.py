@@ -119,6 +119,7 @@ class TaskFailed:
     task: str  # states.Task value
     error: str
     message: str
+    backup_id: str | None = None  # migrate: the backup taken before the first write, if any
 
 
 @dataclass(frozen=True, slots=True)

@@ -890,7 +890,7 @@ class Lifecycle:
             case Task.MIGRATE:
                 assert cycle is not None
                 acts.append(LogLine(Level.ERROR, f"migration {cycle.describe()} failed: {ev.message}"))
-                st = replace(st, cycle=replace(cycle, failure=ev.message))
+                st = replace(st, cycle=replace(cycle, failure=ev.message, backup_id=ev.backup_id))
                 return self._verify(st, now, acts)
             case Task.VERIFY:
                 return self._park(

@@ -589,11 +589,17 @@ class Supervisor:
         return []
 
     def _worker_message(self, item: WorkerMessage) -> Event | None:
-        job = self.job
-        if job is None or job.id != item.job or job.cancelled:
-            return None  # a cancelled job's messages
+        job = self.job if self.job is not None and self.job.id == item.job else None
+        if job is None:
+            job = next((j for j in self.cancelled if j.id == item.job), None)
         msg = item.msg
         kind = msg.get("type")
+        if job is None or (job.cancelled and kind not in {"result", "error"}):
+            return None
+        if job.cancelled and (self.job is not None or self.st.task is not job.task):
+            return None  # nobody waits for it (a read-only job cancelled at shutdown)
+        # A cancelled migration's final message is awaited: the core stays in MIGRATING until it
+        # arrives (the worker is gone then, its open transaction aborted).
         if kind == "log":
             level = {"warning": logging.WARNING, "error": logging.ERROR, "debug": logging.DEBUG}
             log.log(level.get(str(msg.get("level")), logging.INFO), "worker: %s", msg.get("msg"))
@@ -605,7 +611,8 @@ class Supervisor:
             return MigrationProgress(phase=phase, text=text)
         if kind not in ("result", "error"):
             return None
-        self.job = None
+        if self.job is job:
+            self.job = None
         if kind == "error":
             return self._worker_failed(job, msg)
         try:
@@ -660,8 +667,7 @@ class Supervisor:
                 last_duration_s=round(self.clock() - job.started, 3),
                 last_backup=backup_id or self.migration["last_backup"],
             )
-            if backup_id:
-                message += f" (backup {backup_id} was taken before the first write)"
+            return TaskFailed(job.task.value, error, message, backup_id=backup_id)
         return TaskFailed(job.task.value, error, message)
 
     def _restore_hint(self) -> str:

@@ -92,7 +92,11 @@ class ConfigSet:
         pdeathsig: bool = True,
         state_dir: str = "state",
         http: str = "",
+        ls_extra: str = "",
+        extra: str = "",
     ) -> None:
+        """``ls_extra``: more lines of the ``lightningstream:`` block (indented by 2); ``extra``: more
+        top-level YAML (``schema:``, ``watch:``, ``hooks:``...)."""
         env = {"LSSTANDIN_RECORD": str(self.record), **(ls_env or {})}
         env_yaml = "".join(f"\n    {k}: {json.dumps(v)}" for k, v in env.items())
         policy = {"initial_delay": "200ms", "max_delay": "1s", "jitter": "0", **(restart or {})}
@@ -109,12 +113,12 @@ lightningstream:
   ready_timeout: 20s
   pdeathsig: {"true" if pdeathsig else "false"}
   env:{env_yaml}
-restart:{restart_yaml}
+{ls_extra}restart:{restart_yaml}
 migrations:
   path: migrations
 http:
   address: "{http}"
-"""
+{extra}"""
         )
 
     def records(self) -> list[dict[str, Any]]:

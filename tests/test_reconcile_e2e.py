@@ -1,0 +1,361 @@
+"""End to end: the reconcile cycle of the real daemon against the LS stand-in.
+
+Migrations are shipped as an application's package manager would (temp file + rename into the
+watched directory). The never-overlap proof uses the two test knobs: the stand-in holds a shared
+``flock`` on ``<record>.lock`` for its whole life (``LSSTANDIN_RECORD``) and the worker takes
+``LOCK_EX|LOCK_NB`` on it around every LMDB write, recording ``write_txn_begin``/``end`` (or
+``overlap`` when it cannot: LS was running). Every wait is a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import psutil
+import pytest
+import yaml
+
+from lssupervisor.config import load_config
+from lssupervisor.lsconfig import inspect_template, lenient_env, load_template
+from lssupervisor.worker import OVERLAP_ENV, build_request, raise_for_error, run_worker
+from tests.helpers import wait_for
+from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
+
+WATCH = "watch:\n  debounce: 200ms\n"
+
+
+def step_migration(version: int) -> str:
+    return f'''"""Step {version}: add a record."""
+
+VERSION = {version}
+
+
+def upgrade(m):
+    m.db("users", create=True)
+    m.put("users", b"step-{version}", b"done")
+    m.progress(1, 1)
+'''
+
+
+FAILING = '''"""Step 2: writes, then fails (the step must roll back)."""
+
+VERSION = 2
+
+
+def upgrade(m):
+    m.db("users", create=True)
+    m.put("users", b"half", b"written")
+    raise RuntimeError("boom in step 2")
+'''
+
+SLOW = '''"""Step 2: writes, then waits for a file that never comes (the test cancels it)."""
+
+import time
+from pathlib import Path
+
+VERSION = 2
+
+
+def upgrade(m):
+    m.db("users", create=True)
+    m.put("users", b"half", b"written")
+    deadline = time.monotonic() + 60
+    while not Path("{flag}").exists() and time.monotonic() < deadline:
+        m.progress(0, 1)
+        time.sleep(0.02)
+'''
+
+
+def ship(cs: ConfigSet, name: str, text: str) -> Path:
+    """Install a migration file by rename (the watcher sees one complete file appear)."""
+    tmp = cs.migrations / f".{name}.tmp"
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    dest = cs.migrations / name
+    os.rename(tmp, dest)
+    return dest
+
+
+def doc_of(d: Daemon) -> dict[str, Any]:
+    return d.cs.state_doc() or {}
+
+
+def wait_running_on(d: Daemon, version: int, timeout: float = 20.0) -> dict[str, Any]:
+    def ok() -> dict[str, Any]:
+        doc = doc_of(d)
+        good = (
+            doc.get("pid") == d.pid
+            and doc.get("state") == "RUNNING"
+            and doc.get("schema_version") == version
+            and (doc.get("lmdbs") or {}).get("main", {}).get("schema_version") == version
+        )
+        return doc if good else {}
+
+    try:
+        return wait_for(ok, timeout=timeout, what=f"RUNNING on schema v{version}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last {doc_of(d)}\n{d.text()}") from None
+
+
+def rendered_root(cs: ConfigSet) -> str:
+    doc = yaml.safe_load((cs.state / "lightningstream.yaml").read_text())
+    return str(doc["storage"]["options"]["root_path"])
+
+
+def markers(cs: ConfigSet) -> dict[str, int | None]:
+    """The LMDB's markers, read by a worker (as the daemon does)."""
+    cfg = load_config(cs.config)
+    template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
+    view = inspect_template(template, lenient_env(os.environ))
+    final = raise_for_error(run_worker(build_request("markers", cfg, view), timeout=30))
+    return {e["lmdb"]: e["version"] for e in final["lmdbs"]}
+
+
+def dump(path: Path) -> tuple[int, dict[bytes, list[tuple[bytes, bytes]]]]:
+    """Last txn id and every named DBI's entries of the LMDB at ``path`` (read-only; nothing else
+    has it open when this runs)."""
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
+    try:
+        out: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        with env.begin() as txn:
+            names = [k for k, _ in txn.cursor()]
+            for name in names:
+                db = env.open_db(name, txn=txn, create=False)
+                out[name] = list(txn.cursor(db=db))
+        return int(env.info()["last_txnid"]), out
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def cs(tmp_path: Path) -> ConfigSet:
+    return ConfigSet(tmp_path)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            d.close()
+
+
+def start(daemons: list[Daemon], cs: ConfigSet, name: str = "daemon") -> Daemon:
+    d = Daemon(cs, name)
+    daemons.append(d)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_ls_never_runs_during_a_write_across_repeated_cycles(
+    cs: ConfigSet, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(OVERLAP_ENV, str(cs.record))  # the daemon's workers inherit it
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    pids = [doc_of(d)["lightningstream"]["pid"]]
+    for version in (2, 3, 4):
+        ship(cs, f"{version:04d}_step.py", step_migration(version))
+        doc = wait_running_on(d, version)
+        pids.append(doc["lightningstream"]["pid"])
+        assert rendered_root(cs) == f"{cs.storage}/v{version}"  # I2: the prefix follows the marker
+        assert not pid_alive(pids[-2])  # the previous LS is gone for good
+    d.send(signal.SIGTERM)
+    assert d.wait() == 0
+    records = cs.records()
+    events = [r["event"] for r in records]
+    assert "overlap" not in events, records
+    assert not any(r.get("lock_conflict") for r in records), records
+    # One stamp at boot plus one write per migration, each bracketed; no LS start inside any of them.
+    begins = [r for r in records if r["event"] == "write_txn_begin"]
+    ends = [r for r in records if r["event"] == "write_txn_end"]
+    assert len(begins) == len(ends) == 4, events
+    starts = [r["time_ns"] for r in records if r["event"] == "start"]
+    for b, e in zip(begins, ends, strict=True):
+        assert b["time_ns"] <= e["time_ns"]
+        assert not [t for t in starts if b["time_ns"] <= t <= e["time_ns"]]
+    # Each cycle restarted LS once, on the new version (validation runs of `LS -c` left out).
+    assert [s["pid"] for s in cs.starts()] == pids
+    assert len(set(pids)) == 4
+    assert d.lines(r"reason=\"reconcile \(watched file changed\)\"")
+    assert markers(cs) == {"main": 4}
+
+
+def test_noop_reconcile_keeps_the_ls_pid(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    d = start(daemons, cs)
+    pid = wait_running_on(d, 1)["lightningstream"]["pid"]
+    d.send(signal.SIGUSR1)
+    d.wait_log(r"state RECONCILING step RENDERING.*nothing to migrate")  # boot stamped instead
+    doc = wait_running_on(d, 1)
+    assert doc["lightningstream"]["pid"] == pid and pid_alive(pid)
+    assert len(cs.starts()) == 1
+    assert not d.lines("step PROVING.*reconcile")  # no stop, no proof: nothing was to be written
+
+
+def test_a_template_change_restarts_ls_once(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    old = wait_running_on(d, 1)["lightningstream"]["pid"]
+    cs.write_template(poll="150ms")  # the watcher sees it
+    new = wait_for(
+        lambda: (p := doc_of(d).get("lightningstream", {}).get("pid")) not in (None, old)
+        and doc_of(d).get("state") == "RUNNING" and p,
+        timeout=15, what="LS restarted on the new template",
+    )
+    # A reconcile after it acts as a barrier: any second restart would have happened before it ends.
+    d.send(signal.SIGUSR1)
+    d.wait_log(r"nothing to migrate", count=2)
+    assert wait_running_on(d, 1)["lightningstream"]["pid"] == new
+    assert [s["pid"] for s in cs.starts()] == [old, new]
+    assert "lmdb_poll_interval: 150ms" in (cs.state / "lightningstream.yaml").read_text()
+
+
+def test_a_bad_template_keeps_the_old_config_and_ls_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    pid = wait_running_on(d, 1)["lightningstream"]["pid"]
+    before = (cs.state / "lightningstream.yaml").read_text()
+    cs.template.write_text(cs.template.read_text() + "no_such_ls_key: 1\n")
+    line = d.wait_log(r"reload failed, keeping the previous config")[0]
+    assert "no_such_ls_key" in line
+    assert len(d.lines(r"level=error")) == 1  # one error line, nothing else
+    doc = wait_running_on(d, 1)
+    assert doc["lightningstream"]["pid"] == pid and pid_alive(pid)
+    assert (cs.state / "lightningstream.yaml").read_text() == before
+
+
+def test_a_failing_migration_parks_with_ls_down_and_the_lmdb_unchanged(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    pid = wait_running_on(d, 1)["lightningstream"]["pid"]
+    ship(cs, "0002_fails.py", FAILING)
+    doc = d.wait_state("PARKED")
+    reason = doc["reason"]
+    assert "boom in step 2" in reason and "consistently at version 1" in reason, reason
+    assert "lssupervisor resume" in reason and "lssupervisor rollback" in reason
+    assert doc["lightningstream"]["pid"] is None and not pid_alive(pid)
+    assert doc["migration"]["last_result"] == "failed"
+    assert doc["lmdbs"]["main"]["schema_version"] == 1
+    # Unchanged: the same last txn id and entries as the backup taken just before the failed step.
+    backup_id = doc["migration"]["last_backup"]
+    assert backup_id and backup_id in reason
+    live = dump(cs.lmdb)
+    copy = dump(cs.state / "backups" / backup_id / "main")
+    assert live == copy
+    assert b"half" not in dict(live[1].get(b"users", []))
+    assert len(cs.starts()) == 1  # LS was not started again
+    d.send(signal.SIGTERM)
+    assert d.wait() == 65  # ExitCode.MIGRATION: parked after a failed migration
+
+
+def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    cs.write(extra=WATCH + "schema:\n  on_failure: resume\n")
+    d = start(daemons, cs)
+    old = wait_running_on(d, 1)["lightningstream"]["pid"]
+    ship(cs, "0002_fails.py", FAILING)
+    d.wait_log(r"on_failure resume: LS restarts on version 1")
+    new = wait_for(
+        lambda: (p := wait_running_on(d, 1)["lightningstream"]["pid"]) != old and p,
+        timeout=15, what="a new LS on version 1",
+    )
+    assert rendered_root(cs) == f"{cs.storage}/v1"
+    assert [s["pid"] for s in cs.starts()] == [old, new]
+    assert markers(cs) == {"main": 1}
+
+
+def test_a_second_sigterm_cancels_a_slow_migration_and_exits_zero_without_ls(
+    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    pid = wait_running_on(d, 1)["lightningstream"]["pid"]
+    ship(cs, "0002_slow.py", SLOW.replace("{flag}", str(tmp_path / "never")))
+    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=15, what="MIGRATING")
+    assert not pid_alive(pid)
+    d.send(signal.SIGTERM)
+    d.wait_log(r"send SIGTERM again to cancel it")
+    assert d.proc.poll() is None and doc_of(d).get("substate") == "MIGRATING"  # still migrating
+    d.send(signal.SIGTERM)
+    assert d.wait() == 0
+    assert d.lines(r"second SIGTERM: cancelling the migration")
+    assert len(cs.starts()) == 1  # LS was not started again
+    assert doc_of(d)["state"] == "STOPPED"
+    assert markers(cs) == {"main": 1}  # the open step rolled back
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "lssupervisor.worker" in " ".join(
+        p.info["cmdline"] or [])]
+    assert workers == []
+
+
+def test_schema_too_new_parks_naming_the_backup_to_restore(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    cs.write(extra=WATCH)
+    ship(cs, "0002_step.py", step_migration(2))
+    d = start(daemons, cs)
+    wait_running_on(d, 2)  # an empty LMDB is stamped with the newest version directly
+    cs.write(extra=WATCH)  # keep the file set; a backup comes from a real step:
+    ship(cs, "0003_step.py", step_migration(3))
+    wait_running_on(d, 3)
+    backups = sorted(p.name for p in (cs.state / "backups").iterdir())
+    assert backups
+    # An older application: the newest migration disappears.
+    (cs.migrations / "0003_step.py").unlink()
+    doc = d.wait_state("PARKED")
+    assert "newer than the newest migration 2" in doc["reason"], doc["reason"]
+    assert f"lssupervisor rollback {backups[-1]}" in doc["reason"]
+    assert doc["lightningstream"]["pid"] is None
+    d.send(signal.SIGTERM)
+    assert d.wait() == 67  # ExitCode.TOO_NEW
+
+
+def test_startup_migration_extends_the_systemd_start_timeout(
+    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    import socket
+
+    first = start(daemons, cs, "first")
+    wait_running_on(first, 1)
+    first.send(signal.SIGTERM)
+    assert first.wait() == 0
+    ship(cs, "0002_step.py", step_migration(2))
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    got: list[str] = []
+    try:
+        os.environ["NOTIFY_SOCKET"] = str(sock_path)
+        try:
+            d = start(daemons, cs, "second")
+        finally:
+            del os.environ["NOTIFY_SOCKET"]
+
+        def ready() -> bool:
+            try:
+                got.append(sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+            return any("READY=1" in m for m in got)
+
+        wait_for(ready, timeout=20, interval=0, what="READY=1")
+    finally:
+        sock.close()
+    text = "\n".join(got)
+    before_ready = text[: text.index("READY=1")]
+    assert "EXTEND_TIMEOUT_USEC=" in before_ready
+    assert "STATUS=migrating main 1→2: 100%" in before_ready
+    assert "STATUS=RECONCILING/MIGRATING" in before_ready or "STATUS=RECONCILING/BACKING_UP" in before_ready
+    wait_running_on(d, 2)
+    history = [json.loads(line) for line in (cs.state / "history.jsonl").read_text().splitlines()]
+    assert [h["kind"] for h in history if h.get("result") == "ok"][-1] == "migrate"
