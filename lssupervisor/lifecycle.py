@@ -981,6 +981,8 @@ class Lifecycle:
         cycle = st.cycle
         assert cycle is not None
         count = self.cycle.pre_hooks if phase == "pre" else self.cycle.post_hooks
+        if not cycle.steps:
+            count = 0  # a stamp of an unmarked LMDB migrates nothing: hooks are for migrations
         if index < count:
             st = replace(st, cycle=replace(cycle, hook=index))
             substep = Substep.PRE_HOOKS if phase == "pre" else Substep.POST_HOOKS

@@ -184,7 +184,7 @@ def test_nothing_to_migrate_but_a_changed_template_restarts_ls_once() -> None:
 
 
 def test_boot_on_an_empty_lmdb_stamps_the_target_then_starts_ls() -> None:
-    c = Cycler()
+    c = Cycler(pre_hooks=1, post_hooks=1, drain=True)  # a stamp migrates nothing: no drain, no hooks
     c(Booted(), 0.0)
     assert c(STAMP_EMPTY, 0.2)[-1] == ProveGone()  # no LS yet: straight to the proof
     assert c(GoneProven(), 0.3)[-1] == StartMigration(target=2)

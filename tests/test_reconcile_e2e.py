@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +360,56 @@ def test_startup_migration_extends_the_systemd_start_timeout(
     wait_running_on(d, 2)
     history = [json.loads(line) for line in (cs.state / "history.jsonl").read_text().splitlines()]
     assert [h["kind"] for h in history if h.get("result") == "ok"][-1] == "migrate"
+
+
+def test_drain_and_hooks_run_in_order_with_ls_stopped(
+    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace"
+    hook = f'echo "$LSSUPERVISOR_HOOK $LSSUPERVISOR_FROM_VERSION $LSSUPERVISOR_TO_VERSION" >> {trace}'
+    cs.write(
+        ls_extra="  drain: true\n  drain_timeout: 10s\n",
+        extra=WATCH + f"hooks:\n  pre_migrate: [[sh, -c, '{hook}']]\n  post_migrate: [[sh, -c, '{hook}']]\n",
+    )
+    d = start(daemons, cs)
+    old = wait_running_on(d, 1)["lightningstream"]["pid"]
+    assert not trace.exists()  # stamping the empty LMDB at boot migrates nothing: no hooks
+    ship(cs, "0002_step.py", step_migration(2))
+    new = wait_running_on(d, 2)["lightningstream"]["pid"]
+    assert new != old
+    assert trace.read_text().splitlines() == ["pre_migrate 1 2", "post_migrate 1 2"]
+    subs = [m.group(1) for line in d.lines(r"msg=\"state ") if (m := re.search(r"substate=(\w+)", line))]
+    last = len(subs) - 1 - subs[::-1].index("PLANNING")
+    assert subs[last:] == [
+        "PLANNING", "PROVING", "DRAINING", "PROVING", "PRE_HOOKS", "BACKING_UP", "MIGRATING", "VERIFYING",
+        "POST_HOOKS", "RENDERING",
+    ]
+    assert d.lines("drain finished")
+    # The drain ran on the OLD config (v1 prefix) as an LS of its own, after LS stopped.
+    drains = [s for s in cs.starts() if "--only-once" in s.get("argv", [])]
+    assert len(drains) == 1 and "--timeout" in drains[0]["argv"]
+
+
+def test_a_bad_migration_file_keeps_ls_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    pid = wait_running_on(d, 1)["lightningstream"]["pid"]
+    ship(cs, "2_misnamed.py", step_migration(2))
+    line = d.wait_log(r"reload failed, keeping the previous config")[0]
+    assert "2_misnamed.py: bad migration file name" in line
+    assert wait_running_on(d, 1)["lightningstream"]["pid"] == pid and pid_alive(pid)
+
+
+def test_the_target_file_pins_the_version_and_is_watched(
+    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    target = tmp_path / "target"
+    target.write_text("1\n")
+    cs.write(extra=WATCH + f"schema:\n  target_file: {target}\n")
+    ship(cs, "0002_step.py", step_migration(2))
+    d = start(daemons, cs)
+    wait_running_on(d, 1)  # pinned below the newest migration
+    assert doc_of(d)["target_version"] == 1
+    target.write_text("2\n")
+    doc = wait_running_on(d, 2)
+    assert doc["target_version"] == 2 and rendered_root(cs) == f"{cs.storage}/v2"
