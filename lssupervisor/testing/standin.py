@@ -401,8 +401,9 @@ def run(argv: list[str] | None = None) -> int:
     _apply_signal_knobs()
     parser = build_parser()
     args = parser.parse_args(argv)
-    _start_crash_timer()
+    # Record first: a test counting starts must see every process, even one that crashes at once.
     _record_start(getattr(args, "config", "lightningstream.yaml"))
+    _start_crash_timer()
     if args.command == "version":
         print(VERSION)  # version loads no config
         return 0
