@@ -351,3 +351,70 @@ def test_ci_runs_make_test() -> None:
     script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     lines = [line.split("#", 1)[0].strip() for line in script.splitlines()]
     assert "make test" in lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# the PowerDNS recipe's migration files load and do what the page says
+
+
+POWERDNS = DOCS / "powerdns.md"
+
+
+def recipe_migrations(directory: Path) -> list[str]:
+    """Write the migration files shown in docs/powerdns.md into ``directory``; the placeholder block
+    (``0004_*``, "also 0001, 0002, 0003 with their number") is written for each of those versions."""
+    fences, _ = split_fences(POWERDNS.read_text(encoding="utf-8"))
+    written: list[str] = []
+    for fence in fences:
+        if fence.lang != "python":
+            continue
+        lines = [line for _, line in fence.lines]
+        m = re.match(r"^# \S*/(\d{4})_(\w+)\.py", lines[0])
+        assert m is not None, f"python block without a file name comment: {lines[0]!r}"
+        body = "\n".join(lines[1:]) + "\n"
+        version = int(m.group(1))
+        copies = range(1, version + 1) if "also 0001" in lines[0] else [version]
+        for v in copies:
+            name = f"{v:04d}_{m.group(2).replace(str(version), str(v))}.py"
+            text = re.sub(r"^VERSION = \d+$", f"VERSION = {v}", body, flags=re.M)
+            (directory / name).write_text(text, encoding="utf-8")
+            written.append(name)
+    return sorted(written)
+
+
+def test_the_powerdns_migration_files_load(tmp_path: Path) -> None:
+    from lssupervisor import migrations
+
+    names = recipe_migrations(tmp_path)
+    assert [n[:4] for n in names] == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    found = migrations.discover(tmp_path, ["main", "shard"])
+    assert found.newest == 6
+    assert {m.lmdb for m in found.migrations} == {"main"}
+
+
+def test_the_powerdns_migrations_only_move_the_markers(tmp_path: Path) -> None:
+    from lssupervisor.errors import MigrationError
+    from lssupervisor.testing.fixtures import build_lmdb, read_lmdb, read_marker_version, run_migrations
+
+    mig = tmp_path / "migrations"
+    mig.mkdir()
+    recipe_migrations(mig)
+    data = {"records": {"k1": ("v1", 1_700_000_000_000_000_000)}, "domains": {"d": ("x", 1)}}
+    for name in ("main", "shard"):
+        spec = build_lmdb(tmp_path / name, data, name=name, marker=5)
+        before = read_lmdb(spec)
+        run_migrations(spec, mig, target=6, lmdb_names=("main", "shard"))
+        assert read_marker_version(spec) == 6
+        assert read_lmdb(spec) == before  # values and LS timestamps untouched: Auth converts them
+
+    # Below schema 5 the placeholders refuse, and the failed step leaves the LMDB as it was.
+    old = build_lmdb(tmp_path / "old", data, name="main", marker=3)
+    with pytest.raises(MigrationError, match="below Auth schema 5"):
+        run_migrations(old, mig, target=6, lmdb_names=("main", "shard"))
+    assert read_marker_version(old) == 3
+
+
+def test_the_powerdns_template_versions_its_prefix() -> None:
+    template = (ROOT / "config" / "pdns" / "lightningstream.yaml.in").read_text(encoding="utf-8")
+    assert re.search(r"global_prefix: \S*\$\{APP_SCHEMA_VERSION\}", template)
+    assert "global_prefix: pdns/v${APP_SCHEMA_VERSION}/" in POWERDNS.read_text(encoding="utf-8")
