@@ -413,3 +413,21 @@ def test_the_target_file_pins_the_version_and_is_watched(
     target.write_text("2\n")
     doc = wait_running_on(d, 2)
     assert doc["target_version"] == 2 and rendered_root(cs) == f"{cs.storage}/v2"
+
+
+def test_kill9_of_the_daemon_mid_migration_takes_the_worker_down_and_rolls_back(
+    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    ship(cs, "0002_slow.py", SLOW.replace("{flag}", str(tmp_path / "never")))
+    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=15, what="MIGRATING")
+    workers = [p for p in psutil.Process(d.pid).children() if "lssupervisor.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1
+    d.proc.kill()
+    d.wait()
+    # PR_SET_PDEATHSIG: the worker dies with the daemon; LMDB aborts its open transaction (I3).
+    wait_for(lambda: not pid_alive(workers[0].pid), timeout=10, what="the worker to die with the daemon")
+    assert markers(cs) == {"main": 1}
+    assert len(cs.starts()) == 1
