@@ -164,22 +164,11 @@ def _digest(cfg: Config, text: str, argv: Sequence[str], env: Mapping[str, str])
 
 
 def read_target(cfg: Config) -> int | None:
-    """The pinned target version: the target file when configured and present, else ``schema.target``,
-    else None (the newest migration). ConfigError naming the file for unreadable content."""
-    path = cfg.schema.target_file
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return cfg.schema.target
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the target version (schema.target_file): {exc}") from None
-        if not text.isdigit():
-            raise ConfigError(
-                f"{path}: expected a schema version number (schema.target_file), got {text[:40]!r}"
-            )
-        return int(text)
-    return cfg.schema.target
+    """The pinned target version, exactly as the offline commands resolve it (``schema.target``, then
+    the number in ``schema.target_file``; None: the newest migration). ConfigError naming the file."""
+    from lssupervisor.offline import resolve_target
+
+    return resolve_target(cfg, None)
 
 
 def load(cfg: Config, base_env: Mapping[str, str]) -> Loaded:
