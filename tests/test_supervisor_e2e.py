@@ -282,7 +282,8 @@ def test_ls_ignoring_sigterm_is_killed_at_stop_timeout(cs: ConfigSet) -> None:
         d.send(signal.SIGTERM)
         assert d.wait(timeout=1 + 2) == 0
         elapsed = time.monotonic() - t0
-        assert 1.0 <= elapsed < 2.0, elapsed
+        # SIGKILL at stop_timeout, not later; ~1.07 s alone, up to ~2.1 s with the suite on 2 cores.
+        assert 1.0 <= elapsed < 2.5, elapsed
         print(f"TERM-ignoring LS: daemon exit 0 in {elapsed * 1000:.0f} ms (stop_timeout 1 s)")
         assert not pid_alive(ls_pid)
         d.wait_log(r"still running 1s after SIGTERM: SIGKILL")
