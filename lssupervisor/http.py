@@ -30,7 +30,8 @@ Status snapshot keys read here (all optional; missing keys are tolerated)::
     state: str, substate: str|None, reason: str|None, paused: bool,
     lightningstream: {pid: int|None, restarts: int, ready: bool, started_at: iso|None, ...},
     lmdbs: {<name>: {path: str, schema_version: int|None}}, target_version: int|None,
-    migration: {progress, last_result: "ok"|"failed"|None, last_duration_s, last_success_at: iso|None},
+    migration: {progress, last_result: "ok"|"failed"|"cancelled"|None, last_duration_s,
+                last_success_at: iso|None},
     backups: {count: int, last: {created_at: iso, size_bytes: int, ...}|None}, updated_at: iso
 
 Secrets never leave: everything served goes through :func:`redact`.

@@ -19,20 +19,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# The states and sub-steps of the architecture. The one-hot gauges always list all of them so a
-# dashboard can rely on every series existing; an unknown state from a newer daemon is added.
-STATES = (
-    "STARTING",
-    "RUNNING",
-    "STOPPING",
-    "BACKOFF",
-    "RECONCILING",
-    "PAUSED",
-    "PARKED",
-    "STOPPED",
-)
-SUBSTATES = ("DRAINING", "BACKING_UP", "MIGRATING", "VERIFYING", "RENDERING")
-MIGRATION_RESULTS = ("ok", "failed")
+from lssupervisor.states import State, Substep
+
+# The one-hot gauges always list every state and sub-step (taken from the daemon's own enums, so they
+# cannot drift) so a dashboard can rely on every series existing; an unknown value is added.
+STATES = tuple(state.value for state in State)
+SUBSTATES = tuple(step.value for step in Substep)
+MIGRATION_RESULTS = ("ok", "failed", "cancelled")
 
 Snapshot = Mapping[str, Any]
 
