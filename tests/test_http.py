@@ -264,7 +264,7 @@ def test_metrics_from_snapshot(make_server: Callable[..., StatusServer]) -> None
     assert m["lssupervisor_lightningstream_ready"] == [({}, 1.0)]
     assert m["lssupervisor_migration_duration_seconds"] == [({}, 12.5)]
     results = {labels["result"]: v for labels, v in m["lssupervisor_migration_last_result"]}
-    assert results == {"ok": 1.0, "failed": 0.0}
+    assert results == {"ok": 1.0, "failed": 0.0, "cancelled": 0.0}
     assert m["lssupervisor_last_successful_migration_timestamp_seconds"] == [({}, 1714557540.0)]
     assert m["lssupervisor_backups"] == [({}, 2.0)]
     assert m["lssupervisor_last_backup_size_bytes"] == [({}, 4096.0)]
