@@ -189,7 +189,11 @@ def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Repor
     report.ok(f"{template.path}: instance {view.instance}, lmdbs {lmdbs}, storage {view.storage_type}")
 
     newest = _check_migrations(cfg, template, view, ls_environment(cfg, 0, base), report)
-    version = cfg.schema.target or newest or 1
+    # The version the daemon would stamp a new LMDB with: the pinned target, else the newest migration
+    # (0 when the application ships none yet); 1 only when the migrations could not be read.
+    version = newest if newest is not None else 1
+    if cfg.schema.target is not None:
+        version = cfg.schema.target
     env = ls_environment(cfg, version, base)
     try:
         rendered = render(template, version, env)
