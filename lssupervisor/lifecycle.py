@@ -383,7 +383,15 @@ class Lifecycle:
         if exit_one and started_at is not None and now - started_at <= pol.config_error_window:
             what = f"LS rejected its config (exit 1 within {_secs(pol.config_error_window)})"
         backoff, decision = record_failure(pol, st.backoff, now, self.rand())
-        st = replace(st, backoff=backoff, last_exit=what, child=None, stopping=None, spawn_pending=False)
+        st = replace(
+            st,
+            backoff=backoff,
+            last_exit=what,
+            child=None,
+            stopping=None,
+            spawn_pending=False,
+            failures_total=st.failures_total + 1,
+        )
         match decision:
             case Retry(delay=delay):
                 st = replace(st, retry_at=now + delay)

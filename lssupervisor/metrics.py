@@ -149,8 +149,17 @@ class SnapshotCollector(Collector):
         if restarts is not None:
             yield CounterMetricFamily(
                 "lssupervisor_lightningstream_restarts",
-                "Restarts of Lightning Stream by the restart policy since the supervisor started.",
+                "Starts of Lightning Stream after the first one, for any reason (crash, config change, "
+                "migration), since the supervisor started.",
                 value=restarts,
+            )
+        failures = _number(ls.get("failures_total"))
+        if failures is not None:
+            yield CounterMetricFamily(
+                "lssupervisor_lightningstream_failures",
+                "Unintended Lightning Stream exits (crash, failed start, not ready in time) since the "
+                "supervisor started; intended stops never count.",
+                value=failures,
             )
         if ls:
             yield GaugeMetricFamily(

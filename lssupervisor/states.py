@@ -164,6 +164,8 @@ class SupervisorState:
     # An LS that survived SIGKILL: while it exists no other LS may start (I4), whatever operators do.
     unkillable_pid: int | None = None
     starts: int = 0
+    # Unintended LS exits (crash, failed start, not ready in time) since we started: what to alert on.
+    failures_total: int = 0
     last_exit: str | None = None
     exit_code: ExitCode | None = None
     # The reconcile cycle (RECONCILING): the job in flight and, when the LMDB is written, the cycle.

@@ -1075,6 +1075,7 @@ class Supervisor:
                 "started_at": wall_of(st.child.started_at) if st.child is not None else None,
                 "last_exit": st.last_exit,
                 "failures": st.backoff.consecutive,
+                "failures_total": st.failures_total,
                 "retry_at": wall_of(st.retry_at),
                 "record": c.record().to_json() if c is not None else None,
                 "argv": list(prepared.argv) if prepared is not None else None,

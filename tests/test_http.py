@@ -41,6 +41,7 @@ def running_snapshot(**overrides: Any) -> dict[str, Any]:
         "lightningstream": {
             "pid": 4322,
             "restarts": 3,
+            "failures_total": 2,
             "ready": True,
             "config": "/var/lib/lssupervisor/lightningstream.yaml",
             "started_at": "2024-05-01T10:00:05+00:00",
@@ -260,6 +261,7 @@ def test_metrics_from_snapshot(make_server: Callable[..., StatusServer]) -> None
     assert m["lssupervisor_schema_version"] == [({"lmdb": "main"}, 4.0)]  # null version: no sample
     assert m["lssupervisor_target_schema_version"] == [({}, 5.0)]
     assert m["lssupervisor_lightningstream_restarts_total"] == [({}, 3.0)]
+    assert m["lssupervisor_lightningstream_failures_total"] == [({}, 2.0)]
     assert m["lssupervisor_lightningstream_up"] == [({}, 1.0)]
     assert m["lssupervisor_lightningstream_ready"] == [({}, 1.0)]
     assert m["lssupervisor_migration_duration_seconds"] == [({}, 12.5)]

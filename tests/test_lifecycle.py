@@ -603,6 +603,7 @@ def test_hup_with_changed_config_restarts_once() -> None:
     r(ChildReady(pid=11), 6.0)
     assert r.now_in() is State.RUNNING and r.st.pid == 11 and r.st.restarts == 1
     assert r.st.backoff.clean  # an intended stop is not a failure (I5)
+    assert r.st.failures_total == 0  # ...and not what operators alert on
     assert sum(isinstance(a, SpawnChild) for a in r.acts) == 2
 
 
@@ -628,6 +629,7 @@ def test_crash_restart_after_backoff_then_reset_after_healthy() -> None:
     boot_to_running(r)
     r(ChildExited(pid=10, returncode=2, description="exit 2"), 20.0)
     assert r.st.state is State.BACKOFF and r.st.retry_at == 21.0
+    assert r.st.failures_total == 1
     assert r(Tick(), 20.9) == []
     assert r(Tick(), 21.0) == [SpawnChild(digest="d1", reason="restart after failure")]
     r(ChildSpawned(pid=11), 21.0)
