@@ -23,15 +23,11 @@ from typing import Any
 
 from lssupervisor import lock
 from lssupervisor.config import Config, load_config
-from lssupervisor.errors import ExitCode, SupervisorError
+from lssupervisor.errors import ExitCode, NotRunning, SupervisorError
 from lssupervisor.statefile import read_state
 
 WAIT_EXTRA_S = 5.0  # beyond stop_timeout, how long pause/resume wait for the daemon's answer
 POLL_S = 0.05
-
-
-class NotRunning(SupervisorError):
-    exit_code = ExitCode.SOFTWARE
 
 
 def daemon_pid(cfg: Config) -> int:

@@ -20,6 +20,7 @@ Exception tree::
     ├── SchemaTooNew                the LMDB is newer than the newest migration we know (EX_TOO_NEW)
     ├── BackupError                 backup or restore failed; nothing was written (EX_MIGRATION)
     ├── LightningStreamRunning      LS still runs where it must not (EX_LS_RUNNING)
+    ├── NotRunning                  a control command found no daemon to talk to  (NOT_RUNNING)
     └── WorkerError                 a worker process died or spoke nonsense (EX_SOFTWARE)
 """
 
@@ -34,6 +35,7 @@ class ExitCode(enum.IntEnum):
 
     OK = 0
     SOFTWARE = 1  # a bug or an unexpected internal error (restartable)
+    NOT_RUNNING = 3  # `status`/`reload`/...: no daemon runs (LSB's "program is not running")
     USAGE = 64  # EX_USAGE: bad command line
     CONFIG = 78  # EX_CONFIG: configuration or template invalid (fail closed)
     LOCKED = 75  # EX_TEMPFAIL: another supervisor holds the lock (restartable later)
@@ -116,6 +118,10 @@ class BackupError(SupervisorError):
 
 class LightningStreamRunning(SupervisorError):
     exit_code = ExitCode.LS_RUNNING
+
+
+class NotRunning(SupervisorError):
+    exit_code = ExitCode.NOT_RUNNING
 
 
 class WorkerError(SupervisorError):

@@ -33,7 +33,7 @@ from typing import Any
 
 from lssupervisor.errors import ExitCode
 
-NOT_RUNNING_EXIT = ExitCode.SOFTWARE  # `status` when no daemon runs (scripts: non-zero = not running)
+NOT_RUNNING_EXIT = ExitCode.NOT_RUNNING  # `status` when no daemon runs (LSB: 3 = not running)
 
 
 def write_state(path: Path, doc: Mapping[str, Any]) -> None:

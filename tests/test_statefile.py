@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from lssupervisor import lock
+from lssupervisor.errors import ExitCode
 from lssupervisor.statefile import cmd_status, format_human, read_state, write_state
 
 DOC: dict[str, Any] = {
@@ -92,11 +93,11 @@ def test_status_running_vs_stale(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     config = write_config(tmp_path)
     cfg = load_config(config)
-    assert status(config, False) == 1
+    assert status(config, False) == ExitCode.NOT_RUNNING
     assert "lssupervisor is not running (no " in capsys.readouterr().out
     write_state(cfg.state_file, {**DOC, "pid": os.getpid()})
     # Written, but nobody holds the lock: stale.
-    assert status(config, True) == 1
+    assert status(config, True) == ExitCode.NOT_RUNNING
     out = json.loads(capsys.readouterr().out)
     assert out["daemon"]["stale"] is True and out["daemon"]["running"] is False
     with lock.acquire(cfg, [], "daemon"):
@@ -109,6 +110,6 @@ def test_status_running_vs_stale(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert out["state"] == "RUNNING" and out["lightningstream"]["pid"] == 4242
     # An offline command holding the lock is not the daemon.
     with lock.acquire(cfg, [], "migrate"):
-        assert status(config, False) == 1
+        assert status(config, False) == ExitCode.NOT_RUNNING
         text = capsys.readouterr().out
         assert "stale" in text and f"state dir locked by pid {os.getpid()} (migrate)" in text

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from lssupervisor.config import LogFormat
+from lssupervisor.errors import ExitCode
 from lssupervisor.logs import fields, logfmt_value, setup_logging
 from tests.helpers import free_port, wait_for
 
@@ -498,7 +499,7 @@ def test_status_json_fields_and_stale_detection(daemon: Daemon, cs: ConfigSet) -
     daemon.send(signal.SIGTERM)
     assert daemon.wait() == 0
     stale = status()
-    assert stale.returncode == 1 and "not running; state.json is stale" in stale.stdout
+    assert stale.returncode == ExitCode.NOT_RUNNING and "not running; state.json is stale" in stale.stdout
     stale_json = json.loads(status("--json").stdout)
     assert stale_json["daemon"]["stale"] is True and stale_json["state"] == "STOPPED"
 
