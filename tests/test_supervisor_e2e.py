@@ -95,6 +95,7 @@ class ConfigSet:
         http: str = "",
         ls_extra: str = "",
         extra: str = "",
+        binary: str = STANDIN,
     ) -> None:
         """``ls_extra``: more lines of the ``lightningstream:`` block (indented by 2); ``extra``: more
         top-level YAML (``schema:``, ``watch:``, ``hooks:``...)."""
@@ -106,7 +107,7 @@ class ConfigSet:
             f"""\
 state_dir: {state_dir}
 lightningstream:
-  binary: {STANDIN}
+  binary: {binary}
   args: [sync]
   template: {self.template.name}
   stop_timeout: {stop_timeout}
