@@ -10,7 +10,6 @@ kernel kills every process in it when its PID 1 dies). No init is ever booted: P
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shutil
@@ -24,7 +23,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lssupervisor import supervisor
 from lssupervisor.cli import main
 from lssupervisor.errors import ExitCode
 from tests.helpers import free_port, wait_for
@@ -32,43 +30,6 @@ from tests.helpers import free_port, wait_for
 STANDIN = Path(sys.executable).with_name("lightningstream-standin")
 STOP_TIMEOUT_S = 1.0
 ZOMBIE_DEADLINE_S = 4.0  # reaping takes one loop wake-up (SIGCHLD), milliseconds; generous under load
-
-# The daemon with exactly the wiring proposed for supervisor.py (see lssupervisor/reaper.py and the
-# report): a Reaper whose own_pids() is the LS child, made a subreaper at start, reaping after the loop
-# polled its own Popen. Used only while supervisor.py does not wire the reaper itself.
-WIRED_DAEMON = r"""
-import sys
-from lssupervisor import supervisor
-from lssupervisor.cli import main
-from lssupervisor.reaper import Reaper
-
-
-class WiredSupervisor(supervisor.Supervisor):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reaper = Reaper(self._own_pids)
-
-    def _own_pids(self):
-        return {self.child.pid} if self.child is not None else set()
-
-    def run(self):
-        self.reaper.become_subreaper()
-        return super().run()
-
-    def _poll_child(self):
-        super()._poll_child()
-        self.reaper.reap()
-
-
-supervisor.Supervisor = WiredSupervisor
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _supervisor_wires_reaper() -> bool:
-    """Whether supervisor.py creates a Reaper (it may import the module lazily, inside a method)."""
-    return re.search(r"\bReaper\(", inspect.getsource(supervisor)) is not None
-
 
 def _unshare_problem() -> str | None:
     """Why a PID namespace cannot be made here, or None."""
@@ -135,11 +96,11 @@ class ConfigSet:
 class NamespacedDaemon:
     """``unshare --pid --fork --mount-proc -- python -m lssupervisor run`` with its log in a file."""
 
-    def __init__(self, cs: ConfigSet, *, ls_env: dict[str, str] | None = None, wired: bool = False) -> None:
+    def __init__(self, cs: ConfigSet, *, ls_env: dict[str, str] | None = None) -> None:
         self.cs = cs
         self.logfile = cs.root / "daemon.log"
         self._log = self.logfile.open("wb")
-        program = ["-c", WIRED_DAEMON] if wired else ["-m", "lssupervisor"]
+        program = ["-m", "lssupervisor"]
         env = {**os.environ, "LSSTANDIN_HEALTH_INTERVAL_MS": "100", **(ls_env or {})}
         self.proc = subprocess.Popen(
             [
@@ -352,16 +313,8 @@ def _orphans_are_reaped(d: NamespacedDaemon) -> None:
     assert any(f'pid={ns_sleep} status="terminated by SIGTERM"' in line for line in reaped), reaped
 
 
-@pytest.mark.xfail(
-    not _supervisor_wires_reaper(), strict=False, reason="reaper not wired into supervisor.py yet"
-)
 def test_orphans_are_reaped_by_pid_1(cs: ConfigSet, started: list[NamespacedDaemon]) -> None:
     _orphans_are_reaped(_start(cs, started, ls_env={"LSSTANDIN_REEXEC": "1"}))
-
-
-@pytest.mark.skipif(_supervisor_wires_reaper(), reason="supervisor.py wires the reaper: covered above")
-def test_orphans_are_reaped_with_the_proposed_wiring(cs: ConfigSet, started: list[NamespacedDaemon]) -> None:
-    _orphans_are_reaped(_start(cs, started, ls_env={"LSSTANDIN_REEXEC": "1"}, wired=True))
 
 
 # ---------------------------------------------------------------------------------------------------
