@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from lssupervisor import __version__
 from lssupervisor.errors import ExitCode, SupervisorError
@@ -43,6 +44,14 @@ HANDLERS: dict[str, str] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad command line; ours is EX_USAGE (64), as documented."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-c",
@@ -53,7 +62,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lssupervisor",
         description="Supervise Lightning Stream and migrate the LMDB schema it syncs, safely.",
     )
