@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from lssupervisor import backup, history
-from lssupervisor.errors import ConfigError, LightningStreamRunning, LockHeld, UsageError
+from lssupervisor.errors import (
+    ConfigError,
+    LightningStreamRunning,
+    LockHeld,
+    SupervisorError,
+    UsageError,
+)
 from lssupervisor.lsmodel import LsView
 from lssupervisor.worker import (
     Message,
@@ -357,6 +363,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         request = build_request("rollback", cfg, view, backup_id=args.backup)
         final = _run(cfg, request, fds, _Progress(sys.stderr))
         rendered = _rerender(cfg, final.get("schema_version"))
+        restored = final.get("schema_version")
+        next_start = _next_start(cfg, view, fds, restored) if isinstance(restored, int) else None
     for e in final["lmdbs"]:
         what = "restored" if e["restored"] else "already in place"
         print(f"LMDB {e['lmdb']}: {what} (version {e['from']} -> {e['to']})")
@@ -365,8 +373,56 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     print(f"rolled back to backup {final['backup_id']} (schema version {final['schema_version']})")
     if rendered:
         print(f"LS config re-rendered for version {final['schema_version']}: {rendered}")
-    print("the daemon re-renders the LS config for the restored version at its next start as well")
+    if next_start is not None:
+        summary, warning = next_start
+        print(summary)
+        if warning:
+            print(f"lssupervisor: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _target_source(cfg: Config, target: int) -> tuple[str, str]:
+    """Where the daemon's target comes from (resolve_target's order), and how to pin version N there:
+    a text with ``{n}`` for the version."""
+    where = str(cfg.source) if cfg.source else "the config"
+    if cfg.schema.target is not None:
+        return f"schema.target: {target} in {where}", f"set `schema.target: {{n}}` in {where}"
+    if cfg.schema.target_file is not None:
+        path = Path(cfg.schema.target_file)
+        pin = f"write {{n}} to schema.target_file: `echo {{n}} > {path}`"
+        if path.exists():
+            return f"{path} says {target}", pin
+        return f"the newest migration, {target}; {path} does not exist", pin
+    return (
+        f"the newest migration, {target}",
+        f"set `schema.target: {{n}}` in {where} (or deploy the release without the migrations above {{n}})",
+    )
+
+
+def _next_start(cfg: Config, view: LsView, fds: Sequence[int], restored: int) -> tuple[str, str | None]:
+    """What the daemon does with the restored LMDBs at its next start or reconcile: the plan it will
+    make (same worker op, same target resolution). Returns a summary line for stdout and, when the
+    daemon would NOT stay on ``restored``, a warning saying so and how to pin the target: the daemon
+    migrates straight back otherwise, undoing the rollback a few seconds after `systemctl start`."""
+    try:
+        final = _run(cfg, build_request("plan", cfg, view, target=resolve_target(cfg, None)), fds)
+    except SupervisorError as exc:
+        return (
+            f"at its next start the daemon cannot plan from version {restored} (see the warning)",
+            f"the daemon will not start LS on the restored version {restored}: {exc}",
+        )
+    target = int(final["target"])
+    source, pin = _target_source(cfg, target)
+    moving = [p["lmdb"] for p in final["lmdbs"] if p["action"] != "none"]
+    if not moving:
+        return f"at its next start the daemon stays on version {restored} (target {source})", None
+    return (
+        f"at its next start the daemon migrates {', '.join(moving)} from {restored} to {target} again "
+        "(see the warning)",
+        f"the target is still {target} ({source}): the daemon will migrate {restored} -> {target} again at "
+        f"its next start or reconcile, undoing this rollback; to stay on version {restored}, "
+        f"{pin.format(n=restored)} before starting it, then check `lssupervisor plan` shows ACTION none",
+    )
 
 
 def _rerender(cfg: Config, version: Any) -> str | None:

@@ -144,6 +144,48 @@ def test_rollback_restores_and_renders_the_config_back(
     assert code == int(ExitCode.MIGRATION) and "no backup 'no-such-backup'" in err
 
 
+def test_rollback_warns_loudly_that_the_daemon_would_migrate_straight_back(
+    cs: ConfigSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cs.run(capsys, "migrate")[0] == 0
+    code, out, err = cs.run(capsys, "rollback")
+    assert code == 0
+    # No pin: the newest migration (3) is the target, so the daemon would undo the rollback.
+    assert "at its next start the daemon migrates main from 1 to 3 again" in out
+    (warning,) = [line for line in err.splitlines() if "warning" in line]  # the rest is progress
+    assert warning.startswith("lssupervisor: warning: the target is still 3 (the newest migration, 3)")
+    assert "will migrate 1 -> 3 again at its next start or reconcile" in warning
+    assert f"set `schema.target: 1` in {cs.config}" in warning
+    assert cs.run(capsys, "plan", "--json")[1].count('"action": "migrate"') == 1  # what it warned about
+    # Pinned as the warning says: no warning, and the summary names the pin.
+    cs.config.write_text(cs.config.read_text() + "schema:\n  target: 1\n")
+    code, out, err = cs.run(capsys, "rollback")
+    assert code == 0 and "warning" not in err
+    assert f"the daemon stays on version 1 (target schema.target: 1 in {cs.config})" in out
+
+
+def test_rollback_names_the_target_file_to_pin(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
+    target_file = cs.root / "app.target"
+    cs.config.write_text(cs.config.read_text() + f"schema:\n  target_file: {target_file}\n")
+    target_file.write_text("3\n")
+    assert cs.run(capsys, "migrate")[0] == 0
+    code, _, err = cs.run(capsys, "rollback")
+    assert code == 0
+    assert f"the target is still 3 ({target_file} says 3)" in err
+    assert f"write 1 to schema.target_file: `echo 1 > {target_file}`" in err
+    target_file.write_text("1\n")
+    code, out, err = cs.run(capsys, "rollback")
+    assert code == 0 and "warning" not in err
+    assert f"the daemon stays on version 1 (target {target_file} says 1)" in out
+    # Undoing the rollback (its safety backup, at 3) while the file says 1: the daemon would refuse.
+    backups = json.loads(cs.run(capsys, "backups", "--json")[1])
+    (undo,) = [b["id"] for b in backups if b["schema_version"] == 3]
+    code, out, err = cs.run(capsys, "rollback", undo)
+    assert code == 0 and "the daemon cannot plan from version 3" in out
+    assert "warning: the daemon will not start LS on the restored version 3: " in err
+    assert "above the target 1" in err
+
+
 HOLD_LOCK = """
 import sys
 from lssupervisor.config import load_config
