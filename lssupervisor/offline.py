@@ -1,12 +1,14 @@
 """Offline migration commands: ``plan``, ``migrate``, ``stamp``, ``history``, ``backups``, ``rollback``,
 ``fleet``.
 
-They work while the daemon is NOT running. Each one that touches an LMDB takes the daemon's own lock
-(``lssupervisor.lock``: the state-dir flock plus one per LMDB) and refuses, naming the daemon's pid,
-when the daemon holds it; it also refuses when a Lightning Stream process has an LMDB open. The LMDB
-work itself runs in the same worker process the daemon uses (``lssupervisor.worker``), so there is
-one implementation of every operation. Progress goes to stderr; results to stdout (a readable table,
-or JSON with ``--json``). Errors are one line with the exit code from ``lssupervisor.errors``.
+``migrate``, ``stamp`` and ``rollback`` work while the daemon is NOT running: each takes the daemon's
+own lock (``lssupervisor.lock``: the state-dir flock plus one per LMDB) and refuses, naming the
+daemon's pid, when the daemon holds it; it also refuses when a Lightning Stream process has an LMDB
+open. ``plan``, ``fleet``, ``history``, ``backups`` and ``migrate --dry-run`` only read and take no
+lock. The LMDB work itself runs in the same worker process the daemon uses (``lssupervisor.worker``),
+so there is one implementation of every operation. Progress goes to stderr; results to stdout (a
+readable table, or JSON with ``--json``). Errors are one line with the exit code from
+``lssupervisor.errors``.
 """
 
 from __future__ import annotations
@@ -232,13 +234,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.no_backup:
         extra["backup_enabled"] = False
-    with locked(cfg, view, "migrate") as fds:
-        if not args.dry_run:
+    request = build_request(op, cfg, view, target=target, **extra)
+    # The worker cancels itself at migrations.timeout; the extra time is the backstop for a hang.
+    timeout = None if cfg.migrations.timeout is None else cfg.migrations.timeout + 30.0
+    if args.dry_run:
+        # No lock, so a dry run of a live instance works while the daemon and LS run: the worker opens
+        # the live LMDB read-only (MDB_RDONLY), takes a compact copy under one read transaction (which
+        # blocks no writer), runs the plan on the copy in a private .dryrun-*.partial directory and
+        # deletes it. It writes nothing to the live LMDB, the history or the backups.
+        final = _run(cfg, request, (), _Progress(sys.stderr), timeout)
+    else:
+        with locked(cfg, view, "migrate") as fds:
             refuse_if_ls_runs(cfg, view, fds)
-        request = build_request(op, cfg, view, target=target, **extra)
-        # The worker cancels itself at migrations.timeout; the extra time is the backstop for a hang.
-        timeout = cfg.migrations.timeout
-        final = _run(cfg, request, fds, _Progress(sys.stderr), None if timeout is None else timeout + 30.0)
+            final = _run(cfg, request, fds, _Progress(sys.stderr), timeout)
     if args.json:
         _print_json(_clean(final))
         return 0

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import pytest
 
-from lssupervisor import backup
+from lssupervisor import backup, lock
 from lssupervisor.cli import main
+from lssupervisor.config import load_config
 from lssupervisor.errors import ExitCode
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
@@ -111,6 +113,33 @@ def test_dry_run_changes_nothing(cs: ConfigSet, capsys: pytest.CaptureFixture[st
     data = json.loads(out)
     assert code == 0 and data["op"] == "dry_run" and data["lmdbs"][0]["keys"] == 1000
     assert backup.sha256_file(backup.data_file(cs.spec)) == before
+    assert not (cs.root / "state" / "history.jsonl").exists()
+
+
+def test_dry_run_works_while_the_daemon_holds_the_lock(
+    cs: ConfigSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dry run of a live instance: the daemon's locks held (state dir and LMDB), the live LMDB only
+    read. It must succeed, and leave the live data file byte-identical with the same last txn id."""
+    data_file = backup.data_file(cs.spec)
+    live_bytes = data_file.read_bytes()
+    with lmdb.open(cs.spec.path, max_dbs=64, readonly=True) as env:
+        live_txnid = env.info()["last_txnid"]
+    with lock.acquire(load_config(cs.config), [cs.spec], "daemon"):
+        code, _, err = cs.run(capsys, "migrate")  # the real migration still refuses
+        assert code == int(ExitCode.LOCKED) and "daemon is stopped" in err
+        code, out, err = cs.run(capsys, "migrate", "--dry-run", "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)["lmdbs"]
+    assert result["keys"] == 1000 and len(result["steps"]) == 2
+    assert result["live_last_txnid_before"] == result["live_last_txnid_after"] == live_txnid
+    assert data_file.read_bytes() == live_bytes
+    with lmdb.open(cs.spec.path, max_dbs=64, readonly=True) as env:
+        assert env.info()["last_txnid"] == live_txnid
+    assert read_marker_version(cs.spec, instance=INSTANCE) == 1
+    # The copy lived in a private .dryrun-*.partial directory, removed at the end; nothing recorded.
+    backups_dir = cs.root / "state" / "backups"
+    assert not backups_dir.exists() or list(backups_dir.iterdir()) == []
     assert not (cs.root / "state" / "history.jsonl").exists()
 
 
@@ -211,7 +240,7 @@ def daemon_lock(cs: ConfigSet) -> Iterator[subprocess.Popen[str]]:
     proc.wait(10)
 
 
-@pytest.mark.parametrize("argv", [("migrate",), ("stamp", "2"), ("rollback",), ("migrate", "--dry-run")])
+@pytest.mark.parametrize("argv", [("migrate",), ("stamp", "2"), ("rollback",)])
 def test_offline_commands_refuse_while_the_daemon_holds_the_lock(
     cs: ConfigSet,
     capsys: pytest.CaptureFixture[str],
