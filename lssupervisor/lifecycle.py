@@ -359,6 +359,7 @@ class Lifecycle:
             return self._begin_stop(st, StopPurpose.RESTART, "LS config changed", now, acts)
         if st.unkillable_pid is not None:
             reason = st.park_reason or f"LS pid {st.unkillable_pid} survived SIGKILL"
+            st = replace(st, park_exit=ExitCode.LS_RUNNING)
             return self._enter(st, State.PARKED, reason, now, acts)
         if st.park_reason is not None:
             return self._enter(st, State.PARKED, st.park_reason, now, acts)
@@ -632,9 +633,18 @@ class Lifecycle:
         child = st.child
         if st.unkillable_pid is not None and ev.pid == st.unkillable_pid:
             # The LS that survived SIGKILL is finally gone; an operator may start LS again.
-            acts.append(LogLine(Level.WARNING, f"LS pid {ev.pid} finally exited ({ev.description})"))
+            st = replace(st, unkillable_pid=None)
+            if st.state is State.PARKED and (st.park_reason or "").startswith(f"LS pid {ev.pid} survived"):
+                # No LS runs any more: a shutdown now is a plain park, not "an LS still runs" (68).
+                st = replace(st, park_exit=ExitCode.PARKED)
+                next_step = "; run `lssupervisor resume` to start LS again"
+            else:
+                next_step = ""
+            acts.append(
+                LogLine(Level.WARNING, f"LS pid {ev.pid} finally exited ({ev.description}){next_step}")
+            )
             acts.append(WriteState())
-            return replace(st, unkillable_pid=None)
+            return st
         if child is None or child.pid != ev.pid:
             raise LifecycleError(f"ChildExited pid={ev.pid} but our LS is {st.pid} in {st.state.value}")
         if st.state is State.STOPPING:
@@ -740,8 +750,16 @@ class Lifecycle:
             "check it (D state?) and restart lssupervisor"
         )
         acts.append(LogLine(Level.ERROR, reason))
+        # The same exit code as every other "an LS runs where it must not" park (68), whichever path
+        # found it: here, or a migration planned while it lives.
         st = replace(
-            st, child=None, stopping=None, park_reason=reason, retry_at=None, unkillable_pid=st.child.pid
+            st,
+            child=None,
+            stopping=None,
+            park_reason=reason,
+            park_exit=ExitCode.LS_RUNNING,
+            retry_at=None,
+            unkillable_pid=st.child.pid,
         )
         if st.desired.goal is Goal.SHUTDOWN:
             st = replace(st, exit_code=ExitCode.LS_RUNNING)

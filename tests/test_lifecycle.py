@@ -504,6 +504,30 @@ def test_exit_codes() -> None:
     assert exit_code("stopping_killed", "tick_late") is ExitCode.LS_RUNNING
 
 
+def test_ls_surviving_sigkill_parks_with_ls_running_on_every_path() -> None:
+    # Path 1: SIGKILL sent while stopping for a restart (goal run), LS still there after kill_grace.
+    killed = Stopping(
+        StopPurpose.RESTART, "LS config changed", term_at=90.0, kill_at=98.0, killed=True, give_up_at=103.0
+    )
+    st = replace(SITUATIONS["stopping_restart"], stopping=killed)
+    parked, acts = core().handle(st, Tick(), LATE)
+    assert parked.state is State.PARKED and parked.unkillable_pid == 10
+    assert parked.park_exit is ExitCode.LS_RUNNING
+    _, acts = core().handle(parked, ShutdownRequested(), LATE + 1)
+    assert acts[-1] == Exit(ExitCode.LS_RUNNING)
+    # Path 2: a reconcile while it lives re-enters PARKED: still 68.
+    c = core()
+    again, _ = c.handle(parked, ReconcileRequested(), LATE + 2)
+    again, _ = c.handle(again, ConfigPrepared(digest="d2", version=1, wait_for_health=True), LATE + 2)
+    assert again.state is State.PARKED and again.park_exit is ExitCode.LS_RUNNING
+    _, acts = c.handle(again, ShutdownRequested(), LATE + 3)
+    assert acts[-1] == Exit(ExitCode.LS_RUNNING)
+    # Once it finally exits, no LS runs: a shutdown is a plain park, and the log says how to go on.
+    gone, acts = c.handle(parked, ChildExited(pid=10, returncode=-9, description="killed by SIGKILL"), LATE + 4)
+    assert gone.unkillable_pid is None and gone.park_exit is ExitCode.PARKED
+    assert any(isinstance(a, LogLine) and "`lssupervisor resume`" in a.msg for a in acts)
+
+
 def test_notify_kinds() -> None:
     _, acts = core().handle(SITUATIONS["running"], EVENTS["hup"][0], NOW)
     assert Notify(NotifyKind.RELOADING) in acts

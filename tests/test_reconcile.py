@@ -502,6 +502,7 @@ def test_unkillable_ls_blocks_any_migration() -> None:
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
     assert c.state() is State.PARKED and not c.of(ProveGone)
+    assert c(ShutdownRequested(), 20.0)[-1] == Exit(ExitCode.LS_RUNNING)  # like the SIGKILL path
 
 
 # -- the watcher's debounce ------------------------------------------------------------------------------
