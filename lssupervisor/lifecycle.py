@@ -311,6 +311,10 @@ class Lifecycle:
     ) -> SupervisorState:
         new = replace(st, state=new_state, since=now, reason=reason, substep=substep)
         pid = new.child.pid if new.child is not None else None
+        if new_state is State.PARKED and st.state is not State.PARKED:
+            # One grep-able line for every entry into PARKED, whatever parked it (the cycle, the restart
+            # policy, an LS that survived SIGKILL), logged when LS is down.
+            acts.append(LogLine(Level.ERROR, f"parked: {reason}"))
         acts.append(AnnounceState(old=st.state, new=new_state, reason=reason, pid=pid, substep=substep))
         if new_state in (State.RUNNING, State.PAUSED, State.PARKED):
             # READY=1 once settled (also after a reload, which sent RELOADING=1). PAUSED and PARKED are
@@ -749,7 +753,6 @@ class Lifecycle:
             f"LS pid {st.child.pid} survived SIGKILL for {_secs(self.timeouts.kill_grace)}; "
             "check it (D state?) and restart lssupervisor"
         )
-        acts.append(LogLine(Level.ERROR, reason))
         # The same exit code as every other "an LS runs where it must not" park (68), whichever path
         # found it: here, or a migration planned while it lives.
         st = replace(
@@ -762,6 +765,7 @@ class Lifecycle:
             unkillable_pid=st.child.pid,
         )
         if st.desired.goal is Goal.SHUTDOWN:
+            acts.append(LogLine(Level.ERROR, reason))  # (entering PARKED logs it otherwise)
             st = replace(st, exit_code=ExitCode.LS_RUNNING)
             st = self._enter(st, State.STOPPED, reason, now, acts)
             acts.append(Exit(ExitCode.LS_RUNNING))
@@ -798,8 +802,8 @@ class Lifecycle:
         *,
         code: ExitCode = ExitCode.PARKED,
     ) -> SupervisorState:
-        """LS stays down until an operator acts; ``reason`` names what to run next."""
-        acts.append(LogLine(Level.ERROR, f"parked: {reason}"))
+        """LS stays down until an operator acts; ``reason`` names what to run next. The ``parked:`` line
+        is logged on entering PARKED (after LS stopped, when it still ran)."""
         st = replace(
             st,
             park_reason=reason,

@@ -19,6 +19,7 @@ from lssupervisor.actions import (
     AnnounceState,
     Exit,
     KillGroup,
+    Level,
     LogLine,
     Notify,
     NotifyKind,
@@ -481,7 +482,9 @@ def test_burst_limit_parks_with_the_reason() -> None:
     assert after.state is State.PARKED
     assert after.reason is not None
     assert "5 failures within 300s" in after.reason and "lssupervisor resume" in after.reason
-    assert [type(a) for a in acts] == [AnnounceState, Notify]
+    # One grep-able `parked:` line, like every other park (it used to show only as `-> PARKED`).
+    assert [type(a) for a in acts] == [LogLine, AnnounceState, Notify]
+    assert acts[0] == LogLine(Level.ERROR, f"parked: {after.reason}")
     # Failures outside the window do not count.
     st = replace(st, backoff=BackoffState(consecutive=4, recent=(-250.0, -240.0, 80.0, 90.0)))
     after, _ = core().handle(st, EVENTS["exited"][0], NOW)
@@ -848,6 +851,11 @@ def simulate(script: list[int], sample: float) -> set[State]:
                 assert live is not None and a.pid == live
         if s.state is not before.state:
             assert [type(a) for a in acts].count(AnnounceState) >= 1
+        parked_lines = [a.msg for a in acts if isinstance(a, LogLine) and a.msg.startswith("parked: ")]
+        if s.state is State.PARKED and before.state is not State.PARKED:
+            assert parked_lines == [f"parked: {s.reason}"], "every entry into PARKED logs one line"
+        else:
+            assert parked_lines == []
         if s.child is not None:
             assert s.child.pid == live
         if isinstance(ev, ShutdownRequested) and s.state is not State.STOPPED:

@@ -584,7 +584,12 @@ def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
 
     def one(ev: Event) -> None:
         nonlocal s, live, next_pid, job
+        before = s.state
         s, acts = c.handle(s, ev, now)
+        # Every entry into PARKED (cycle, restart policy, deferred crash) logs exactly one `parked:` line.
+        parked_lines = [a.msg for a in acts if isinstance(a, LogLine) and a.msg.startswith("parked: ")]
+        entered = s.state is State.PARKED and before is not State.PARKED
+        assert parked_lines == ([f"parked: {s.reason}"] if entered else [])
         for a in acts:
             if isinstance(a, SpawnChild):
                 assert live is None and job is None, "LS started while a job runs"

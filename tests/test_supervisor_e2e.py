@@ -384,6 +384,9 @@ def test_crash_burst_parks_and_says_why(cs: ConfigSet) -> None:
         reason = doc["reason"]
         assert "LS rejected its config (exit 1 within 5s)" in reason
         assert "3 failures within 60s" in reason and "lssupervisor resume" in reason
+        # The same grep-able line as every other park.
+        (line,) = d.wait_log(r'level=error msg="parked: ')
+        assert "3 failures within 60s" in line
         assert doc["lightningstream"]["pid"] is None
         time.sleep(0.5)  # a parked LS stays down: nothing may start meanwhile (checked just below)
         assert len(cs.starts()) == 3
