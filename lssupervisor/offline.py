@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from lssupervisor import backup, history
+from lssupervisor import backup, history, migrations
 from lssupervisor.errors import (
     ConfigError,
     LightningStreamRunning,
@@ -42,6 +42,7 @@ from lssupervisor.worker import (
 
 if TYPE_CHECKING:
     from lssupervisor.config import Config
+    from lssupervisor.migrations import MigrationSet
 
 # Names a Lightning Stream process goes by (the real binary, and the test stand-in).
 _LS_NAMES = ("lightningstream",)
@@ -454,6 +455,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     # Read-only and harmless while the daemon runs (LMDB readers never block anyone), so no lock.
     final = _run(cfg, build_request("fleet", cfg, view))
+    migs = _known_migrations(cfg, view)
+    for entry in final["lmdbs"]:
+        for m in entry["markers"]:
+            m["set_by"] = set_by(m, entry["lmdb"], migs)
     if args.json:
         _print_json(_clean(final))
         return 0
@@ -463,15 +468,38 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             rows.append([entry["lmdb"], "-", None, None, None, None])
         for m in entry["markers"]:
             me = " (this instance)" if m["instance"] == final["instance"] else ""
-            rows.append(
-                [
-                    entry["lmdb"],
-                    m["instance"] + me,
-                    m["version"],
-                    m["migration"] or "stamp",
-                    m["time"],
-                    m["tool_version"],
-                ]
-            )
+            row = [entry["lmdb"], m["instance"] + me, m["version"], m["set_by"], m["time"], m["tool_version"]]
+            rows.append(row)
     print(_table(["LMDB", "INSTANCE", "VERSION", "MIGRATION", "TIME", "TOOL"], rows))
     return 0
+
+
+def _known_migrations(cfg: Config, view: LsView) -> MigrationSet | None:
+    """The migration files, read but not imported (None when they cannot be read: fleet still shows
+    the markers)."""
+    source = cfg.migrations.package or cfg.migrations.path
+    try:
+        return None if source is None else migrations.discover(source, [s.name for s in view.lmdbs])
+    except SupervisorError:
+        return None
+
+
+def set_by(m: Mapping[str, Any], lmdb: str, migs: MigrationSet | None) -> str:
+    """What moved one marker (a ``fleet`` row) to its version, as far as the marker can tell.
+
+    A marker records the migration that ran ON ITS LMDB. A marker-only step (this LMDB moved along with
+    a migration of another LMDB, e.g. shard 5->6 by main's 0006) records no name, like a stamp; the
+    migration files tell the two apart where they can: a step on this LMDB always records its name, so
+    an empty name at a version whose migration is for this LMDB (or at one without a migration) was a
+    stamp; at a version whose migration is for another LMDB only the marker moved."""
+    name = str(m.get("migration") or "")
+    if name:
+        return name
+    if migs is None:
+        return "(no migration ran: stamp or marker only)"
+    version = int(m["version"])
+    if 1 <= version <= migs.newest:
+        mig = migs.get(version)
+        if mig.lmdb != lmdb:
+            return f"(marker only: {mig.name} is for LMDB {mig.lmdb})"
+    return "(stamp)"

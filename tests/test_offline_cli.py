@@ -215,6 +215,59 @@ def test_rollback_names_the_target_file_to_pin(cs: ConfigSet, capsys: pytest.Cap
     assert "above the target 1" in err
 
 
+TWO_LMDB_MIGRATIONS = {
+    "0001_main_init.py": '''
+        """Initial schema."""
+        VERSION = 1
+        LMDB = "main"
+
+        def upgrade(m):
+            pass
+    ''',
+    "0002_main_upper.py": '''
+        """Uppercase main's values; the shard only follows (marker only)."""
+        VERSION = 2
+        LMDB = "main"
+
+        def upgrade(m):
+            for key, value in m.items("data"):
+                m.put("data", key, value.upper())
+    ''',
+}
+
+
+def test_fleet_tells_a_marker_only_step_from_a_migration_and_a_stamp(
+    cs: ConfigSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for f in (cs.root / "migrations").iterdir():
+        f.unlink()
+    write_migrations(cs.root / "migrations", TWO_LMDB_MIGRATIONS)
+    build_lmdb(cs.root / "shard", {"data": {"s": "1"}}, marker=1, instance=INSTANCE)
+    template = cs.root / "ls.yaml.in"
+    template.write_text(
+        template.read_text().replace(
+            "storage:", f"  shard:\n    path: {cs.root}/shard\n    schema_tracks_changes: true\nstorage:"
+        )
+    )
+    code, out, err = cs.run(capsys, "migrate", "--no-backup")
+    assert code == 0, err
+    code, out, _ = cs.run(capsys, "fleet")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert f"{INSTANCE} (this instance)  2        0002_main_upper " in rows["main"]
+    # The shard moved 1 -> 2 with main's migration: its marker names no migration, and it was no stamp.
+    assert "(marker only: 0002_main_upper is for LMDB main)" in rows["shard"] and "stamp" not in out
+    data = json.loads(cs.run(capsys, "fleet", "--json")[1])
+    assert [e["markers"][0]["set_by"] for e in data["lmdbs"]] == [
+        "0002_main_upper",
+        "(marker only: 0002_main_upper is for LMDB main)",
+    ]
+    # A stamp of main (whose own migration would have recorded its name) shows as one.
+    assert cs.run(capsys, "stamp", "2", "--lmdb", "main")[0] == 0
+    code, out, _ = cs.run(capsys, "fleet")
+    assert "2        (stamp)" in next(line for line in out.splitlines() if line.startswith("main"))
+
+
 HOLD_LOCK = """
 import sys
 from lssupervisor.config import load_config
