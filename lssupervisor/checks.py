@@ -6,8 +6,10 @@ Checked, in order (a failure of an early step skips the steps that depend on it)
 2. the LS template loads and its LMDB paths and instance do not depend on the schema version;
 3. the migrations are discoverable and valid (names, literals, gaps; never executed here), and when any
    uses the ``prefix`` strategy the template's storage location contains the version variable;
-4. the template renders for the target version in the environment LS will get (every variable set,
-   no ``$`` that LS would mangle) and passes LS's own rules;
+4. the target resolves as the daemon resolves it (``offline.resolve_target``: ``schema.target``, then
+   ``schema.target_file``, else the newest migration) and is a known version; the template renders for
+   it in the environment LS will get (every variable set, no ``$`` that LS would mangle) and passes
+   LS's own rules;
 5. the LS binary exists, and accepts the rendered config (``lightningstream -c FILE``);
 6. the environment: ``setpriv`` present when ``pdeathsig`` is on, no secret-looking values in
    ``lightningstream.env``, the state directory usable.
@@ -116,6 +118,43 @@ def _check_migrations(
     return newest
 
 
+def _check_target(cfg: Config, newest: int | None, report: Report) -> int | None:
+    """The pinned target (None: the newest migration), resolved by the one function the daemon and
+    the offline commands use, so check renders what they would."""
+    from lssupervisor.offline import resolve_target
+
+    try:
+        target = resolve_target(cfg, None)
+    except SupervisorError as exc:
+        report.error(str(exc))
+        return None
+    source = "the newest migration"
+    if cfg.schema.target is not None:
+        source = "schema.target"
+        if cfg.schema.target_file is not None:
+            report.warning(
+                f"schema.target ({cfg.schema.target}) is set and wins over schema.target_file "
+                f"{cfg.schema.target_file}: writing the file changes nothing; unset schema.target to use it"
+            )
+    elif cfg.schema.target_file is not None:
+        source = f"schema.target_file {cfg.schema.target_file}"
+        if target is None:
+            report.warning(
+                f"schema.target_file {cfg.schema.target_file} does not exist: the target is the newest "
+                f"migration ({'unknown' if newest is None else newest}); write the version to pin it"
+            )
+    if target is None:
+        return None
+    if newest is not None and target > newest:
+        report.error(
+            f"{source}: target version {target} is above the newest migration {newest}; the daemon would "
+            "park at planning: install the migration file(s) or lower the target"
+        )
+    else:
+        report.ok(f"target version {target} from {source}")
+    return target
+
+
 def _check_binary(cfg: Config, text: str, env: dict[str, str], report: Report) -> None:
     """Step 5: the binary exists and accepts the rendered config."""
     binary = cfg.lightningstream.binary
@@ -189,11 +228,13 @@ def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Repor
     report.ok(f"{template.path}: instance {view.instance}, lmdbs {lmdbs}, storage {view.storage_type}")
 
     newest = _check_migrations(cfg, template, view, ls_environment(cfg, 0, base), report)
-    # The version the daemon would stamp a new LMDB with: the pinned target, else the newest migration
+    # The version the daemon would stamp a new LMDB with: the target exactly as the daemon and the
+    # offline commands resolve it (schema.target, then schema.target_file), else the newest migration
     # (0 when the application ships none yet); 1 only when the migrations could not be read.
     version = newest if newest is not None else 1
-    if cfg.schema.target is not None:
-        version = cfg.schema.target
+    target = _check_target(cfg, newest, report)
+    if target is not None:
+        version = target
     env = ls_environment(cfg, version, base)
     try:
         rendered = render(template, version, env)

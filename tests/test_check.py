@@ -85,6 +85,43 @@ def test_check_renders_for_the_configured_target(tmp_path: Path) -> None:
     assert any("renders for version 7: storage /srv/ls/v7" in m for m in found[Level.OK])
 
 
+def test_check_resolves_the_target_as_the_daemon_does(tmp_path: Path) -> None:
+    """schema.target_file pins the target for the daemon and the offline commands; check must render
+    for the same version (it used to take only schema.target and render for the newest migration)."""
+    target_file = tmp_path / "app.target"
+    cfg = config_set(tmp_path, extra=f"schema:\n  target_file: {target_file}\n")
+    migration(tmp_path, 1, "prefix")
+    migration(tmp_path, 2, "prefix")
+    target_file.write_text("1\n")
+    found = levels(run_checks(str(cfg), {}))
+    assert f"target version 1 from schema.target_file {target_file}" in found[Level.OK]
+    assert any("renders for version 1: storage /srv/ls/v1" in m for m in found[Level.OK])
+    assert found[Level.ERROR] == []
+    # No file yet: the newest migration, said as a warning (writing the file pins it).
+    target_file.unlink()
+    found = levels(run_checks(str(cfg), {}))
+    assert any("does not exist: the target is the newest migration (2)" in m for m in found[Level.WARNING])
+    assert any("renders for version 2" in m for m in found[Level.OK])
+    # What the daemon would refuse, check refuses: garbage in the file, a target above the migrations.
+    target_file.write_text("two\n")
+    found = levels(run_checks(str(cfg), {}))
+    assert any("schema.target_file must hold a version number, got 'two'" in m for m in found[Level.ERROR])
+    target_file.write_text("3\n")
+    found = levels(run_checks(str(cfg), {}))
+    assert any("target version 3 is above the newest migration 2" in m for m in found[Level.ERROR])
+
+
+def test_check_warns_when_schema_target_shadows_the_target_file(tmp_path: Path) -> None:
+    target_file = tmp_path / "app.target"
+    target_file.write_text("1\n")
+    cfg = config_set(tmp_path, extra=f"schema:\n  target: 2\n  target_file: {target_file}\n")
+    migration(tmp_path, 1, "prefix")
+    migration(tmp_path, 2, "prefix")
+    found = levels(run_checks(str(cfg), {}))
+    assert any("schema.target (2) is set and wins over schema.target_file" in m for m in found[Level.WARNING])
+    assert any("renders for version 2" in m for m in found[Level.OK])
+
+
 def test_check_missing_config_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == ExitCode.CONFIG
     out = capsys.readouterr().out
