@@ -346,9 +346,11 @@ class Lifecycle:
         return self._enter(st, target, reason, now, acts)
 
     def _settle(
-        self, st: SupervisorState, now: float, acts: list[Action], reason: str
+        self, st: SupervisorState, now: float, acts: list[Action], reason: str, *, start: str | None = None
     ) -> SupervisorState:
-        """Move actual state toward desired after a reconcile (or after a stop with nothing pending)."""
+        """Move actual state toward desired after a reconcile (or after a stop with nothing pending).
+        ``reason``: for the state LS ends up in; ``start``: why LS starts now, when it is not running
+        (default ``reason``)."""
         goal = st.desired.goal
         if goal is Goal.SHUTDOWN:
             # Shutdown leaves RECONCILING at once (STOPPING or STOPPED), so a settle never sees it.
@@ -369,7 +371,24 @@ class Lifecycle:
             return self._enter(st, State.PARKED, st.park_reason, now, acts)
         if st.retry_at is not None and st.retry_at > now:
             return self._enter(st, State.BACKOFF, f"restart at +{_secs(st.retry_at - now)}", now, acts)
-        return self._spawn(st, reason, acts)
+        return self._spawn(st, start or reason, acts)
+
+    @staticmethod
+    def _start_reason(st: SupervisorState) -> str:
+        """Why LS starts after a reconcile that wrote nothing: what the operator (or a failure) did, not
+        what the reconcile found (the config is "unchanged" only for an LS that still runs)."""
+        if st.prior is None:
+            return "boot"
+        version = f"schema v{st.version}"
+        if st.retry_at is not None:
+            return f"restart after failure, {version}"
+        match st.prior:
+            case State.PAUSED:
+                return f"resumed (pause flag removed), {version}"
+            case State.PARKED:
+                return f"leaving PARKED on {st.trigger or 'reconcile'}, {version}"
+            case _:
+                return f"{st.trigger or 'reconcile'}, {version}"
 
     def _failure(
         self,
@@ -515,7 +534,9 @@ class Lifecycle:
     def _start_reconcile(
         self, st: SupervisorState, reload: bool, reason: str, now: float, acts: list[Action]
     ) -> SupervisorState:
-        st = replace(st, prior=st.state, pending=None, task=Task.PLAN, cycle=None, progress=None)
+        st = replace(
+            st, prior=st.state, trigger=reason, pending=None, task=Task.PLAN, cycle=None, progress=None
+        )
         st = self._enter(st, State.RECONCILING, reason, now, acts, substep=Substep.PLANNING)
         acts.append(PrepareConfig(reload=reload))
         return st
@@ -545,9 +566,11 @@ class Lifecycle:
             return self._start_reconcile(st, st.pending.reload, "reconcile (requested meanwhile)", now, acts)
         if cycle is not None:
             reason = st.reason or f"schema v{ev.version}"  # the RENDERING step's: why LS starts now
-        else:
-            reason = "boot" if st.prior is None else "LS config unchanged"
-        return self._settle(st, now, acts, reason)
+            return self._settle(st, now, acts, reason)
+        # Nothing was written: a running LS with the same config keeps running; otherwise say why LS
+        # starts now (resumed, leaving PARKED...), never "unchanged".
+        reason = "boot" if st.prior is None else "LS config unchanged"
+        return self._settle(st, now, acts, reason, start=self._start_reason(st))
 
     def _leave_park(self, st: SupervisorState) -> SupervisorState:
         if st.prior is State.PARKED and st.child is None and st.unkillable_pid is None:
@@ -586,7 +609,8 @@ class Lifecycle:
         acts.append(LogLine(Level.ERROR, f"reload failed, keeping the previous config: {ev.message}"))
         if st.pending is not None:
             return self._start_reconcile(st, st.pending.reload, "reconcile (requested meanwhile)", now, acts)
-        return self._settle(st, now, acts, "reload failed, previous config kept")
+        kept = "reload failed, previous config kept"
+        return self._settle(st, now, acts, kept, start=f"{self._start_reason(st)}; {kept}")
 
     def _child_spawned(
         self, st: SupervisorState, ev: ChildSpawned, now: float, acts: list[Action]

@@ -147,8 +147,10 @@ class SupervisorState:
     substep: Substep | None = None
     desired: Desired = field(default_factory=Desired)
     booted: bool = False
-    # RECONCILING remembers where it came from, for a failed reload that keeps the old config.
+    # RECONCILING remembers where it came from, for a failed reload that keeps the old config, and what
+    # started it ("reconcile (SIGUSR1)"): why LS starts afterwards, when it was not running.
     prior: State | None = None
+    trigger: str | None = None
     # The config prepared by the last successful reconcile (the shell holds the text; we hold its id).
     digest: str | None = None
     version: int | None = None

@@ -685,8 +685,35 @@ def test_crash_burst_parks_then_resume_restarts() -> None:
     # resume (USR1 with the flag cleared) gets a fresh restart budget.
     r(ReconcileRequested(source="resume"), now + 1000)
     acts = r(ConfigPrepared(digest="d1", version=1, wait_for_health=True), now + 1000)
-    assert acts == [SpawnChild(digest="d1", reason="LS config unchanged")]
+    assert acts == [SpawnChild(digest="d1", reason="leaving PARKED on reconcile (resume), schema v1")]
     assert r.st.backoff.clean and r.st.park_reason is None
+
+
+# situation before the reconcile, the request, the prepared config -> why LS starts (SpawnChild.reason).
+# "LS config unchanged" is for an LS that keeps running; an LS started fresh says why it starts now.
+START_REASONS = [
+    ("paused", ReconcileRequested(paused=False, source="SIGUSR1"),
+     ConfigPrepared(digest="d1", version=1, wait_for_health=True), "resumed (pause flag removed), schema v1"),
+    ("parked", ReconcileRequested(source="SIGUSR1"),
+     ConfigPrepared(digest="d1", version=1, wait_for_health=True), "leaving PARKED on reconcile (SIGUSR1), schema v1"),
+    # Parked after a failed post hook: the LMDB is at v2, LS's last config was v1.
+    ("parked", ReloadRequested(), ConfigPrepared(digest="d2", version=2, wait_for_health=True),
+     "leaving PARKED on reload (SIGHUP), schema v2"),
+    ("paused", ReconcileRequested(paused=False, source="SIGUSR1"), ConfigFailed("lssupervisor.yaml: bad"),
+     "resumed (pause flag removed), schema v1; reload failed, previous config kept"),
+]
+
+
+@pytest.mark.parametrize(("situation", "request_", "result", "why"), START_REASONS)
+def test_a_fresh_start_after_a_reconcile_says_why_ls_starts(
+    situation: str, request_: Event, result: Event, why: str
+) -> None:
+    c = core()
+    st, _ = c.handle(SITUATIONS[situation], request_, NOW)
+    st, acts = c.handle(st, result, NOW)
+    assert [a for a in acts if isinstance(a, SpawnChild)] == [SpawnChild(digest=st.digest or "", reason=why)]
+    st, acts = c.handle(st, ChildSpawned(pid=11), NOW)
+    assert _announce(acts).reason == why  # the `-> STARTING` line says it too
 
 
 def test_parked_with_bad_config_on_hup_stays_parked() -> None:

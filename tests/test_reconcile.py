@@ -282,6 +282,23 @@ def test_post_hook_failure_parks_whatever_the_policy_naming_the_migrated_version
     assert "migrated to version 2" in c.st.reason and not c.of(SpawnChild)
 
 
+def test_resume_after_a_failed_post_hook_starts_ls_on_the_new_version_saying_why() -> None:
+    c = Cycler(post_hooks=1)
+    running(c)
+    to_migrating(c)
+    c(Migrated(steps=1), 11.0)
+    c(MarkersRead((("main", 2),)), 11.1)
+    c(HookFinished("post", 0, ok=False, message="exited with status 1"), 11.2)
+    assert c.state() is State.PARKED
+    c(ReconcileRequested(source="SIGUSR1"), 30.0)  # `lssupervisor resume`
+    assert c(Planned(render_version=2, target=2, writes=False, markers=(("main", 2),)), 30.1)[-1] == (
+        RenderConfig(version=2)
+    )
+    acts = c(ConfigPrepared(digest="d2", version=2, wait_for_health=True), 30.2)
+    # Not "LS config unchanged": LS was down and starts on another version's config.
+    assert acts[-1] == SpawnChild(digest="d2", reason="leaving PARKED on reconcile (SIGUSR1), schema v2")
+
+
 # -- failures of the migration ---------------------------------------------------------------------------
 
 
