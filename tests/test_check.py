@@ -215,3 +215,37 @@ def test_check_reports_an_unusable_state_dir(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("not a directory")
     found = levels(run_checks(str(cfg), {}))
     assert any("state_dir" in m and "is a file" in m for m in found[Level.ERROR])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PowerDNS example config set agrees with its recipe (docs/powerdns.md) and the shipped unit
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_pdns_example_config_follows_the_powerdns_recipe() -> None:
+    import re
+
+    import yaml
+
+    from lssupervisor.config import load_config
+
+    example = REPO / "config" / "pdns" / "lssupervisor.yaml"
+    cfg = load_config(example)
+    recipe_text = (REPO / "docs" / "powerdns.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", recipe_text, re.S) if "baseline:" in b]
+    recipe = yaml.safe_load(block)
+    # Auth's LMDB schema numbering: an unmarked Auth 4.8/4.9 LMDB is at 5, not 1.
+    assert cfg.schema.baseline == recipe["schema"]["baseline"] == 5
+    assert cfg.schema.target is None  # it would win over the target file
+    assert str(cfg.schema.target_file) == recipe["schema"]["target_file"]
+    assert str(cfg.migrations.path) == recipe["migrations"]["path"]
+    # The shipped unit runs as pdns with NoNewPrivileges and no capabilities: no hook (not even a
+    # commented-out one to uncomment) may suggest managing system services from the daemon.
+    text = example.read_text(encoding="utf-8")
+    assert not cfg.hooks.pre_migrate and not cfg.hooks.post_migrate
+    assert not re.search(r"\[\s*(systemctl|sudo|service)\b", text)
+    assert "docs/powerdns.md" in text and "Procedure A" in text
+    # ProtectSystem=strict: only the state dir (StateDirectory=) and the LMDB dir are writable.
+    assert Path(cfg.backup_dir).is_relative_to(Path(cfg.state_dir))
