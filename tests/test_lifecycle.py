@@ -526,7 +526,8 @@ def test_ls_surviving_sigkill_parks_with_ls_running_on_every_path() -> None:
     _, acts = c.handle(again, ShutdownRequested(), LATE + 3)
     assert acts[-1] == Exit(ExitCode.LS_RUNNING)
     # Once it finally exits, no LS runs: a shutdown is a plain park, and the log says how to go on.
-    gone, acts = c.handle(parked, ChildExited(pid=10, returncode=-9, description="killed by SIGKILL"), LATE + 4)
+    exited = ChildExited(pid=10, returncode=-9, description="killed by SIGKILL")
+    gone, acts = c.handle(parked, exited, LATE + 4)
     assert gone.unkillable_pid is None and gone.park_exit is ExitCode.PARKED
     assert any(isinstance(a, LogLine) and "`lssupervisor resume`" in a.msg for a in acts)
 
@@ -694,8 +695,8 @@ def test_crash_burst_parks_then_resume_restarts() -> None:
 START_REASONS = [
     ("paused", ReconcileRequested(paused=False, source="SIGUSR1"),
      ConfigPrepared(digest="d1", version=1, wait_for_health=True), "resumed (pause flag removed), schema v1"),
-    ("parked", ReconcileRequested(source="SIGUSR1"),
-     ConfigPrepared(digest="d1", version=1, wait_for_health=True), "leaving PARKED on reconcile (SIGUSR1), schema v1"),
+    ("parked", ReconcileRequested(source="SIGUSR1"), ConfigPrepared(digest="d1", version=1, wait_for_health=True),
+     "leaving PARKED on reconcile (SIGUSR1), schema v1"),
     # Parked after a failed post hook: the LMDB is at v2, LS's last config was v1.
     ("parked", ReloadRequested(), ConfigPrepared(digest="d2", version=2, wait_for_health=True),
      "leaving PARKED on reload (SIGHUP), schema v2"),
