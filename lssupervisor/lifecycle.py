@@ -61,6 +61,7 @@ not started again and the exit code is 0.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import assert_never
@@ -134,6 +135,18 @@ from lssupervisor.states import (
 # kernel problem). Not configurable: SIGKILL cannot be caught, so this only covers stuck kernels.
 KILL_GRACE_S = 5.0
 
+
+# The offline advice in the worker's UnmarkedDatabase message ("; if its data is at schema version N,
+# run: lssupervisor stamp N ..."): right for the offline commands, wrong for the daemon, whose lock makes
+# `stamp` refuse (75). The core replaces it with what works while the daemon runs.
+_OFFLINE_STAMP_ADVICE = re.compile(r";[^;]*\blssupervisor stamp\b.*$", re.DOTALL)
+# A damaged marker ("...; fix it with lssupervisor stamp N"): the same command, with the daemon stopped.
+_FIX_WITH_STAMP = re.compile(r"fix it with lssupervisor stamp N$")
+FIX_WITH_STAMP_ADVICE = "fix it: stop lssupervisor, run `lssupervisor stamp N`, then start it"
+UNMARKED_ADVICE = (
+    "if its data is at schema version N: set schema.baseline: N and run `lssupervisor reload`, "
+    "or stop lssupervisor, run `lssupervisor stamp N`, then start it"
+)
 
 # Jobs whose result may be a ConfigPrepared/ConfigFailed (None: a shell answering PrepareConfig at once).
 _CONFIG_TASKS = (None, Task.PLAN, Task.RENDER)
@@ -930,7 +943,11 @@ class Lifecycle:
             case Task.PLAN:
                 if ev.error == "SchemaTooNew":
                     return self._park(st, ev.message, now, acts, code=ExitCode.TOO_NEW)
-                return self._plan_problem(st, ev.message, now, acts)
+                if ev.error == "UnmarkedDatabase":
+                    what = _OFFLINE_STAMP_ADVICE.sub("", ev.message)
+                    return self._plan_problem(st, f"{what}; {UNMARKED_ADVICE}", now, acts)
+                message = _FIX_WITH_STAMP.sub(FIX_WITH_STAMP_ADVICE, ev.message)
+                return self._plan_problem(st, message, now, acts)
             case Task.PROVE:
                 return self._park(
                     st,

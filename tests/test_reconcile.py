@@ -397,9 +397,41 @@ def test_plan_failure_with_ls_running_keeps_it_running() -> None:
 def test_plan_failure_at_boot_parks_with_the_message() -> None:
     c = Cycler()
     c(Booted(), 0.0)
-    msg = "LMDB 'main' at /db has data but no schema marker ...; run: lssupervisor stamp N"
-    c(TaskFailed("plan", "UnmarkedDatabase", msg), 0.2)
-    assert c.state() is State.PARKED and c.st.reason == msg and not c.of(SpawnChild)
+    msg = "LMDB 'main' at /db: unreadable schema marker (bad json); fix it with lssupervisor stamp N"
+    c(TaskFailed("plan", "MigrationError", msg), 0.2)
+    assert c.state() is State.PARKED and not c.of(SpawnChild)
+    # `stamp` refuses while the daemon runs: the reason says to stop it first.
+    assert c.st.reason == (
+        "LMDB 'main' at /db: unreadable schema marker (bad json); fix it: stop lssupervisor, run "
+        "`lssupervisor stamp N`, then start it"
+    )
+
+
+# The worker's message (what `lssupervisor plan` prints offline) -> the park reason of the daemon.
+UNMARKED = (
+    "LMDB 'main' at /db has data but no schema marker for instance 'ns1'; if its data is at schema "
+    "version N, run: lssupervisor stamp N (or configure schema.baseline)"
+)
+
+
+def test_an_unmarked_lmdb_parks_naming_what_works_while_the_daemon_runs() -> None:
+    c = Cycler()
+    c(Booted(), 0.0)
+    c(TaskFailed("plan", "UnmarkedDatabase", UNMARKED), 0.2)
+    assert c.state() is State.PARKED and not c.of(SpawnChild)
+    # `stamp` refuses (75) while the daemon holds the lock: the reason names what really works.
+    assert c.st.reason == (
+        "LMDB 'main' at /db has data but no schema marker for instance 'ns1'; if its data is at schema "
+        "version N: set schema.baseline: N and run `lssupervisor reload`, or stop lssupervisor, run "
+        "`lssupervisor stamp N`, then start it"
+    )
+    # With LS running (a reconcile), the same advice in the one error line; LS keeps running.
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(TaskFailed("plan", "UnmarkedDatabase", UNMARKED), 10.1)
+    assert c.state() is State.RUNNING and "set schema.baseline: N and run `lssupervisor reload`" in c.logged()
+    assert "run: lssupervisor stamp N" not in c.logged()
 
 
 def test_ls_not_proven_gone_parks_without_touching_the_lmdb() -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import yaml
 
 from lssupervisor.config import load_config
 from lssupervisor.lsconfig import inspect_template, lenient_env, load_template
+from lssupervisor.testing.fixtures import build_lmdb
 from lssupervisor.worker import OVERLAP_ENV, build_request, raise_for_error, run_worker
 from tests.helpers import wait_for
 from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
@@ -431,3 +434,25 @@ def test_kill9_of_the_daemon_mid_migration_takes_the_worker_down_and_rolls_back(
     wait_for(lambda: not pid_alive(workers[0].pid), timeout=10, what="the worker to die with the daemon")
     assert markers(cs) == {"main": 1}
     assert len(cs.starts()) == 1
+
+
+def test_an_unmarked_lmdb_parks_and_the_advice_in_the_reason_works(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    build_lmdb(cs.lmdb, {"users": {"alice": ("x", 1_700_000_000_000_000_000)}})  # data, no marker
+    d = start(daemons, cs)
+    doc = d.wait_state("PARKED")
+    reason = doc["reason"]
+    assert "has data but no schema marker" in reason, reason
+    # `stamp` would refuse while the daemon holds the lock (75): the reason names what works.
+    assert "set schema.baseline: N and run `lssupervisor reload`" in reason, reason
+    assert "stop lssupervisor, run `lssupervisor stamp N`, then start it" in reason
+    d.wait_log(r'level=error msg="parked: LMDB \'main\'')
+    cs.write(extra="schema:\n  baseline: 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "lssupervisor", "reload", "-c", str(cs.config)],
+        capture_output=True, text=True, timeout=10, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    wait_running_on(d, 1)
+    assert markers(cs) == {"main": 1}
