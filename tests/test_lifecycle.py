@@ -695,7 +695,8 @@ def test_crash_burst_parks_then_resume_restarts() -> None:
 START_REASONS = [
     ("paused", ReconcileRequested(paused=False, source="SIGUSR1"),
      ConfigPrepared(digest="d1", version=1, wait_for_health=True), "resumed (pause flag removed), schema v1"),
-    ("parked", ReconcileRequested(source="SIGUSR1"), ConfigPrepared(digest="d1", version=1, wait_for_health=True),
+    ("parked", ReconcileRequested(source="SIGUSR1"),
+     ConfigPrepared(digest="d1", version=1, wait_for_health=True),
      "leaving PARKED on reconcile (SIGUSR1), schema v1"),
     # Parked after a failed post hook: the LMDB is at v2, LS's last config was v1.
     ("parked", ReloadRequested(), ConfigPrepared(digest="d2", version=2, wait_for_health=True),
