@@ -8,6 +8,8 @@ never signalled. ``reload`` sends SIGHUP, ``reconcile`` SIGUSR1.
 restarts and when no daemon runs), then sends SIGUSR1: the daemon re-reads the flag on every
 HUP/USR1, stops LS in order and reports PAUSED. ``resume`` removes the flag and sends SIGUSR1 (which
 also leaves PARKED: an operator acted). Both wait, with a deadline, until state.json shows the result.
+A ``pause`` the daemon does not confirm in time exits ``UNCONFIRMED`` (69): the request stands (the
+flag is written), only its outcome is unknown, which is neither a bug (1) nor "not running" (3).
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import argparse
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from lssupervisor import lock
 from lssupervisor.config import Config, load_config
-from lssupervisor.errors import ExitCode, NotRunning, SupervisorError
+from lssupervisor.errors import NotConfirmed, NotRunning, SupervisorError
 from lssupervisor.statefile import read_state
 
 WAIT_EXTRA_S = 5.0  # beyond stop_timeout, how long pause/resume wait for the daemon's answer
@@ -109,12 +110,16 @@ def cmd_pause(args: argparse.Namespace) -> int:
     timeout = float(cfg.lightningstream.stop_timeout) + WAIT_EXTRA_S
     doc = _wait_state(cfg, lambda d: d.get("state") == "PAUSED", started, timeout)
     if doc is None:
-        print(
-            f"lssupervisor: error: pid {pid} did not report PAUSED within {timeout:g}s; "
-            "check `lssupervisor status`",
-            file=sys.stderr,
+        # Not a bug (exit 1 said so): the request is delivered and persisted; the daemon may still be
+        # stopping LS or finishing a migration step. Say what we know and where to look.
+        last = read_state(cfg.state_file) or {}
+        now = f"{last.get('state')}" + (f" ({last['reason']})" if last.get("reason") else "")
+        raise NotConfirmed(
+            f"lssupervisor pid {pid} did not report PAUSED within {timeout:g}s (stop_timeout + "
+            f"{WAIT_EXTRA_S:g}s; state.json says {now if last else 'nothing'}); the pause flag {path} "
+            "is written, so LS stays down once the daemon acts on it (it may be stopping LS or finishing "
+            "a migration step): check `lssupervisor status`"
         )
-        return int(ExitCode.SOFTWARE)
     print(f"paused: LS stopped (lssupervisor pid {pid})")
     return 0
 

@@ -21,6 +21,8 @@ Exception tree::
     ├── BackupError                 backup or restore failed; nothing was written (EX_MIGRATION)
     ├── LightningStreamRunning      LS still runs where it must not (EX_LS_RUNNING)
     ├── NotRunning                  a control command found no daemon to talk to  (NOT_RUNNING)
+    ├── NotConfirmed                the daemon got the request but did not confirm it in time
+    │                                                                              (UNCONFIRMED)
     └── WorkerError                 a worker process died or spoke nonsense (EX_SOFTWARE)
 """
 
@@ -43,6 +45,10 @@ class ExitCode(enum.IntEnum):
     PARKED = 66  # LS parked waiting for an operator and the daemon was asked to exit (fail closed)
     TOO_NEW = 67  # the LMDB schema is newer than this application knows (fail closed)
     LS_RUNNING = 68  # an LS process is running where it must not (fail closed)
+    # EX_UNAVAILABLE: `pause` delivered its request (flag written, SIGUSR1 sent) but the daemon did not
+    # report PAUSED in time; the outcome is unknown, not a bug. Never from `run`, so the units'
+    # RestartPreventExitStatus= does not list it.
+    UNCONFIRMED = 69
 
 
 class SupervisorError(Exception):
@@ -122,6 +128,10 @@ class LightningStreamRunning(SupervisorError):
 
 class NotRunning(SupervisorError):
     exit_code = ExitCode.NOT_RUNNING
+
+
+class NotConfirmed(SupervisorError):
+    exit_code = ExitCode.UNCONFIRMED
 
 
 class WorkerError(SupervisorError):

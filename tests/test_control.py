@@ -84,3 +84,47 @@ def test_paused_flag_holds_across_a_restart(tmp_path: Path) -> None:
         assert d.wait() == 0
     finally:
         d.close()
+
+
+# A "daemon" that holds the lock but never answers: SIGUSR1 is ignored, state.json never says PAUSED.
+DEAF_DAEMON = """
+import signal, sys
+from lssupervisor.config import load_config
+from lssupervisor.lock import acquire
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+lock = acquire(load_config(sys.argv[1]), [], "daemon")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pause_unconfirmed_is_its_own_exit_code_not_a_bug(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lssupervisor.cli import main
+    from lssupervisor.errors import ExitCode
+
+    config = tmp_path / "lssupervisor.yaml"
+    config.write_text("state_dir: state\nlightningstream:\n  stop_timeout: 0.5s\n")
+    monkeypatch.setattr(control, "WAIT_EXTRA_S", 0.2)
+    deaf = subprocess.Popen(
+        [sys.executable, "-c", DEAF_DAEMON, str(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert deaf.stdout is not None and deaf.stdout.readline().strip() == "ready"
+        capsys.readouterr()
+        code = main(["pause", "-c", str(config)])
+        err = capsys.readouterr().err
+    finally:
+        assert deaf.stdin is not None
+        deaf.stdin.close()
+        deaf.wait(10)
+    assert code == int(ExitCode.UNCONFIRMED) == 69 and code != int(ExitCode.SOFTWARE)
+    assert err.count("\n") == 1
+    assert err.startswith(f"lssupervisor: error: lssupervisor pid {deaf.pid} did not report PAUSED")
+    assert "did not report PAUSED within 0.7s" in err and "state.json says nothing" in err
+    assert "check `lssupervisor status`" in err
+    assert load_config(config).paused_file.exists()  # the request itself stands
