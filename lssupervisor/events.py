@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lssupervisor.errors import ExitCode
+
 
 @dataclass(frozen=True, slots=True)
 class Booted:
@@ -60,9 +62,13 @@ class ConfigPrepared:
 
 @dataclass(frozen=True, slots=True)
 class ConfigFailed:
-    """Loading our config, the template, or rendering failed. ``message`` is the one-line error."""
+    """Loading our config, the template or the migrations, or rendering failed. ``message`` is the
+    one-line error; ``what`` names the stage for the log line ("cannot load the migrations");
+    ``exit_code``: the daemon's exit code when this happens at boot (nothing to keep running)."""
 
     message: str
+    what: str = "cannot render the LS config"
+    exit_code: ExitCode = ExitCode.CONFIG
 
 
 @dataclass(frozen=True, slots=True)

@@ -612,14 +612,16 @@ class Lifecycle:
                 acts,
                 code=ExitCode.CONFIG,
             )
+        failed = f"{ev.what}: {ev.message}"
         if st.digest is None:
-            # Nothing was ever rendered: there is no old config to keep. Fail closed (EX_CONFIG).
-            acts.append(LogLine(Level.ERROR, f"cannot render the LS config: {ev.message}"))
-            st = replace(st, exit_code=ExitCode.CONFIG)
-            st = self._enter(st, State.STOPPED, ev.message, now, acts)
-            acts.append(Exit(ExitCode.CONFIG))
+            # Nothing was ever rendered: there is no old config to keep. Fail closed with the stage's
+            # code (EX_CONFIG; EX_DATAERR for a migration file that does not load, as offline).
+            acts.append(LogLine(Level.ERROR, failed))
+            st = replace(st, exit_code=ev.exit_code)
+            st = self._enter(st, State.STOPPED, failed, now, acts)
+            acts.append(Exit(ev.exit_code))
             return st
-        acts.append(LogLine(Level.ERROR, f"reload failed, keeping the previous config: {ev.message}"))
+        acts.append(LogLine(Level.ERROR, f"reload failed, keeping the previous config: {failed}"))
         if st.pending is not None:
             return self._start_reconcile(st, st.pending.reload, "reconcile (requested meanwhile)", now, acts)
         kept = "reload failed, previous config kept"

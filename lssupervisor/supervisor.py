@@ -77,7 +77,7 @@ from lssupervisor.actions import (
     WriteState,
 )
 from lssupervisor.config import Config, format_duration, load_config, parse_address
-from lssupervisor.errors import ConfigError, ExitCode, SupervisorError
+from lssupervisor.errors import ConfigError, ExitCode, LockHeld, MigrationError, SupervisorError
 from lssupervisor.events import (
     Booted,
     ChildExited,
@@ -188,6 +188,18 @@ def load(cfg: Config, base_env: Mapping[str, str]) -> Loaded:
         where = cfg.schema.target_file or f"{cfg.name}: schema.target"
         raise ConfigError(f"{where}: target version {target} is unknown: the migrations go up to {newest}")
     return Loaded(cfg=cfg, template=template, view=view, target=target, newest=newest)
+
+
+def load_failed(exc: SupervisorError) -> ConfigFailed:
+    """A failed :func:`load` (or LMDB lock) as the core's event, naming what failed: a bad migration
+    file is not a render problem. The exit code (at boot) is the error's own, as offline."""
+    if isinstance(exc, MigrationError):
+        what = "cannot load the migrations"
+    elif isinstance(exc, LockHeld):
+        what = "cannot lock the LMDBs"
+    else:
+        what = "cannot load the configuration"
+    return ConfigFailed(str(exc), what=what, exit_code=exc.exit_code)
 
 
 def render_for(loaded: Loaded, version: int, base_env: Mapping[str, str]) -> Prepared:
@@ -532,7 +544,7 @@ class Supervisor:
                 # A reload may name another LMDB: lock it too before LS can touch it (I4).
                 self.held.add_lmdbs(loaded.view.lmdbs)
         except SupervisorError as exc:
-            return [ConfigFailed(str(exc))]
+            return [load_failed(exc)]
         if reload:
             self.cfg = cfg
             self.core = Lifecycle.from_config(cfg, self.rng)
@@ -540,7 +552,12 @@ class Supervisor:
         self._update_watcher()
         if loaded.newest is None:
             # No migration source: nothing can be planned; the version is the marker (a worker read).
-            return [ConfigFailed(f"{cfg.name}: migrations: neither path nor package is set")]
+            return [
+                ConfigFailed(
+                    f"{cfg.name}: migrations: neither path nor package is set",
+                    what="cannot load the migrations",
+                )
+            ]
         return self._start_worker(Task.PLAN, "plan", target=loaded.target)
 
     def _check_reloadable(self, new: Config) -> None:
@@ -841,7 +858,7 @@ class Supervisor:
             ):
                 self._validate_with_ls(prepared)
         except SupervisorError as exc:
-            return ConfigFailed(str(exc))
+            return ConfigFailed(str(exc), what="cannot render the LS config", exit_code=ExitCode.CONFIG)
         self.prepared = prepared
         return ConfigPrepared(
             digest=prepared.digest,

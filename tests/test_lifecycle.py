@@ -652,6 +652,37 @@ def test_config_error_at_boot_exits_config() -> None:
     assert Exit(ExitCode.CONFIG) in acts and r.st.state is State.STOPPED
 
 
+# What failed at boot (nothing to keep) -> the one error line and the exit code.
+BOOT_FAILURES = [
+    (ConfigFailed("lightningstream.yaml.in: ${FOO} is not set"),
+     "cannot render the LS config: lightningstream.yaml.in: ${FOO} is not set", ExitCode.CONFIG),
+    (ConfigFailed("migrations/2_x.py: bad migration file name", what="cannot load the migrations",
+                  exit_code=ExitCode.MIGRATION),
+     "cannot load the migrations: migrations/2_x.py: bad migration file name", ExitCode.MIGRATION),
+    (ConfigFailed("target: not a number", what="cannot load the configuration"),
+     "cannot load the configuration: target: not a number", ExitCode.CONFIG),
+]
+
+
+@pytest.mark.parametrize(("event", "line", "code"), BOOT_FAILURES)
+def test_a_load_failure_at_boot_names_what_failed_and_exits_with_its_code(
+    event: ConfigFailed, line: str, code: ExitCode
+) -> None:
+    r = Replay()
+    r(Booted(), 0.0)
+    acts = r(event, 0.0)
+    assert [a.msg for a in acts if isinstance(a, LogLine)] == [line]
+    assert acts[-1] == Exit(code) and r.st.state is State.STOPPED and r.st.reason == line
+    # While running, the same failure keeps the previous config and says what failed.
+    r = Replay()
+    boot_to_running(r)
+    r(ReloadRequested(), 5.0)
+    acts = r(event, 5.0)
+    assert [a.msg for a in acts if isinstance(a, LogLine)] == [
+        f"reload failed, keeping the previous config: {line}"
+    ]
+
+
 def test_crash_restart_after_backoff_then_reset_after_healthy() -> None:
     r = Replay(sample=0.0)
     boot_to_running(r)

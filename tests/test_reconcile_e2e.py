@@ -399,8 +399,20 @@ def test_a_bad_migration_file_keeps_ls_running(cs: ConfigSet, daemons: list[Daem
     pid = wait_running_on(d, 1)["lightningstream"]["pid"]
     ship(cs, "2_misnamed.py", step_migration(2))
     line = d.wait_log(r"reload failed, keeping the previous config")[0]
-    assert "2_misnamed.py: bad migration file name" in line
+    assert "cannot load the migrations: " in line and "2_misnamed.py: bad migration file name" in line
     assert wait_running_on(d, 1)["lightningstream"]["pid"] == pid and pid_alive(pid)
+
+
+def test_a_bad_migration_file_at_boot_is_named_as_such_and_exits_migration(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    ship(cs, "2_misnamed.py", step_migration(2))
+    d = start(daemons, cs)
+    assert d.wait() == 65  # ExitCode.MIGRATION, as `lssupervisor plan` exits on the same file
+    (line,) = d.lines(r"level=error")
+    assert 'msg="cannot load the migrations: ' in line and "2_misnamed.py: bad migration file name" in line
+    assert "render" not in line and "Traceback" not in d.text()
+    assert cs.starts() == []  # LS never started
 
 
 def test_the_target_file_pins_the_version_and_is_watched(
