@@ -92,11 +92,13 @@ class ChildReady:
 
 @dataclass(frozen=True, slots=True)
 class ChildExited:
-    """Our LS process ended (and its group is gone). ``description``: "exit 1", "killed by SIGTERM"."""
+    """Our LS process ended (and its group is gone). ``description``: "exit 1", "killed by SIGTERM".
+    ``last_line``: LS's last output line, when the shell reads LS's output (``output: prefix``)."""
 
     pid: int
     returncode: int
     description: str
+    last_line: str | None = None
 
 
 # -- results of the reconcile cycle's jobs (the shell translates worker messages into these) ----------

@@ -413,12 +413,19 @@ class Lifecycle:
         started_at: float | None,
         exit_one: bool,
         defer: bool = False,
+        last_line: str | None = None,
     ) -> SupervisorState:
         """LS failed (crashed, did not start, not ready in time): the restart policy decides.
         ``defer``: a reconcile is under way; its result settles into BACKOFF/PARKED (no transition now)."""
         pol = self.policy
         if exit_one and started_at is not None and now - started_at <= pol.config_error_window:
-            what = f"LS rejected its config (exit 1 within {_secs(pol.config_error_window)})"
+            # LS exits 1 for ANY fatal start-up error (logrus Fatal), not only a config it rejects.
+            what = (
+                f"LS exited 1 within {_secs(pol.config_error_window)} of starting: a fatal start-up error "
+                "(config, LMDB open, storage init or its HTTP port in use); LS's log says which"
+            )
+            if last_line:
+                what += f"; LS's last line: {last_line}"
         backoff, decision = record_failure(pol, st.backoff, now, self.rand())
         st = replace(
             st,
@@ -696,7 +703,7 @@ class Lifecycle:
             return self._failure(
                 st, f"LS {ev.description}", now, acts,
                 started_at=child.started_at, exit_one=ev.returncode == 1,
-                defer=st.state is State.RECONCILING,
+                defer=st.state is State.RECONCILING, last_line=ev.last_line,
             )
         raise LifecycleError(f"ChildExited in {st.state.value}")
 

@@ -39,6 +39,7 @@ import logging
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import time
@@ -76,7 +77,7 @@ from lssupervisor.actions import (
     SweepOrphans,
     WriteState,
 )
-from lssupervisor.config import Config, format_duration, load_config, parse_address
+from lssupervisor.config import Config, OutputMode, format_duration, load_config, parse_address
 from lssupervisor.errors import ConfigError, ExitCode, LockHeld, MigrationError, SupervisorError
 from lssupervisor.events import (
     Booted,
@@ -281,6 +282,27 @@ class Job:
         return True
 
 
+_LS_LOG = logging.getLogger("lssupervisor.lightningstream")
+_LOGRUS_TIME = re.compile(r'^time="[^"]*"\s+')
+LAST_LINE_MAX = 300
+
+
+class LastLine:
+    """``on_line`` for ``output: prefix``: logs each LS line (``lightningstream: <line>``, as the
+    default does) and keeps the last non-empty one, so a failed start can quote LS's fatal line.
+    Called on the reader thread; the loop reads ``line`` after ``join_output`` (a str assignment is
+    atomic)."""
+
+    def __init__(self) -> None:
+        self.line: str | None = None
+
+    def __call__(self, line: str) -> None:
+        _LS_LOG.info("lightningstream: %s", line)
+        text = _LOGRUS_TIME.sub("", line.strip())  # logrus's time= is noise in a reason
+        if text:
+            self.line = text[:LAST_LINE_MAX]
+
+
 def _progress_text(msg: Mapping[str, Any]) -> tuple[str, str]:
     """A migrate worker progress message as (phase, text for people)."""
     phase = str(msg.get("phase") or "")
@@ -355,6 +377,7 @@ class Supervisor:
         self.validated: set[str] = set()  # digests LS itself accepted (`LS -c candidate`)
         self.markers: dict[str, int | None] = {}
         self.child: child.LsChild | None = None
+        self.child_output: LastLine | None = None  # output: prefix: LS's lines pass through it
         self.last_ls: child.LsChild | None = None
         self.leader_exited = False
         self.poller: Any = None  # health.HealthPoller while LS starts
@@ -894,16 +917,19 @@ class Supervisor:
             target.parent.mkdir(parents=True, exist_ok=True)
             if lsconfig.write_atomic(target, prepared.text):
                 log.info("wrote LS config", extra=fields(path=str(target), version=prepared.version))
+            output = LastLine() if ls.output is OutputMode.PREFIX else None
             new = child.spawn_ls(
                 prepared.argv,
                 prepared.env,
                 pdeathsig=ls.pdeathsig,
                 min_pid=ls.min_pid,
                 output=ls.output,
+                on_line=output,
             )
         except (SupervisorError, OSError, RuntimeError) as exc:
             return SpawnFailed(str(exc))
         self.child = new
+        self.child_output = output
         self.leader_exited = False
         if prepared.view.http_address:
             self._start_poller(new.pid, prepared)
@@ -945,12 +971,14 @@ class Supervisor:
         rc = c.returncode
         assert rc is not None
         c.join_output(OUTPUT_JOIN_S)
+        last_line = self.child_output.line if self.child_output is not None else None
         self.child = None
+        self.child_output = None
         self.last_ls = c
         self.leader_exited = False
         description = child.describe_exit(rc)
         log.info("lightningstream exited", extra=fields(pid=c.pid, status=description))
-        self._feed(ChildExited(pid=c.pid, returncode=rc, description=description))
+        self._feed(ChildExited(pid=c.pid, returncode=rc, description=description, last_line=last_line))
 
     # -- reaping, watching -------------------------------------------------------------------------
 

@@ -455,14 +455,28 @@ def _announce(acts: list[Action]) -> AnnounceState:
     return a
 
 
-def test_exit_one_soon_after_start_is_reported_as_a_config_problem() -> None:
+FATAL_START = (
+    "LS exited 1 within 5s of starting: a fatal start-up error (config, LMDB open, storage init or its "
+    "HTTP port in use); LS's log says which"
+)
+
+
+def test_exit_one_soon_after_start_is_reported_as_a_fatal_startup_error() -> None:
+    # LS exits 1 for any logrus Fatal at start-up: not only a config it rejects (an HTTP port in use...).
     after, acts = core().handle(SITUATIONS["starting"], EVENTS["exit1"][0], NOW)
     assert after.state is State.BACKOFF
-    assert "LS rejected its config (exit 1 within 5s)" in (after.reason or "")
+    assert after.reason == f"{FATAL_START}; restart 1 in 1s"
     assert _announce(acts).reason == after.reason
-    # Late exit 1 (started 50 s ago) is an ordinary crash.
-    after, _ = core().handle(SITUATIONS["running"], EVENTS["exit1"][0], NOW)
     assert "rejected its config" not in (after.reason or "")
+    # With `output: prefix` the shell saw LS's lines: the last one says which error it was.
+    fatal = 'level=fatal msg="HTTP server error: listen tcp 127.0.0.1:8500: bind: address already in use"'
+    ev = ChildExited(pid=10, returncode=1, description="exited with status 1", last_line=fatal)
+    after, _ = core().handle(SITUATIONS["starting"], ev, NOW)
+    assert after.reason == f"{FATAL_START}; LS's last line: {fatal}; restart 1 in 1s"
+    # Late exit 1 (started 50 s ago) is an ordinary crash, whatever it printed.
+    late = replace(ev, description="exit 1")
+    after, _ = core().handle(SITUATIONS["running"], late, NOW)
+    assert "fatal start-up error" not in (after.reason or "") and "last line" not in (after.reason or "")
     assert "LS exit 1" in (after.reason or "")
 
 

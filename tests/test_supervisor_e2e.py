@@ -382,7 +382,8 @@ def test_crash_burst_parks_and_says_why(cs: ConfigSet) -> None:
         doc = d.wait_state("PARKED")
         assert len(cs.starts()) == 3
         reason = doc["reason"]
-        assert "LS rejected its config (exit 1 within 5s)" in reason
+        assert "LS exited 1 within 5s of starting: a fatal start-up error" in reason
+        assert "LS's last line" not in reason  # output: inherit: the daemon does not see LS's lines
         assert "3 failures within 60s" in reason and "lssupervisor resume" in reason
         # The same grep-able line as every other park.
         (line,) = d.wait_log(r'level=error msg="parked: ')
@@ -394,6 +395,35 @@ def test_crash_burst_parks_and_says_why(cs: ConfigSet) -> None:
         assert d.wait(5) == 66  # ExitCode.PARKED: fail closed
     finally:
         d.close()
+
+
+def test_ls_http_port_in_use_is_named_by_ls_last_line_with_output_prefix(cs: ConfigSet) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        cs.write_template(ls_http=f"127.0.0.1:{port}")
+        cs.write(ls_extra="  output: prefix\n", restart={"burst_limit": "2", "initial_delay": "100ms"})
+        d = Daemon(cs)
+        try:
+            doc = d.wait_state("PARKED")
+            reason = doc["reason"]
+            # Not "LS rejected its config": LS exits 1 for its HTTP port too, and its last line says so.
+            assert "a fatal start-up error (config, LMDB open, storage init or its HTTP port in use)" in (
+                reason
+            )
+            fatal = f'LS\'s last line: level=fatal msg="HTTP server error: listen tcp 127.0.0.1:{port}'
+            assert fatal in reason, reason
+            assert "address already in use" in reason and "time=" not in reason
+            assert "lssupervisor resume" in reason
+            assert d.lines(r"lightningstream: .*level=fatal")  # LS's own lines are still logged
+        finally:
+            d.close()
+    finally:
+        busy.close()
 
 
 # ---------------------------------------------------------------------------------------------------
