@@ -410,10 +410,16 @@ class Supervisor:
     def run(self) -> int:
         """Run until shut down; returns the exit code. Call from the main thread."""
         self.previous_record = self._read_previous_record()
-        self._start_notifier()
-        self._start_reaper()
         try:
-            self._start_http()
+            try:
+                # First, before anything is started (no LS, no worker, no orphan sweep, no READY=1):
+                # an address in use is an operator error, one line and EX_CONFIG, not a crash.
+                self._start_http()
+            except SupervisorError as exc:
+                log.error("%s; nothing was started", exc)
+                return int(exc.exit_code)
+            self._start_notifier()
+            self._start_reaper()
             with sigs.installed(self.queue):
                 where = fields(
                     pid=os.getpid(), config=str(self.cfg.source), state_dir=str(self.cfg.state_dir)
@@ -1196,8 +1202,12 @@ class Supervisor:
             log.warning("http.address is set but this build has no status server")
             return
         host, port = parse_address(address, f"{self.cfg.name}: http.address")
-        self.http = http.StatusServer(host, port, clock=self.clock)
-        self.http.start()  # ConfigError when the address cannot be bound: fail at start, loudly
+        server = http.StatusServer(host, port, clock=self.clock)
+        try:
+            server.start()  # ConfigError naming http.address when it cannot be bound
+        except ConfigError as exc:
+            raise ConfigError(f"{self.cfg.name}: {exc}") from None
+        self.http = server
 
     def _heartbeat(self) -> None:
         now = self.clock()

@@ -496,6 +496,31 @@ def test_second_supervisor_with_another_state_dir_on_the_same_lmdb_is_refused(
     assert f"LMDB {cs.lmdb} is locked by lssupervisor pid {daemon.pid}" in second.stderr
 
 
+def test_our_http_address_in_use_is_one_error_line_exit_78_and_nothing_started(cs: ConfigSet) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        cs.write(http=f"127.0.0.1:{port}")
+        d = Daemon(cs)
+        try:
+            assert d.wait(10) == 78  # ExitCode.CONFIG
+            text = d.text()
+            (line,) = [x for x in text.splitlines() if x.strip()]  # one line, nothing else
+            assert "level=error" in line and f"http.address 127.0.0.1:{port}: cannot listen" in line, line
+            assert "lssupervisor.yaml: " in line and "nothing was started" in line
+            assert "Traceback" not in text and "main loop failed" not in text
+            assert cs.starts() == [] and cs.records() == []  # no LS, not even `LS -c` validation
+            assert cs.state_doc() is None  # never booted
+        finally:
+            d.close()
+    finally:
+        busy.close()
+
+
 def test_usr2_logs_one_status_line(daemon: Daemon) -> None:
     ls_pid = daemon.running_ls_pid()
     daemon.send(signal.SIGUSR2)
