@@ -8,6 +8,8 @@ The document is the same one ``/status`` serves (see :mod:`lssupervisor.http`)::
                       record: {pid, create_time, pgid} | null, argv},
     lmdbs: {<name>: {path, schema_version (null until markers are read)}},
     migration: {progress, last_result, last_duration_s, last_success_at},
+    backups: {count, last: {id, created_at, size_bytes, version} | null} (the backup dir's manifests,
+              listed at start and after each migration),
     version (of lssupervisor), updated_at
 
 Times are ISO 8601 UTC. ``lightningstream.record`` is what the next daemon uses to find an LS
@@ -106,6 +108,14 @@ def format_human(doc: Mapping[str, Any], *, running: bool, holder: str | None = 
         f"target {'newest migration' if target is None else target}"
         + (f"; markers {versions}" if versions else "")
     )
+    backups = doc.get("backups")
+    if isinstance(backups, Mapping) and backups.get("count"):
+        newest: Mapping[str, Any] = backups.get("last") or {}
+        lines.append(
+            f"backups: {backups['count']}, newest {newest.get('id')} (schema version "
+            f"{newest.get('version')}, {newest.get('size_bytes')} bytes, {newest.get('created_at')}); "
+            "`lssupervisor backups` lists them"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -392,6 +392,9 @@ class Supervisor:
             "last_success_at": None,
             "last_backup": None,
         }
+        # `backups` in the status document (metrics read it): listed from the manifests at start and
+        # after each migrate job result, never per loop iteration and never by opening an LMDB.
+        self.backups: dict[str, Any] = {"count": 0, "last": None}
         self.exit_code: ExitCode | None = None
         self.notifier: Any = None
         self.ready_sent = False
@@ -425,6 +428,7 @@ class Supervisor:
                     pid=os.getpid(), config=str(self.cfg.source), state_dir=str(self.cfg.state_dir)
                 )
                 log.info("lssupervisor %s starting", __version__, extra=where)
+                self._refresh_backups()
                 self._feed(
                     Booted(paused=self.cfg.paused_file.exists(), target_version=self.cfg.schema.target)
                 )
@@ -664,6 +668,7 @@ class Supervisor:
             case Task.PROVE:
                 return self._proof(msg)
             case Task.MIGRATE:
+                self._refresh_backups()
                 duration = float(msg.get("duration_s") or 0.0)
                 backup_id = msg.get("backup_id")
                 self.migration.update(
@@ -694,6 +699,7 @@ class Supervisor:
         if job.task is Task.PLAN and error == "SchemaTooNew":
             message += "; " + self._restore_hint()
         if job.task is Task.MIGRATE:
+            self._refresh_backups()  # a failed migration may have taken its backup first
             backup_id = self._backup_since(job.started_wall)
             self.migration.update(
                 progress=None,
@@ -704,6 +710,28 @@ class Supervisor:
             )
             return TaskFailed(job.task.value, error, message, backup_id=backup_id)
         return TaskFailed(job.task.value, error, message)
+
+    def _refresh_backups(self) -> None:
+        """``backups: {count, last: {id, created_at, size_bytes, version}}`` from the backup dir's
+        manifests (backup.list_backups reads manifests only; the daemon never opens an LMDB)."""
+        try:
+            found = backup_mod.list_backups(self.cfg.backup_dir)
+        except OSError as exc:
+            # Status only: keep the last listing, say why once per attempt.
+            log.warning("cannot list the backups in %s: %s", self.cfg.backup_dir, exc.strerror or exc)
+            return
+        last = found[-1].manifest if found else None
+        self.backups = {
+            "count": len(found),
+            "last": None
+            if last is None
+            else {
+                "id": last.id,
+                "created_at": last.time,
+                "size_bytes": last.size,
+                "version": last.schema_version,
+            },
+        }
 
     def _restore_hint(self) -> str:
         try:
@@ -1140,6 +1168,7 @@ class Supervisor:
                 "from_version": cycle.from_version if cycle is not None else None,
                 "to_version": cycle.target if cycle is not None else None,
             },
+            "backups": self.backups,
             "version": __version__,
             "updated_at": _iso(now_wall),
         }

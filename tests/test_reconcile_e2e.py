@@ -256,6 +256,7 @@ def test_a_failing_migration_parks_with_ls_down_and_the_lmdb_unchanged(
     # Unchanged: the same last txn id and entries as the backup taken just before the failed step.
     backup_id = doc["migration"]["last_backup"]
     assert backup_id and backup_id in reason
+    assert doc["backups"]["count"] == 1 and doc["backups"]["last"]["id"] == backup_id  # failed: listed too
     live = dump(cs.lmdb)
     copy = dump(cs.state / "backups" / backup_id / "main")
     assert live == copy
@@ -263,6 +264,43 @@ def test_a_failing_migration_parks_with_ls_down_and_the_lmdb_unchanged(
     assert len(cs.starts()) == 1  # LS was not started again
     d.send(signal.SIGTERM)
     assert d.wait() == 65  # ExitCode.MIGRATION: parked after a failed migration
+
+
+def test_status_json_and_metrics_show_the_backups_after_a_migration(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    from prometheus_client import generate_latest
+
+    from lssupervisor.metrics import build_registry, iso_to_epoch
+
+    def status_json() -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "lssupervisor", "status", "--json", "-c", str(cs.config)],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    assert status_json()["backups"] == {"count": 0, "last": None}  # a stamp takes no backup
+    ship(cs, "0002_step.py", step_migration(2))
+    wait_running_on(d, 2)
+    doc = status_json()
+    backups = doc["backups"]
+    assert backups["count"] == 1, backups
+    last = backups["last"]
+    assert last["id"] == doc["migration"]["last_backup"] and (cs.state / "backups" / last["id"]).is_dir()
+    assert last["version"] == 1  # taken before the step, at the version the LMDB had
+    assert last["size_bytes"] > 0 and iso_to_epoch(last["created_at"]) is not None
+    # What /metrics serves from the same document.
+    text = generate_latest(build_registry(lambda: doc, process_metrics=False)).decode()
+    assert "lssupervisor_backups 1.0" in text
+    assert f"lssupervisor_last_backup_size_bytes {float(last['size_bytes'])}" in text
+    assert "lssupervisor_last_backup_timestamp_seconds " in text
 
 
 def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons: list[Daemon]) -> None:

@@ -72,6 +72,14 @@ def test_format_human() -> None:
     assert text.splitlines()[0] == "lssupervisor pid 7: RUNNING since 2025-01-02T03:04:05.000Z"
     assert "lightningstream: pid 4242, ready, started 2025-01-02T03:04:00.000Z, restarts 2" in text
     assert "markers main=None" in text and "target newest migration" in text
+    assert "backups" not in text  # none (or an older daemon's state.json without the key)
+    last = {"id": "20250102T030400.000000Z-v1", "created_at": "2025-01-02T03:04:00.000000Z",
+            "size_bytes": 12288, "version": 1}
+    text = format_human({**DOC, "pid": 7, "backups": {"count": 3, "last": last}}, running=True)
+    assert (
+        "backups: 3, newest 20250102T030400.000000Z-v1 (schema version 1, 12288 bytes, "
+        "2025-01-02T03:04:00.000000Z); `lssupervisor backups` lists them"
+    ) in text
     parked = {**DOC, "state": "PARKED", "lightningstream": {"last_exit": "exit 1"}}
     stale = format_human(parked, running=False)
     assert stale.startswith("lssupervisor is not running; state.json is stale (last: PARKED")
