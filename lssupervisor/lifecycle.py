@@ -797,7 +797,8 @@ class Lifecycle:
         assert st.child is not None
         reason = (
             f"LS pid {st.child.pid} survived SIGKILL for {_secs(self.timeouts.kill_grace)}; "
-            "check it (D state?) and restart lssupervisor"
+            f"check it (`ps -o stat,wchan -p {st.child.pid}`: D state?) and restart lssupervisor once it "
+            "is gone"
         )
         # The same exit code as every other "an LS runs where it must not" park (68), whichever path
         # found it: here, or a migration planned while it lives.
@@ -896,8 +897,9 @@ class Lifecycle:
                 shown = ", ".join(f"{name}={v}" for name, v in ev.markers)
                 return self._plan_problem(
                     st,
-                    f"the LMDBs have no common schema version ({shown}); run `lssupervisor migrate` (or "
-                    "`lssupervisor stamp N`) to bring them to one version",
+                    f"the LMDBs have no common schema version ({shown}); stop lssupervisor, bring them to "
+                    "one version with `lssupervisor plan` and `lssupervisor migrate` (or `lssupervisor "
+                    "stamp N`), then start it",
                     now,
                     acts,
                 )
@@ -912,7 +914,7 @@ class Lifecycle:
             return self._park(
                 st,
                 f"LS pid {st.unkillable_pid} survived SIGKILL; no migration while it lives; "
-                "restart lssupervisor",
+                "restart lssupervisor once it is gone",
                 now,
                 acts,
                 code=ExitCode.LS_RUNNING,
@@ -960,7 +962,8 @@ class Lifecycle:
             case Task.PROVE:
                 return self._park(
                     st,
-                    f"cannot prove LS gone: {ev.message}; check, then run `lssupervisor resume`",
+                    f"cannot prove LS gone: {ev.message}; check that no LS has the LMDB open "
+                    "(`ps -ef | grep lightningstream`), then run `lssupervisor resume`",
                     now,
                     acts,
                     code=ExitCode.LS_RUNNING,
@@ -975,9 +978,8 @@ class Lifecycle:
             case Task.VERIFY:
                 return self._park(
                     st,
-                    f"cannot read the schema markers back: {ev.message}; check the LMDB "
-                    "(`lssupervisor status`), "
-                    "then run `lssupervisor resume`",
+                    f"cannot read the schema markers back: {ev.message}; see what the LMDB has "
+                    "(`lssupervisor fleet`, `lssupervisor history`), then run `lssupervisor resume`",
                     now,
                     acts,
                     code=ExitCode.MIGRATION,
@@ -1154,8 +1156,9 @@ class Lifecycle:
         if len(versions) != 1 or None in versions:
             return self._park(
                 st,
-                f"after the migration the LMDBs are not at one schema version ({shown}); run "
-                "`lssupervisor migrate` to finish it (or `lssupervisor rollback`)",
+                f"after the migration the LMDBs are not at one schema version ({shown}); fix the cause, "
+                "then run `lssupervisor resume` to migrate the rest (or stop lssupervisor and run "
+                "`lssupervisor rollback`)",
                 now,
                 acts,
                 code=ExitCode.MIGRATION,
@@ -1176,7 +1179,7 @@ class Lifecycle:
                     st, version, f"migration failed; resuming on version {version}", now, acts
                 )
             restore = (
-                f" (or restore the backup: `lssupervisor rollback {cycle.backup_id}`)"
+                f" (or stop lssupervisor and restore the backup: `lssupervisor rollback {cycle.backup_id}`)"
                 if cycle.backup_id
                 else ""
             )

@@ -600,7 +600,10 @@ class Supervisor:
                 f"{new.state_dir}); restart lssupervisor to move it"
             )
         if new.http.address != self.cfg.http.address:
-            log.warning("http.address changed; the status server keeps its address until a restart")
+            log.warning(
+                "%s: http.address changed (%r -> %r); the status server keeps %r until lssupervisor "
+                "restarts", new.name, self.cfg.http.address, new.http.address, self.cfg.http.address,
+            )
 
     # -- workers -----------------------------------------------------------------------------------
 
@@ -738,7 +741,7 @@ class Supervisor:
             newest = backup_mod.find_backup(self.cfg.backup_dir, None)
         except SupervisorError:
             return f"no backup found in {self.cfg.backup_dir} to restore"
-        return f"restore the newest backup: `lssupervisor rollback {newest.id}`"
+        return f"or stop lssupervisor and restore the newest backup: `lssupervisor rollback {newest.id}`"
 
     def _backup_since(self, wall: float) -> str | None:
         """The backup a failed migrate worker took (the newest one made since it started)."""
@@ -846,7 +849,13 @@ class Supervisor:
         now = self.clock()
         if job.deadline is not None and now >= job.deadline and not job.timed_out and not job.finished():
             job.timed_out = True
-            log.warning("%s over its time limit: SIGKILL", job.task.value)
+            if job.hook is not None:
+                limit = f"hooks.timeout ({format_duration(float(self.cfg.hooks.timeout))})"
+                what = f"{job.hook_phase}_migrate hook {job.hook_index + 1}"
+            else:
+                limit = "lightningstream.drain_timeout + stop_timeout"
+                what = job.task.value
+            log.warning("%s ran over %s: SIGKILL to its process group", what, limit)
             job.cancel("time limit")
         if job.drain is not None:
             d = job.drain

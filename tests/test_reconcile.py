@@ -473,6 +473,59 @@ def test_resume_from_a_failed_migration_park_retries_the_cycle() -> None:
     assert c.st.park_reason is None
 
 
+# -- park reasons name commands that work while the daemon runs ------------------------------------------
+
+OFFLINE = ("lssupervisor migrate", "lssupervisor stamp", "lssupervisor rollback")
+
+
+def _park_reasons() -> dict[str, str]:
+    """Every cycle park whose reason may name an offline command, from literal histories."""
+    reasons: dict[str, str] = {}
+
+    c = Cycler()
+    c(Booted(), 0.0)
+    c(Planned(render_version=None, target=2, writes=False, markers=(("main", 2), ("dns", 1))), 0.1)
+    reasons["no common version"] = c.st.reason or ""
+
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(TaskFailed("migrate", "MigrationError", "step of dns failed"), 11.0)
+    c(MarkersRead((("main", 2), ("dns", 1))), 11.1)
+    reasons["mixed after migration"] = c.st.reason or ""
+
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(TaskFailed("migrate", "MigrationError", "boom", backup_id="20260101T000000Z-v1"), 11.0)
+    c(MarkersRead((("main", 1),)), 11.1)
+    reasons["failed migration"] = c.st.reason or ""
+
+    c = Cycler()
+    running(c)
+    to_migrating(c)
+    c(Migrated(steps=1), 11.0)
+    c(TaskFailed("verify", "WorkerError", "worker died"), 11.1)
+    reasons["verify failed"] = c.st.reason or ""
+    return reasons
+
+
+def test_park_reasons_say_to_stop_lssupervisor_before_an_offline_command() -> None:
+    # migrate/stamp/rollback take the daemon's lock: run while it runs they refuse (75).
+    reasons = _park_reasons()
+    for name, reason in reasons.items():
+        assert "lssupervisor resume" in reason or "stop lssupervisor" in reason, (name, reason)
+        for command in OFFLINE:
+            if command in reason:
+                assert reason.index("stop lssupervisor") < reason.index(command), (name, reason)
+    assert "`lssupervisor resume` to migrate the rest" in reasons["mixed after migration"]
+    assert "`lssupervisor rollback 20260101T000000Z-v1`" in reasons["failed migration"]
+    # `status` does not read the LMDB; `fleet` and `history` do, without the lock.
+    assert "`lssupervisor fleet`" in reasons["verify failed"] and "lssupervisor status" not in reasons[
+        "verify failed"
+    ]
+
+
 # -- shutdown and cancellation -------------------------------------------------------------------------
 
 

@@ -355,7 +355,9 @@ def test_schema_too_new_parks_naming_the_backup_to_restore(cs: ConfigSet, daemon
     (cs.migrations / "0003_step.py").unlink()
     doc = d.wait_state("PARKED")
     assert "newer than the newest migration 2" in doc["reason"], doc["reason"]
-    assert f"lssupervisor rollback {backups[-1]}" in doc["reason"]
+    assert f"stop lssupervisor and restore the newest backup: `lssupervisor rollback {backups[-1]}`" in (
+        doc["reason"]
+    )
     assert doc["lightningstream"]["pid"] is None
     d.send(signal.SIGTERM)
     assert d.wait() == 67  # ExitCode.TOO_NEW
@@ -429,6 +431,20 @@ def test_drain_and_hooks_run_in_order_with_ls_stopped(
     # The drain ran on the OLD config (v1 prefix) as an LS of its own, after LS stopped.
     drains = [s for s in cs.starts() if "--only-once" in s.get("argv", [])]
     assert len(drains) == 1 and "--timeout" in drains[0]["argv"]
+
+
+def test_a_hook_over_its_time_limit_is_named_with_the_setting_and_parks(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    cs.write(extra=WATCH + "hooks:\n  timeout: 300ms\n  pre_migrate: [[sleep, '30']]\n")
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    ship(cs, "0002_step.py", step_migration(2))
+    doc = d.wait_state("PARKED")
+    assert doc["reason"].startswith("pre_migrate hook 1 failed: timed out after 300ms; nothing was written")
+    (line,) = d.lines(r"ran over")
+    assert "pre_migrate hook 1 ran over hooks.timeout (300ms): SIGKILL to its process group" in line
+    assert markers(cs) == {"main": 1}
 
 
 def test_a_bad_migration_file_keeps_ls_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
