@@ -269,7 +269,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 ],
             )
         )
-        print(f"\ndry run to version {final['target']} on a copy; the live LMDBs were not changed")
+        print(f"\ndry run to version {final['target']} on a copy; the dry run did not write the live LMDBs")
+        others = final.get("live_changed_by_others") or []
+        if others:
+            print(
+                f"note: {', '.join(others)} changed meanwhile: LS or the application wrote to it while the "
+                "copy was taken (the dry run opens the live LMDB read-only)"
+            )
         return 0
     rows = []
     for e in final["lmdbs"]:

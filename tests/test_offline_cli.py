@@ -143,6 +143,46 @@ def test_dry_run_works_while_the_daemon_holds_the_lock(
     assert not (cs.root / "state" / "history.jsonl").exists()
 
 
+WRITER = """
+import sys, time, lmdb
+env = lmdb.open(sys.argv[1], max_dbs=64)
+db = env.open_db(b"busy")
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+n = 0
+while time.monotonic() < deadline:
+    with env.begin(write=True, db=db) as txn:
+        txn.put(b"k%d" % n, b"v")  # a DBI the migrations never read; a headerless value is fine here
+    n += 1
+    time.sleep(0.002)
+"""
+
+
+def test_dry_run_reports_a_live_write_by_another_process_and_succeeds(
+    cs: ConfigSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LS or the application may commit while a dry run copies the live LMDB: that is no failure (the
+    dry run's environment is read-only), it is reported."""
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, cs.spec.path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        code, out, err = cs.run(capsys, "migrate", "--dry-run", "--json")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["live_changed_by_others"] == ["main"]
+    (result,) = doc["lmdbs"]
+    assert result["live_last_txnid_after"] > result["live_last_txnid_before"]
+    assert read_marker_version(cs.spec, instance=INSTANCE) == 1  # the dry run migrated only the copy
+
+
 def test_unmarked_lmdb_is_refused_until_stamped(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
     build_lmdb(cs.root / "db2", {"data": {"a": "1"}})
     template = cs.root / "ls.yaml.in"
