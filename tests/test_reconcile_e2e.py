@@ -121,6 +121,16 @@ def markers(cs: ConfigSet) -> dict[str, int | None]:
     return {e["lmdb"]: e["version"] for e in final["lmdbs"]}
 
 
+def own_workers(cs: ConfigSet) -> list[psutil.Process]:
+    """Worker processes of this test's daemon: their cwd is the config set's root (the daemon's),
+    so workers of daemons in other tests running in parallel (xdist) are not counted."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if "lssupervisor.worker" in " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(cs.root):
+            found.append(p)
+    return found
+
+
 def dump(path: Path) -> tuple[int, dict[bytes, list[tuple[bytes, bytes]]]]:
     """Last txn id and every named DBI's entries of the LMDB at ``path`` (read-only; nothing else
     has it open when this runs)."""
@@ -327,6 +337,7 @@ def test_a_second_sigterm_cancels_a_slow_migration_and_exits_zero_without_ls(
     ship(cs, "0002_slow.py", SLOW.replace("{flag}", str(tmp_path / "never")))
     wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=15, what="MIGRATING")
     assert not pid_alive(pid)
+    assert len(own_workers(cs)) == 1  # the filter below sees this daemon's worker
     d.send(signal.SIGTERM)
     d.wait_log(r"send SIGTERM again to cancel it")
     assert d.proc.poll() is None and doc_of(d).get("substate") == "MIGRATING"  # still migrating
@@ -336,9 +347,7 @@ def test_a_second_sigterm_cancels_a_slow_migration_and_exits_zero_without_ls(
     assert len(cs.starts()) == 1  # LS was not started again
     assert doc_of(d)["state"] == "STOPPED"
     assert markers(cs) == {"main": 1}  # the open step rolled back
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "lssupervisor.worker" in " ".join(
-        p.info["cmdline"] or [])]
-    assert workers == []
+    assert own_workers(cs) == []
 
 
 def test_schema_too_new_parks_naming_the_backup_to_restore(cs: ConfigSet, daemons: list[Daemon]) -> None:
