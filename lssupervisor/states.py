@@ -133,7 +133,12 @@ class Cycle:
 
     def describe(self) -> str:
         what = ", ".join(self.steps) if self.steps else "stamp"
-        start = "unmarked" if self.from_version is None else str(self.from_version)
+        if self.from_version is not None:
+            start = str(self.from_version)
+        elif self.steps:
+            start = "mixed"  # the LMDBs are at different versions; each step names its own from→to
+        else:
+            start = "unmarked"
         return f"{start}→{self.target} ({what})"
 
 

@@ -769,3 +769,13 @@ def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
             run(ChildExited(pid=pid, returncode=-15, description="killed by SIGTERM"))
         if s.task in (Task.MIGRATE, Task.DRAIN, Task.VERIFY, Task.PROVE):
             assert live is None and s.child is None
+
+
+def test_cycle_description_names_where_the_lmdbs_start() -> None:
+    from lssupervisor.states import Cycle
+
+    one = Cycle(from_version=1, target=2, steps=("main 1→2 (0002_x)",))
+    assert one.describe() == "1→2 (main 1→2 (0002_x))"
+    assert Cycle(from_version=None, target=3, steps=()).describe() == "unmarked→3 (stamp)"
+    mixed = Cycle(from_version=None, target=3, steps=("main 2→3 (0003_x)", "shard 1→3 (marker only)"))
+    assert mixed.describe().startswith("mixed→3 (")
