@@ -361,6 +361,13 @@ def load_yaml_strict(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from None
 
 
+def _plural(tp: Any) -> str:
+    """``list[str]`` -> "strings", ``list[list[str]]`` -> "lists of strings" (for ``_type_name``)."""
+    if get_origin(tp) is list:
+        return f"lists of {_plural(get_args(tp)[0])}"
+    return _type_name(tp).removeprefix("a ").removeprefix("an ") + "s"
+
+
 def _type_name(tp: Any) -> str:
     if tp is Duration:
         return "a duration like 10s"
@@ -378,7 +385,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(m.value) for m in tp)
     origin = get_origin(tp)
     if origin is list:
-        return f"a list of {_type_name(get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {_plural(get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
     return str(tp)
@@ -601,6 +608,8 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
         return "true" if d else "false"
     if isinstance(d, str):
         return repr(d) if d == "" else d
+    if isinstance(d, int | float):
+        return str(d)  # yaml.safe_dump of a scalar is a document: "5\n...", which broke the table row
     return yaml.safe_dump(d, default_flow_style=True).strip()
 
 

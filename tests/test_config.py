@@ -312,6 +312,19 @@ def test_reference_documents_every_option() -> None:
         assert f"| `{key}` |" in ref, key
 
 
+def test_reference_rows_are_one_line_with_plain_defaults() -> None:
+    """Every option is one table row (a newline inside a row breaks the markdown table), and number
+    defaults read as numbers, not as YAML documents (``5\n...``)."""
+    ref = reference_markdown()
+    rows = [line for line in ref.splitlines() if line.startswith("| `")]
+    assert all(line.endswith(" |") for line in rows), [r for r in rows if not r.endswith(" |")]
+    assert "| `backup.keep` | an integer | `5` |" in ref
+    assert "| `restart.multiplier` | a number | `2.0` |" in ref
+    assert "| `lightningstream.min_pid` | an integer | `0` |" in ref
+    assert "| `hooks.pre_migrate` | a list of lists of strings | `[]` |" in ref
+    assert "| `lightningstream.args` | a list of strings | `[sync]` |" in ref
+
+
 def test_docs_configuration_md_is_up_to_date() -> None:
     """docs/configuration.md is generated; regenerate with `make docs` (lssupervisor config-reference)."""
     assert DOCS.exists(), "docs/configuration.md missing: run `make docs`"
