@@ -313,7 +313,7 @@ class MigrationApi:
         # The "current source": the entry last yielded by items() / returned by get().
         self._src_dbi: str | None = None
         self._src_key: bytes | None = None
-        self._src_val: bytes | None = None
+        self._src_val: bytes | None = None  # None also after the source was tombstoned
         self._src_ts = -1  # -1: not resolved yet (shadow mode resolves lazily)
         # Last write target, cached: the hot path writes to one DBI many times in a row.
         self._w_name: str | None = None
@@ -527,6 +527,9 @@ class MigrationApi:
             ts = self._src_ts
             if not self._keep_ts:
                 ts = ts + 1 if ts >= self.now_ns else self.now_ns
+            # The source entry holds this value from now on: a later put of the original value must
+            # not be skipped as "unchanged".
+            self._src_val = value
         else:
             raw = self._txn.get(key, db=db)
             if raw is None:
@@ -538,6 +541,8 @@ class MigrationApi:
                 ts = header.timestamp
                 if not self._keep_ts:
                     ts = ts + 1 if ts >= self.now_ns else self.now_ns
+            if key == self._src_key and dbi == self._src_dbi:
+                self._src_val = value
         self._txn.put(key, _HDR.pack(ts, self._txn_id, 0, 0, 0) + value, db=db)
         self.puts += 1
         self.bytes_written += len(key) + len(value) + _HDR_SIZE
@@ -577,6 +582,8 @@ class MigrationApi:
                 return False
             ts = self._rule_ts(header.timestamp)
             self._txn.put(key, _HDR.pack(ts, self._txn_id, 0, _DELETED, 0), db=db)
+            if key == self._src_key and dbi == self._src_dbi:
+                self._src_val = None  # the source is a tombstone now: no put of it is "unchanged"
         else:
             existed = self._txn.delete(key, db=db)
             raw = self._txn.get(key, db=self._w_shadow)
@@ -931,9 +938,8 @@ class MigrationApi:
 class RawCursor:
     """A cursor of ``m.txn``: reads pass through; writes are recorded for the verifier."""
 
-    def __init__(self, api: MigrationApi, name: str, db: Any, cursor: Any) -> None:
+    def __init__(self, api: MigrationApi, db: Any, cursor: Any) -> None:
         self._api = api
-        self._name = name
         self._db = db
         self._cursor = cursor
 
@@ -944,8 +950,9 @@ class RawCursor:
         return iter(self._cursor)
 
     def _record(self, key: bytes) -> None:
-        self._api._check_writable(self._name)
-        self._api._raw_record(self._name, self._db, key)
+        # The same check as m.txn.put: a cursor of the unnamed DB (the DBI directory) or of a handle
+        # not from m.db() must not write at all.
+        self._api._raw_record(self._api._raw_target(self._db), self._db, key)
 
     def put(
         self, key: bytes, value: bytes, dupdata: bool = True, overwrite: bool = True, append: bool = False
@@ -1002,8 +1009,7 @@ class RawTxn:
         return self._txn.stat(db)  # type: ignore[no-any-return]
 
     def cursor(self, db: Any = None) -> RawCursor:
-        name = "" if db is None else self._api._handle_names.get(id(db), "")
-        return RawCursor(self._api, name, db, self._txn.cursor(db=db))
+        return RawCursor(self._api, db, self._txn.cursor(db=db))
 
     def put(  # noqa: PLR0917 (mirrors py-lmdb's Transaction.put)
         self,

@@ -201,6 +201,31 @@ def test_shadow_entry_missing_means_ls_never_saw_it(tmp_path: Path) -> None:
     assert dump["users"][b"a"] == (b"alice2", NOW) and dump["idx"][b"alice"] == (b"a", NOW)
 
 
+@pytest.mark.parametrize("strategy", ["prefix", "in-place"])
+@pytest.mark.parametrize("native", MODES)
+def test_putting_back_the_original_value_after_a_change_is_written(
+    tmp_path: Path, native: bool, strategy: str
+) -> None:
+    # put() skips a value equal to the current source's; that must be the value stored NOW, not the
+    # one items() yielded (a put or delete of the source in between changed it).
+    spec = build_lmdb(tmp_path / "db", USERS, native=native, marker=0)
+    mdir = migrations(
+        tmp_path,
+        """
+        for k, v in m.items("users"):
+            if k == b"a":
+                m.put("users", k, b"tmp")
+                m.put("users", k, v)
+            if k == b"b":
+                m.delete("users", k)
+                m.put("users", k, v)
+        """,
+        strategies=(strategy,),
+    )
+    run_migrations(spec, mdir, clock=clock)
+    assert read_values(spec)["users"] == {b"a": b"alice", b"b": b"bob", b"c": b"carol"}
+
+
 # --------------------------------------------------------------------------------- marker state
 
 
@@ -299,6 +324,7 @@ def test_verifier_catches_headerless_write_through_raw_txn(tmp_path: Path) -> No
         ('m.txn.put(b"k", b"v", db=m.db("_sync_shadow_users", create=True))', r"_sync\* DBIs belong to"),
         ('m.txn.put(b"k", b"v", db=m.db("lssupervisor"))', "marker DBI"),
         ('m.txn.put(b"k", b"v")', r"need a named DBI handle"),
+        ('m.txn.cursor().put(b"k", b"v")', r"need a named DBI handle"),
         ('m.txn.drop(m.db("users"))', "drop refused"),
     ],
 )
