@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import sys
@@ -22,6 +23,7 @@ from lssupervisor.errors import UsageError
 from lssupervisor.lsconfig import check_prefix_safety, load_template, sanitize_instance, write_atomic
 
 VARIABLE = "APP_SCHEMA_VERSION"
+_LMDB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 CONFIG_NAME = "lssupervisor.yaml"
 TEMPLATE_NAME = "lightningstream.yaml.in"
 
@@ -109,10 +111,10 @@ def render_template(
         "# Check changes with: lssupervisor check -c lssupervisor.yaml",
         "",
         "# Unique per instance; LS keeps only [a-zA-Z0-9-]. Schema markers are keyed by it: keep it stable.",
-        f"instance: {instance}",
+        f"instance: {_q(instance)}",  # quoted: a name like null or ~ must not read as YAML null
         "",
         "lmdbs:",
-        f"  {lmdb_name}:",
+        f"  {_q(lmdb_name)}:",
         "    # The application's LMDB. It stays here across schema versions; only the storage moves.",
         f"    path: {_q(lmdb_path)}",
         "    options:",
@@ -220,7 +222,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     lmdb_path = os.path.abspath(args.lmdb)
     # An existing file is a no_subdir LMDB (PowerDNS's pdns.lmdb); anything else is an LMDB directory.
     no_subdir = os.path.isfile(lmdb_path)
-    lmdb_name = getattr(args, "lmdb_name", None) or "main"
+    lmdb_name = args.lmdb_name
+    if not _LMDB_NAME.fullmatch(lmdb_name):
+        # LS names snapshot files after it; a '$' would be expanded by LS, '#' or ':' change the YAML.
+        raise UsageError(f"--lmdb-name {lmdb_name!r}: use letters, digits, '_' and '-' (like main)")
     storage = parse_storage(args.storage)
     for flag, address in (("--http", args.http), ("--ls-http", args.ls_http)):
         if address:

@@ -109,6 +109,27 @@ def test_init_default_instance_is_the_sanitised_hostname(
     assert view.instance == "web-1-example-org"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("name", ["null", "yes", "off", "true", "0x10", "1e3"])
+def test_init_instance_that_yaml_reads_as_another_type_stays_a_string(tmp_path: Path, name: str) -> None:
+    """An instance (or host name) like ``null`` or ``yes`` written unquoted is YAML null/bool: LS would
+    read null as "no instance" (and fall back to the host name), and the set would not render."""
+    assert main(["init", str(tmp_path / "set"), "--lmdb", str(tmp_path / "db"),
+                 "--storage", f"fs://{tmp_path}/s", "--instance", name]) == 0
+    _, view = rendered(tmp_path, 1)
+    assert view.instance == name  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("lmdb_name", ["a: b", "$HOME", "x#y", ""])
+def test_init_refuses_an_lmdb_name_that_does_not_survive_the_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lmdb_name: str
+) -> None:
+    argv = ["init", str(tmp_path / "set"), "--lmdb", str(tmp_path / "db"), "--storage",
+            f"fs://{tmp_path}/s", "--instance", "n1", "--lmdb-name", lmdb_name]
+    assert main(argv) == ExitCode.USAGE
+    assert "--lmdb-name" in capsys.readouterr().err
+    assert not (tmp_path / "set" / "lssupervisor.yaml").exists()
+
+
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert init(tmp_path) == 0
     config = tmp_path / "set" / "lssupervisor.yaml"
