@@ -571,7 +571,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not UTF-8 text") from None
-    return parse_config(text, where, p.resolve().parent, source=p.resolve())
+    # Absolute, but symlinks NOT resolved: in a Kubernetes ConfigMap volume the file is
+    # NAME -> ..data/NAME -> ..<timestamp>/NAME, and an update deletes that timestamped directory.
+    # Relative paths, reloads and the watcher must follow the name the operator gave.
+    source = Path(os.path.abspath(p))
+    return parse_config(text, where, source.parent, source=source)
 
 
 def parse_config(text: str, where: str, base_dir: Path, source: Path | None = None) -> Config:

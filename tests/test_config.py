@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import typing
 from pathlib import Path
 
@@ -245,6 +247,31 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> 
     assert cfg.migrations.path == str(tmp_path / "etc" / "migrations")
     assert cfg.source == cfg_file.resolve()
     assert cfg.name == "lss.yaml"
+
+
+def test_config_in_a_configmap_volume_survives_the_symlink_swap(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as ``NAME -> ..data/NAME``, ``..data -> ..<timestamp>``, and an
+    update swaps ``..data`` and deletes the old timestamped directory. Relative paths and the file the
+    daemon reloads (and watches) must follow the name, not the directory the symlink pointed to then."""
+    vol = tmp_path / "etc"
+    vol.mkdir()
+
+    def publish(stamp: str, text: str) -> None:
+        (vol / stamp).mkdir()
+        (vol / stamp / "lss.yaml").write_text(text)
+        os.symlink(stamp, vol / "..data_tmp")
+        os.rename(vol / "..data_tmp", vol / "..data")
+
+    publish("..2024_01", "state_dir: /var/st\nlightningstream:\n  template: ls.yaml.in\n")
+    os.symlink("..data/lss.yaml", vol / "lss.yaml")
+    cfg = load_config(vol / "lss.yaml")
+    assert cfg.source == vol / "lss.yaml"
+    assert cfg.lightningstream.template == str(vol / "ls.yaml.in")
+
+    publish("..2024_02", "state_dir: /var/st2\nlightningstream:\n  template: ls.yaml.in\n")
+    shutil.rmtree(vol / "..2024_01")
+    assert cfg.source is not None
+    assert load_config(cfg.source).state_dir == "/var/st2"  # a reload reads the new version
 
 
 def test_relative_config_path_works_from_any_directory(
