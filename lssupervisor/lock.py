@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from lssupervisor.config import Config
-from lssupervisor.errors import LockHeld
+from lssupervisor.errors import ConfigError, LockHeld
 from lssupervisor.lsmodel import LmdbSpec
 
 LMDB_LOCK_NAME = ".lssupervisor.lock"
@@ -174,8 +174,16 @@ class Lock:
 
 
 def _take(path: Path, purpose: str, state_dir: str, *, what: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        # A path that cannot hold a lock file (a parent that is a file, no permission, read-only fs)
+        # is a configuration problem; as a bare OSError it would crash a daemon reloading it.
+        raise ConfigError(
+            f"{what}: cannot create the lock file {path}: {exc.strerror or exc}; check that path "
+            "(the LMDB's path in the LS template, or state_dir) and its permissions"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -78,7 +78,7 @@ from lssupervisor.actions import (
     WriteState,
 )
 from lssupervisor.config import Config, OutputMode, format_duration, load_config, parse_address
-from lssupervisor.errors import ConfigError, ExitCode, LockHeld, MigrationError, SupervisorError
+from lssupervisor.errors import ConfigError, ExitCode, MigrationError, SupervisorError
 from lssupervisor.events import (
     Booted,
     ChildExited,
@@ -192,14 +192,10 @@ def load(cfg: Config, base_env: Mapping[str, str]) -> Loaded:
 
 
 def load_failed(exc: SupervisorError) -> ConfigFailed:
-    """A failed :func:`load` (or LMDB lock) as the core's event, naming what failed: a bad migration
-    file is not a render problem. The exit code (at boot) is the error's own, as offline."""
-    if isinstance(exc, MigrationError):
-        what = "cannot load the migrations"
-    elif isinstance(exc, LockHeld):
-        what = "cannot lock the LMDBs"
-    else:
-        what = "cannot load the configuration"
+    """A failed :func:`load` as the core's event, naming what failed: a bad migration file is not a
+    render problem. The exit code (at boot) is the error's own, as offline."""
+    migration = isinstance(exc, MigrationError)
+    what = "cannot load the migrations" if migration else "cannot load the configuration"
     return ConfigFailed(str(exc), what=what, exit_code=exc.exit_code)
 
 
@@ -573,11 +569,14 @@ class Supervisor:
                 cfg = load_config(cfg.source)
                 self._check_reloadable(cfg)
             loaded = load(cfg, self.environ)
-            if self.held is not None:
-                # A reload may name another LMDB: lock it too before LS can touch it (I4).
-                self.held.add_lmdbs(loaded.view.lmdbs)
         except SupervisorError as exc:
             return [load_failed(exc)]
+        if self.held is not None:
+            try:
+                # A reload may name another LMDB: lock it too before LS can touch it (I4).
+                self.held.add_lmdbs(loaded.view.lmdbs)
+            except SupervisorError as exc:
+                return [ConfigFailed(str(exc), what="cannot lock the LMDBs", exit_code=exc.exit_code)]
         if reload:
             self.cfg = cfg
             self.core = Lifecycle.from_config(cfg, self.rng)

@@ -13,7 +13,7 @@ import pytest
 
 from lssupervisor import lock
 from lssupervisor.config import Config, PathOpt
-from lssupervisor.errors import ExitCode, LockHeld
+from lssupervisor.errors import ConfigError, ExitCode, LockHeld
 from lssupervisor.lsmodel import LmdbSpec
 from tests.helpers import wait_for
 
@@ -119,3 +119,15 @@ def test_lock_fds_are_not_inherited(tmp_path: Path) -> None:
     cfg = cfg_for(tmp_path)
     with lock.acquire(cfg, [], "daemon") as held:
         assert not os.get_inheritable(held.fileno())
+
+
+def test_a_lock_file_that_cannot_be_created_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    # An OSError here reached the daemon's main loop raw (a reload naming such an LMDB crashed it).
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with lock.acquire(cfg_for(tmp_path), [], "daemon") as held:
+        with pytest.raises(ConfigError) as err:
+            held.add_lmdbs([blocker / "db"])
+        assert str(blocker / "db" / ".lssupervisor.lock") in str(err.value)
+        assert err.value.exit_code is ExitCode.CONFIG
+        assert held.paths == [cfg_for(tmp_path).lock_path]  # what it had is kept

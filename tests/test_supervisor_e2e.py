@@ -631,3 +631,19 @@ def test_text_log_lines_are_stable_logfmt() -> None:
     ), line
     assert logfmt_value('a "b"\nc') == '"a \\"b\\"\\nc"'
     assert logfmt_value("") == '""' and logfmt_value(None) == "null" and logfmt_value(True) == "true"
+
+
+def test_reload_naming_an_lmdb_that_cannot_be_locked_keeps_running(daemon: Daemon, cs: ConfigSet) -> None:
+    # The new LMDB's lock file cannot be created (its parent is a regular file): an OSError from the
+    # lock, not a SupervisorError. It must be one "reload failed" line, not a crash that takes LS down.
+    ls_pid = daemon.running_ls_pid()
+    blocker = cs.root / "not-a-dir"
+    blocker.write_text("")
+    cs.template.write_text(cs.template.read_text().replace(str(cs.lmdb), str(blocker / "db")))
+    daemon.send(signal.SIGHUP)
+    daemon.wait_log(r'state RECONCILING -> RUNNING" reason="reload failed, previous config kept"')
+    errors = daemon.lines(r"level=error")
+    assert len(errors) == 1, errors
+    assert "cannot lock the LMDBs" in errors[0] and str(blocker) in errors[0]
+    assert daemon.proc.poll() is None
+    assert daemon.running_ls_pid() == ls_pid and pid_alive(ls_pid)
