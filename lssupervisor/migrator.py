@@ -1199,6 +1199,23 @@ def _upgrade_error(mig: Migration, exc: Exception) -> MigrationError:
     return MigrationError(f"{where}: upgrade failed: {type(exc).__name__}: {exc}; the step was rolled back")
 
 
+def unmarked_with_data(spec: LmdbSpec, instance: str) -> UnmarkedDatabase:
+    """The refusal for an LMDB with data and no marker (and no ``schema.baseline``)."""
+    return UnmarkedDatabase(
+        f"LMDB {spec.name!r} at {spec.path} has data but no schema marker for instance {instance!r}; "
+        "if its data is at schema version N, run: lssupervisor stamp N (or configure schema.baseline)"
+    )
+
+
+def checksum_mismatch(applied: Migration, spec: LmdbSpec, recorded: str) -> ChecksumMismatch:
+    """The refusal when the migration file named by the marker changed since it ran."""
+    return ChecksumMismatch(
+        f"{applied.path}: changed since it was applied to LMDB {spec.name!r}: recorded sha256 "
+        f"{recorded}, now {applied.checksum}; restore the applied file (add a new migration instead "
+        "of editing one)"
+    )
+
+
 def migrate(
     env: lmdb.Environment,
     spec: LmdbSpec,
@@ -1233,21 +1250,13 @@ def migrate(
             marker = stamp(env, spec, goal, instance=instance, marker_dbi=marker_dbi, clock=clock)
             return MigrateResult(spec.name, None, marker, "empty")
         if baseline is None:
-            raise UnmarkedDatabase(
-                f"LMDB {spec.name!r} at {spec.path} has data but no schema marker for instance "
-                f"{instance!r}; if its data is at schema version N, run: lssupervisor stamp N "
-                "(or configure schema.baseline)"
-            )
+            raise unmarked_with_data(spec, instance)
         current = baseline
     else:
         current = before.version
         applied = migrations.by_name(before.migration) if before.migration else None
         if applied is not None and before.checksum and applied.checksum != before.checksum:
-            raise ChecksumMismatch(
-                f"{applied.path}: changed since it was applied to LMDB {spec.name!r}: recorded sha256 "
-                f"{before.checksum}, now {applied.checksum}; restore the applied file (add a new "
-                "migration instead of editing one)"
-            )
+            raise checksum_mismatch(applied, spec, before.checksum)
     the_plan = plan(migrations, {spec.name: current}, target)
     results: list[StepResult] = []
     after = before
@@ -1285,7 +1294,9 @@ __all__ = [
     "RawCursor",
     "RawTxn",
     "StepResult",
+    "checksum_mismatch",
     "migrate",
     "open_env",
     "run_step",
+    "unmarked_with_data",
 ]

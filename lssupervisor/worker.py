@@ -95,7 +95,6 @@ from lssupervisor.errors import (
     MigrationCancelled,
     MigrationError,
     SupervisorError,
-    UnmarkedDatabase,
     UsageError,
     WorkerError,
 )
@@ -676,22 +675,9 @@ class Job:
 
 
 def open_lmdb(spec: LmdbSpec, *, write: bool, create: bool = False) -> lmdb.Environment:
-    """Open an LMDB as the worker does: our own lock participation, ``map_size`` 0 = the file's size
-    (py-lmdb's 10 MiB default would shrink the map of a bigger LMDB), writemap for writers
-    (migrator.DEFAULT_WRITEMAP: dirty pages of a big step stay out of anonymous memory)."""
-    try:
-        return lmdb.open(
-            spec.path,
-            subdir=not spec.no_subdir,
-            max_dbs=spec.max_dbs,
-            map_size=spec.map_size,
-            readonly=not write,
-            create=create,
-            writemap=write and migrator.DEFAULT_WRITEMAP,
-            lock=True,
-        )
-    except lmdb.Error as exc:
-        raise MigrationError(f"LMDB {spec.name!r} at {spec.path}: cannot open ({exc})") from exc
+    """Open an LMDB as the worker does: :func:`migrator.open_env` (``map_size`` 0 = the file's size,
+    writemap for writers), read-only unless ``write``."""
+    return migrator.open_env(spec, readonly=not write, create=create)
 
 
 def _exists(spec: LmdbSpec) -> bool:
@@ -792,17 +778,13 @@ def _plan_all(job: Job, migs: migrations.MigrationSet, target: int | None) -> tu
             continue
         if found is None:
             if baseline is None:
-                raise UnmarkedDatabase(
-                    f"LMDB {spec.name!r} at {spec.path} has data but no schema marker for instance "
-                    f"{job.instance!r}; if its data is at schema version N, run: lssupervisor stamp N "
-                    "(or configure schema.baseline)"
-                )
+                raise migrator.unmarked_with_data(spec, job.instance)
             current, action = baseline, "baseline"
         else:
             current, action = found.version, "migrate"
             applied = migs.by_name(found.migration) if found.migration else None
             if applied is not None and found.checksum and applied.checksum != found.checksum:
-                raise migrations_checksum_error(applied, spec, found.checksum)
+                raise migrator.checksum_mismatch(applied, spec, found.checksum)
         steps = migrations.plan(migs, {spec.name: current}, target).steps
         if not steps and action == "migrate":
             action = "none"
@@ -812,18 +794,6 @@ def _plan_all(job: Job, migs: migrations.MigrationSet, target: int | None) -> tu
             )
         )
     return goal, plans
-
-
-def migrations_checksum_error(
-    applied: migrations.Migration, spec: LmdbSpec, recorded: str
-) -> SupervisorError:
-    from lssupervisor.errors import ChecksumMismatch
-
-    return ChecksumMismatch(
-        f"{applied.path}: changed since it was applied to LMDB {spec.name!r}: recorded sha256 "
-        f"{recorded}, now {applied.checksum}; restore the applied file (add a new migration instead "
-        "of editing one)"
-    )
 
 
 def _source(job: Job) -> str:
