@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
 
-from lssupervisor import __version__, child, lock, lsconfig, migrations
+from lssupervisor import __version__, child, lock, lsconfig, migrations, sdnotify
 from lssupervisor import backup as backup_mod
 from lssupervisor import signals as sigs
 from lssupervisor import worker as worker_mod
@@ -621,7 +621,11 @@ class Supervisor:
         pass_fds = (self.held.fileno(),) if self.held is not None else ()
         try:
             job.worker = worker_mod.WorkerRun.start(
-                request, on_message, min_pid=loaded.cfg.lightningstream.min_pid, pass_fds=pass_fds
+                request,
+                on_message,
+                min_pid=loaded.cfg.lightningstream.min_pid,
+                pass_fds=pass_fds,
+                env=sdnotify.child_env(self.environ),  # only the daemon speaks to systemd
             )
         except (OSError, SupervisorError, RuntimeError) as exc:
             return [TaskFailed(task.value, type(exc).__name__, f"cannot start the {op} worker: {exc}")]
@@ -810,7 +814,7 @@ class Supervisor:
         cfg = loaded.cfg
         hooks = cfg.hooks.pre_migrate if action.phase == "pre" else cfg.hooks.post_migrate
         argv = list(hooks[action.index])
-        env = dict(self.environ)
+        env = sdnotify.child_env(self.environ)  # only the daemon speaks to systemd
         env.update(
             LSSUPERVISOR_HOOK=f"{action.phase}_migrate",
             LSSUPERVISOR_FROM_VERSION="" if action.from_version is None else str(action.from_version),
@@ -1221,10 +1225,6 @@ class Supervisor:
     # -- collaborators (optional) ------------------------------------------------------------------
 
     def _start_notifier(self) -> None:
-        try:
-            from lssupervisor import sdnotify
-        except ImportError:
-            return
         self.notifier = sdnotify.Notifier.from_env(self.environ)
         self.watchdog_interval = sdnotify.watchdog_interval(self.environ)
         self.next_watchdog = self.clock()

@@ -1,0 +1,72 @@
+"""The shell's own duties, driven method by method on a real ``Supervisor`` (no main loop): what its
+children inherit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lssupervisor import worker as worker_mod
+from lssupervisor.actions import RunHook
+from lssupervisor.config import load_config
+from lssupervisor.events import TaskFailed
+from lssupervisor.states import Task
+from lssupervisor.supervisor import Supervisor, load
+from tests.helpers import wait_for
+from tests.test_supervisor_e2e import ConfigSet
+
+# What systemd hands to the service only: a child speaking on the notify socket would be rejected
+# (NotifyAccess=main) or, with NotifyAccess=all, could report READY=1 for us.
+SYSTEMD_ONLY = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "20000000", "LISTEN_FDS": "1"}
+
+DUMP_ENV = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+
+
+def test_hooks_do_not_inherit_the_systemd_notification_variables(tmp_path: Path) -> None:
+    cs = ConfigSet(tmp_path)
+    out = tmp_path / "hook-env.json"
+    hook = json.dumps([sys.executable, "-c", DUMP_ENV, str(out)])
+    cs.write(extra=f"hooks:\n  pre_migrate: [{hook}]\n")
+    cfg = load_config(cs.config)
+    sup = Supervisor(cfg, environ={**os.environ, **SYSTEMD_ONLY})
+    sup.loaded = load(cfg, sup.environ)
+    assert sup._run_hook(RunHook(phase="pre", index=0, from_version=1, to_version=2)) == []
+    job = sup.job
+    assert job is not None and job.hook is not None
+    try:
+        wait_for(lambda: job.hook is not None and job.hook.poll() is not None, what="the hook to exit")
+    finally:
+        job.cancel("test over")
+        job.hook.wait(5)
+    assert job.hook.returncode == 0
+    env = json.loads(out.read_text())
+    assert env["LSSUPERVISOR_HOOK"] == "pre_migrate"
+    assert not set(SYSTEMD_ONLY) & set(env), env
+
+
+def test_workers_do_not_inherit_the_systemd_notification_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cs = ConfigSet(tmp_path)
+    cfg = load_config(cs.config)
+    sup = Supervisor(cfg, environ={**os.environ, **SYSTEMD_ONLY})
+    sup.loaded = load(cfg, sup.environ)
+    started: list[Mapping[str, str] | None] = []
+
+    def start(*args: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+        started.append(env)
+        raise OSError(errno.EAGAIN, "not started by this test")
+
+    monkeypatch.setattr(worker_mod.WorkerRun, "start", start)
+    [failed] = sup._start_worker(Task.PLAN, "plan", target=None)
+    assert isinstance(failed, TaskFailed) and "not started by this test" in failed.message
+    [env] = started
+    assert env is not None and env.get("PATH") == os.environ.get("PATH")
+    assert not set(SYSTEMD_ONLY) & set(env), env
