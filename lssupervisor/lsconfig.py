@@ -432,6 +432,15 @@ def _check_dupes(node: yaml.Node | None, errors: list[str], key: str = "") -> No
             _check_dupes(item, errors, key)
 
 
+def _child(node: yaml.Node | None, *keys: str) -> yaml.Node | None:
+    """The node at ``keys`` in a mapping tree (None when a key is absent)."""
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+    return node
+
+
 def _split_host_port(address: str) -> str | None:
     """Go ``net.SplitHostPort`` acceptance; the reason when refused."""
     if address.startswith("["):
@@ -666,6 +675,12 @@ def _validate(
         what = "not set" if not st_type else f"{st_type!r} is unknown"
         raise TemplateError(f"{where}: storage.type: {what} (expected one of {known})")
     if storage["root_path"]:
+        if not isinstance(_child(root, "storage", "options"), yaml.MappingNode):
+            # LS assigns into storage.options, a nil Go map when absent or null: a panic, exit 2.
+            raise TemplateError(
+                f"{where}: storage.root_path without storage.options makes LS panic; "
+                "write it as storage.options.root_path"
+            )
         warnings.append(f"{where}: storage.root_path is deprecated in LS; use storage.options.root_path")
         options["root_path"] = storage["root_path"]
     allowed = STORAGE_OPTIONS[st_type]

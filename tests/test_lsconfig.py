@@ -363,12 +363,23 @@ def test_render_fs_view_and_deprecated_root_path() -> None:
         lmdbs: {main: {path: /d}}
         storage:
           type: fs
+          options: {}
           root_path: /old/v${APP_SCHEMA_VERSION}
         """
     )
     r = render(t, 2, {})
     assert r.view.storage_location == "/old/v2"
     assert any("deprecated" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("options", ["", "  options:\n", "  options: ~\n"])
+def test_render_refuses_deprecated_root_path_without_options(options: str) -> None:
+    """LS copies storage.root_path into storage.options, a nil Go map when options is absent or null:
+    every LS subcommand panics (exit 2) on such a config."""
+    t = tmpl("instance: a\nlmdbs: {main: {path: /d}}\nstorage:\n  type: fs\n" + options
+             + "  root_path: /old/v${APP_SCHEMA_VERSION}\n")
+    with pytest.raises(TemplateError, match=r"storage.root_path.*storage.options.root_path"):
+        render(t, 2, {})
 
 
 def test_render_warns_about_a_relative_lmdb_path() -> None:

@@ -381,6 +381,21 @@ def test_fs_rejects_global_prefix_only_when_backend_created(ls: Procs, tmp_path:
     assert "global_prefix not found" in err
 
 
+def test_deprecated_root_path_without_options_panics(ls: Procs, tmp_path: Path) -> None:
+    """LS copies storage.root_path into storage.options, a nil map when ``options`` is absent: a Go
+    panic (exit 2) in every subcommand. With ``options: {}`` it is only a deprecation warning."""
+    cfg = tmp_path / "ls.yaml"
+    base = f"instance: a\nlmdbs: {{main: {{path: {tmp_path / 'db'}}}}}\nstorage:\n  type: fs\n"
+    cfg.write_text(base + f"  root_path: {tmp_path / 'store'}\n")
+    rc, _, err = ls.run("-c", str(cfg))
+    assert rc == 2
+    assert "panic: assignment to entry in nil map" in err
+    cfg.write_text(base + f"  options: {{}}\n  root_path: {tmp_path / 'store'}\n")
+    rc, _, err = ls.run("-c", str(cfg))
+    assert rc == 0, err
+    assert "storage.root_path is deprecated" in err
+
+
 def test_env_expansion_applies_to_whole_file(ls: Procs, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, instance="${LSTEST_INST}")
     cfg.write_text("# comment with $LSTEST_INST\n" + cfg.read_text())

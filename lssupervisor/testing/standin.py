@@ -266,6 +266,11 @@ def _load_config(args: argparse.Namespace) -> Any:
     except sc.ConfigCheckError as exc:
         log.fatal(f"Config file error: {exc}")
     if raw["storage"]["root_path"]:
+        if raw["storage"]["options"] is None:
+            # LS: conf.Storage.Options["root_path"] = ... on a nil map (no `options:` mapping).
+            sys.stderr.write("panic: assignment to entry in nil map\n\ngoroutine 1 [running]:\n")
+            sys.stderr.flush()
+            os._exit(2)
         log.warn("storage.root_path is deprecated and will be removed, use storage.options.root_path instead")
     for flag, key in (("log_level", "level"), ("log_format", "format"), ("log_timestamp", "timestamp")):
         v = getattr(args, flag, "")

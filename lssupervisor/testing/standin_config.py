@@ -390,7 +390,7 @@ def default_config() -> dict[str, Any]:
         },
         "storage": {
             "type": "",
-            "options": {},
+            "options": None,  # a nil Go map until the YAML names a mapping (see standin._load_config)
             "cleanup": {
                 "enabled": False,
                 "interval": 5 * 60 * S,
@@ -498,6 +498,8 @@ class _Decoder:
         for structs (fields not named keep their current value)."""
         y = self._yaml
         if self._is_null(node):
+            if kind == ("map", "any"):
+                return None  # storage.options: null leaves a nil Go map (LS panics assigning into it)
             return _zero(kind)  # yaml.v2: null resets the target to its zero value
         if isinstance(kind, tuple):
             if not isinstance(node, y.MappingNode):
