@@ -24,41 +24,25 @@ A state.json whose writer is gone is stale: ``status`` checks the state-dir lock
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lssupervisor.errors import ExitCode
+from lssupervisor.lsconfig import write_atomic
 
 NOT_RUNNING_EXIT = ExitCode.NOT_RUNNING  # `status` when no daemon runs (LSB: 3 = not running)
 
 
 def write_state(path: Path, doc: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``doc`` as JSON, atomically and durably. OSError propagates."""
-    data = (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode()
+    text = json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # no secrets in here; operators and monitoring read it
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # 0644: no secrets in here (the daemon writes no env or config text); operators and monitoring read
+    # it. No .prev copy: the next transition rewrites it anyway.
+    write_atomic(path, text, mode=0o644, keep_previous=False)
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
