@@ -335,6 +335,14 @@ class Lifecycle:
             acts.append(Notify(NotifyKind.READY))
         return new
 
+    def _exit(
+        self, st: SupervisorState, code: ExitCode, reason: str, now: float, acts: list[Action]
+    ) -> SupervisorState:
+        """LS is down (or beyond our reach): STOPPED, and the shell leaves with ``code``."""
+        st = self._enter(replace(st, exit_code=code), State.STOPPED, reason, now, acts)
+        acts.append(Exit(code))
+        return st
+
     def _begin_stop(
         self, st: SupervisorState, purpose: StopPurpose, reason: str, now: float, acts: list[Action]
     ) -> SupervisorState:
@@ -524,10 +532,7 @@ class Lifecycle:
             return st  # ChildSpawned stops the new LS at once
         acts.append(Notify(NotifyKind.STOPPING))
         code = st.park_exit if st.state is State.PARKED else ExitCode.OK
-        st = replace(st, exit_code=code, retry_at=None)
-        st = self._enter(st, State.STOPPED, reason, now, acts)
-        acts.append(Exit(code))
-        return st
+        return self._exit(replace(st, retry_at=None), code, reason, now, acts)
 
     def _reconcile_requested(
         self,
@@ -624,10 +629,7 @@ class Lifecycle:
             # Nothing was ever rendered: there is no old config to keep. Fail closed with the stage's
             # code (EX_CONFIG; EX_DATAERR for a migration file that does not load, as offline).
             acts.append(LogLine(Level.ERROR, failed))
-            st = replace(st, exit_code=ev.exit_code)
-            st = self._enter(st, State.STOPPED, failed, now, acts)
-            acts.append(Exit(ev.exit_code))
-            return st
+            return self._exit(st, ev.exit_code, failed, now, acts)
         acts.append(LogLine(Level.ERROR, f"reload failed, keeping the previous config: {failed}"))
         if st.pending is not None:
             return self._start_reconcile(st, st.pending.reload, "reconcile (requested meanwhile)", now, acts)
@@ -656,10 +658,7 @@ class Lifecycle:
             raise LifecycleError(f"SpawnFailed without SpawnChild in {st.state.value}")
         st = replace(st, spawn_pending=False)
         if st.desired.goal is Goal.SHUTDOWN:
-            st = replace(st, exit_code=ExitCode.OK)
-            st = self._enter(st, State.STOPPED, "shutdown", now, acts)
-            acts.append(Exit(ExitCode.OK))
-            return st
+            return self._exit(st, ExitCode.OK, "shutdown", now, acts)
         return self._failure(
             st, f"cannot start LS: {ev.message}", now, acts, started_at=None, exit_one=False
         )
@@ -716,10 +715,7 @@ class Lifecycle:
         started_at = st.child.started_at
         st = replace(st, child=None, stopping=None, last_exit=f"stopped ({ev.description})")
         if st.desired.goal is Goal.SHUTDOWN:
-            st = replace(st, exit_code=ExitCode.OK)
-            st = self._enter(st, State.STOPPED, stopping.reason, now, acts)
-            acts.append(Exit(ExitCode.OK))
-            return st
+            return self._exit(st, ExitCode.OK, stopping.reason, now, acts)
         if stopping.purpose is StopPurpose.FAILED_START:
             return self._failure(st, stopping.reason, now, acts, started_at=started_at, exit_one=False)
         if st.pending is not None:
@@ -813,10 +809,7 @@ class Lifecycle:
         )
         if st.desired.goal is Goal.SHUTDOWN:
             acts.append(LogLine(Level.ERROR, reason))  # (entering PARKED logs it otherwise)
-            st = replace(st, exit_code=ExitCode.LS_RUNNING)
-            st = self._enter(st, State.STOPPED, reason, now, acts)
-            acts.append(Exit(ExitCode.LS_RUNNING))
-            return st
+            return self._exit(st, ExitCode.LS_RUNNING, reason, now, acts)
         return self._enter(st, State.PARKED, reason, now, acts)
 
     # -- the reconcile cycle -------------------------------------------------------------------------
@@ -874,10 +867,7 @@ class Lifecycle:
             st.child is not None
         ):  # cannot happen (jobs with LS running are cancelled), but never exit with LS up
             return self._begin_stop(st, StopPurpose.SHUTDOWN, reason, now, acts)
-        st = replace(st, exit_code=ExitCode.OK)
-        st = self._enter(st, State.STOPPED, reason, now, acts)
-        acts.append(Exit(ExitCode.OK))
-        return st
+        return self._exit(st, ExitCode.OK, reason, now, acts)
 
     def _render(
         self, st: SupervisorState, version: int, reason: str, now: float, acts: list[Action]
