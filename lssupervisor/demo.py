@@ -66,9 +66,9 @@ def _explain_driver(cluster: Cluster) -> str:
         case Driver.DAEMON:
             return "each instance runs `lssupervisor run`; migrations are picked up by its watcher"
         case Driver.MANUAL:
-            return ("this build's daemon cannot run migrations yet, so the demo does its cycle by hand "
-                    "with the same parts: stop LS, worker backup + migrate, render the LS config, "
-                    "start LS")
+            return ("the cycle is done by hand ($LSSUPERVISOR_SCENARIO_DRIVER=manual, or a daemon that "
+                    "does not migrate) with the same parts: stop LS, worker backup + migrate, render "
+                    "the LS config, start LS")
 
 
 @contextlib.contextmanager

@@ -56,9 +56,8 @@ def _assert_passed(result: RollingResult, timeline: Timeline) -> None:
 
 @pytest.mark.skipif(
     not daemon_migrates(),
-    reason="the daemon's reconcile cycle does not run migrations yet (lssupervisor.supervisor neither "
-    "declares RECONCILE_MIGRATES = True nor starts a 'migrate' worker); the manual-driver test runs the "
-    "same scenario meanwhile",
+    reason="the daemon's reconcile cycle does not run migrations (lssupervisor.supervisor does not "
+    "declare RECONCILE_MIGRATES = True); the manual-driver test runs the same scenario meanwhile",
 )
 def test_rolling_migration_driven_by_the_daemon(tmp_path: Path) -> None:
     result, timeline = _run(tmp_path / "work", Driver.DAEMON)

@@ -199,29 +199,13 @@ def daemon_available() -> bool:
 
 
 def daemon_migrates() -> bool:
-    """True when the daemon's reconcile cycle runs migrations (not only renders and restarts LS).
-
-    The daemon declares it with ``RECONCILE_MIGRATES = True`` in :mod:`lssupervisor.supervisor`; until
-    then, a daemon that starts a ``migrate`` worker (``build_request("migrate"``) in its source counts.
-    """
+    """True when the daemon's reconcile cycle runs migrations (not only renders and restarts LS): the
+    daemon declares it with ``RECONCILE_MIGRATES = True`` in :mod:`lssupervisor.supervisor`."""
     if not daemon_available():
         return False
     import lssupervisor.supervisor as sup
 
-    declared = getattr(sup, "RECONCILE_MIGRATES", None)
-    if declared is not None:
-        return bool(declared)
-    import inspect
-
-    for module_name in ("lssupervisor.supervisor", "lssupervisor.reconcile"):
-        try:
-            module = __import__(module_name, fromlist=["_"])
-            source = inspect.getsource(module)
-        except (ImportError, OSError, TypeError):
-            continue
-        if '"migrate"' in source:
-            return True
-    return False
+    return bool(getattr(sup, "RECONCILE_MIGRATES", False))
 
 
 def default_driver() -> Driver:
