@@ -237,14 +237,17 @@ def free_bytes(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def check_free_space(directory: Path, needed: int, what: str) -> None:
+def check_free_space(
+    directory: Path, needed: int, what: str, advice: str = "free space, move backup.dir, or lower backup.keep"
+) -> None:
+    """Fail closed before writing ``needed`` bytes into ``directory``. ``what`` says what needs the room
+    (each caller computes ``needed`` its own way: the message does not claim one formula)."""
     directory.mkdir(parents=True, exist_ok=True)
     free = free_bytes(directory)
     if free < needed:
         raise BackupError(
-            f"{directory}: not enough free space for {what}: need {_mib(needed)} "
-            f"({needed} bytes: LMDB used size x {FREE_SPACE_FACTOR} + {_mib(FREE_SPACE_MARGIN)}), "
-            f"have {_mib(free)} ({free} bytes); free space, move backup.dir, or lower backup.keep"
+            f"{directory}: not enough free space for {what}: need {_mib(needed)} ({needed} bytes), "
+            f"have {_mib(free)} ({free} bytes); {advice}"
         )
 
 
@@ -402,7 +405,11 @@ def create(
     directory.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(directory)
     used = sum(env_used_bytes(envs[s.name]) for s in specs)
-    check_free_space(directory, space_needed(used), f"a backup of {len(specs)} LMDB(s)")
+    check_free_space(
+        directory,
+        space_needed(used),
+        f"a backup of {len(specs)} LMDB(s) (used size x {FREE_SPACE_FACTOR} + {_mib(FREE_SPACE_MARGIN)})",
+    )
     versions = {s.name: read_marker(envs[s.name], s) for s in specs}
     known = [v for v in versions.values() if v is not None]
     backup_id = new_backup_id(max(known) if known else None)
@@ -618,7 +625,12 @@ def restore(
             if not started and before_replace is not None:
                 before_replace()
             started = True
-            check_free_space(target.parent, entry.size + FREE_SPACE_MARGIN, f"restoring {entry.name}")
+            check_free_space(
+                target.parent,
+                entry.size + FREE_SPACE_MARGIN,
+                f"restoring LMDB {entry.name!r} (its backup's size + {_mib(FREE_SPACE_MARGIN)})",
+                "free space on that filesystem (the old data file is replaced only after the copy)",
+            )
             tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
             try:
                 with (info.path / entry.file).open("rb") as src, tmp.open("wb") as dst:

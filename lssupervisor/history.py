@@ -7,8 +7,9 @@ the migration files (Flyway's ``validate``).
 
 Durability: every append is one ``write(2)`` of a whole line on an ``O_APPEND`` descriptor followed by
 ``fsync``, so a crash loses at most the line being written, and can only leave that last line torn.
-The reader therefore tolerates a torn LAST line (it is reported in :attr:`History.torn_tail` and
-skipped) but is strict about every other line: a bad line in the middle means someone edited the file,
+The reader therefore tolerates torn lines (reported in :attr:`History.torn_lines` and skipped: the
+last line when it is unterminated, or an earlier line that is an unclosed JSON object) but is strict
+about every other line: a bad line in the middle means someone edited the file,
 and silently skipping it would hide an applied migration from checksum validation.
 The next append after a torn tail starts on a fresh line (we write a newline first when the file does
 not end with one), so one crash never corrupts the following entry.

@@ -1225,7 +1225,12 @@ def _op_dry_run(job: Job) -> Message:
     backup.clean_stale_partials(directory, prefix=".dryrun-")
     existing = [p for p in plans if p.exists]
     used = sum(backup.env_used_bytes(job.open(p.spec, write=False)) for p in existing)
-    backup.check_free_space(directory, backup.space_needed(2 * used), "a dry run on a copy")
+    backup.check_free_space(
+        directory,
+        backup.space_needed(2 * used),
+        "a dry run on a copy (twice the LMDBs' used size: the copy and the migration's writes, + margin)",
+        "free space, or move backup.dir (the dry run works there)",
+    )
     work = directory / f".dryrun-{backup.new_backup_id(None)}{backup.PARTIAL_SUFFIX}"
     work.mkdir()
     backup.claim(work)
