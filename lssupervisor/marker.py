@@ -309,6 +309,34 @@ def write_marker(
     return marker
 
 
+def stamp_if_empty(
+    env: lmdb.Environment,
+    spec: LmdbSpec,
+    version: int,
+    *,
+    instance: str,
+    marker_dbi: str = DEFAULT_MARKER_DBI,
+    clock: Clock = wall_clock_ns,
+) -> Marker | None:
+    """Stamp ``version`` only if, inside the stamping write transaction, the LMDB still has no user
+    data and no marker of ours; None when it has. Checking in an earlier read transaction would let
+    the application commit in between, and its data would be marked with a version it is not at."""
+    with env.begin(write=True) as txn:
+        if has_user_data(env, txn, marker_dbi):
+            return None
+        if read_marker(env, txn, instance, native=spec.native, marker_dbi=marker_dbi) is not None:
+            return None
+        return write_marker(
+            env,
+            txn,
+            instance=instance,
+            version=version,
+            native=spec.native,
+            clock=clock,
+            marker_dbi=marker_dbi,
+        )
+
+
 def stamp(
     env: lmdb.Environment,
     spec: LmdbSpec,

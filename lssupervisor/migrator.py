@@ -75,6 +75,7 @@ from lssupervisor.marker import (
     read_marker,
     shadow_name,
     stamp,
+    stamp_if_empty,
     wall_clock_ns,
     write_marker,
 )
@@ -1236,11 +1237,15 @@ def migrate(
     with env.begin(write=False) as txn:
         before = read_marker(env, txn, instance, native=spec.native, marker_dbi=marker_dbi)
         data = has_user_data(env, txn, marker_dbi) if before is None else True
-    if before is None:
+    if before is None and not data:
         goal = plan(migrations, {}, target).target
-        if not data:
-            marker = stamp(env, spec, goal, instance=instance, marker_dbi=marker_dbi, clock=clock)
+        # Re-checked inside the write transaction: the application may have written meanwhile.
+        marker = stamp_if_empty(env, spec, goal, instance=instance, marker_dbi=marker_dbi, clock=clock)
+        if marker is not None:
             return MigrateResult(spec.name, None, marker, "empty")
+        with env.begin(write=False) as txn:
+            before = read_marker(env, txn, instance, native=spec.native, marker_dbi=marker_dbi)
+    if before is None:
         if baseline is None:
             raise unmarked_with_data(spec, instance)
         current = baseline

@@ -247,6 +247,30 @@ def test_unmarked_lmdb_with_data_is_refused_naming_stamp(tmp_path: Path) -> None
     assert raw_dump(spec) == before
 
 
+def test_data_written_between_the_emptiness_check_and_the_stamp_is_not_stamped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The application may commit after the read transaction that found the LMDB empty: the stamp's
+    own write transaction must see that data and refuse, not mark it with the target version."""
+    import lssupervisor.migrator as migrator_mod
+
+    spec = build_lmdb(tmp_path / "db", USERS)
+    mdir = migrations(tmp_path, "pass", "pass")
+    real = migrator_mod.has_user_data
+    seen: list[bool] = []
+
+    def first_sees_empty(*args: Any, **kwargs: Any) -> bool:
+        # The first (read-transaction) check sees an empty LMDB, as if the data came just after it.
+        seen.append(True)
+        return False if len(seen) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(migrator_mod, "has_user_data", first_sees_empty)
+    before = raw_dump(spec)
+    with pytest.raises(UnmarkedDatabase, match="lssupervisor stamp N"):
+        run_migrations(spec, mdir, clock=clock)
+    assert raw_dump(spec) == before and read_marker_version(spec) is None
+
+
 def test_unmarked_lmdb_with_baseline_migrates_from_it(tmp_path: Path) -> None:
     spec = build_lmdb(tmp_path / "db", USERS)
     mdir = migrations(tmp_path, "raise AssertionError('baseline 1 skips me')", 'm.put("users", b"a", b"A")')
