@@ -31,6 +31,9 @@ from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
+# Longest a notification may hold up the main loop when the receiver does not read.
+SEND_TIMEOUT_S = 0.05
+
 # Variables systemd hands to the service that must not reach our children: LS is not the main process
 # and must neither notify nor believe it was socket-activated.
 CHILD_ENV_STRIPPED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -124,6 +127,10 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A datagram socket blocks while the receiver's queue is full (10 datagrams by default).
+                # The main loop must never hang on systemd (or whatever listens): wait a moment, then
+                # count the send as failed.
+                self._sock.settimeout(SEND_TIMEOUT_S)
             self._sock.sendto(payload, self._addr)
         except OSError as exc:
             level = logging.DEBUG if self._failing else logging.WARNING

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,29 +23,45 @@ from tests.test_supervisor_e2e import ConfigSet, Daemon
 
 
 class NotifySocket:
-    """systemd's side of the notify protocol: one datagram per message, kept in arrival order."""
+    """systemd's side of the notify protocol: a reader thread keeps the queue drained (as systemd
+    does; a full queue would make the daemon's sends fail) and keeps every message in order."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.05)
         self.messages: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="notify-reader", daemon=True)
+        self._thread.start()
 
-    def drain(self) -> list[dict[str, str]]:
-        while True:
+    def _read(self) -> None:
+        while not self._stop.is_set():
             try:
                 data = self.sock.recv(65536).decode()
             except TimeoutError:
-                return self.messages
+                continue
+            except OSError:
+                return
             fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
-            self.messages.append(fields)
+            with self._lock:
+                self.messages.append(fields)
 
     def seen(self, key: str, value: str | None = None) -> list[int]:
         """Indexes of the messages carrying ``key`` (with ``value``)."""
-        self.drain()
-        return [i for i, m in enumerate(self.messages) if key in m and (value is None or m[key] == value)]
+        with self._lock:
+            return [
+                i for i, m in enumerate(self.messages) if key in m and (value is None or m[key] == value)
+            ]
+
+    def snapshot(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.messages)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
         self.sock.close()
 
 
@@ -74,9 +91,10 @@ def test_the_daemon_speaks_the_notify_protocol(
         assert b"APP_SCHEMA_VERSION=1" in environ  # the version variable does reach LS
         # READY=1 exactly once the LS child is ready, and STATUS= on the way there.
         ready = wait_for(lambda: notify.seen("READY", "1"), timeout=10, what="READY=1")
-        statuses = [m["STATUS"] for m in notify.messages[: ready[0] + 1] if "STATUS" in m]
+        messages = notify.snapshot()
+        statuses = [m["STATUS"] for m in messages[: ready[0] + 1] if "STATUS" in m]
         assert any("RECONCILING" in s for s in statuses), statuses
-        assert notify.messages[ready[0]].get("MAINPID", str(d.pid)) == str(d.pid)
+        assert messages[ready[0]].get("MAINPID", str(d.pid)) == str(d.pid)
 
         # The watchdog is fed from the main loop, at least twice per WatchdogSec.
         first = len(notify.seen("WATCHDOG", "1"))
@@ -85,12 +103,12 @@ def test_the_daemon_speaks_the_notify_protocol(
         assert time.monotonic() - t0 < 2.0  # 4 pings within 5 watchdog periods (loose under load)
 
         # Reload: RELOADING=1 with the CLOCK_MONOTONIC time, then READY=1 when done.
-        before = len(notify.messages)
+        before = len(notify.snapshot())
         d.send(signal.SIGHUP)
         reloading = wait_for(
             lambda: [i for i in notify.seen("RELOADING", "1") if i >= before], timeout=10, what="RELOADING=1"
         )
-        msg = notify.messages[reloading[0]]
+        msg = notify.snapshot()[reloading[0]]
         assert "MONOTONIC_USEC" in msg
         assert abs(int(msg["MONOTONIC_USEC"]) - time.monotonic_ns() // 1000) < 30_000_000
         wait_for(
@@ -105,6 +123,6 @@ def test_the_daemon_speaks_the_notify_protocol(
         assert notify.seen("STOPPING", "1")
         # Nothing the daemon sent may carry a newline-injected extra assignment.
         assert all(set(m) <= {"READY", "STATUS", "WATCHDOG", "RELOADING", "MONOTONIC_USEC", "STOPPING",
-                              "EXTEND_TIMEOUT_USEC", "MAINPID", "ERRNO"} for m in notify.messages)
+                              "EXTEND_TIMEOUT_USEC", "MAINPID", "ERRNO"} for m in notify.snapshot())
     finally:
         d.close()
