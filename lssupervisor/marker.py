@@ -171,6 +171,17 @@ def _decode(raw: bytes, native: bool, where: str) -> tuple[bytes, int] | None:
     return value, header.timestamp
 
 
+def _shadow_timestamp(raw: bytes | memoryview, where: str, marker_dbi: str) -> int:
+    """The timestamp of a marker's shadow copy (shadow mode), or one clear error line."""
+    try:
+        return lsheader.timestamp_of(raw)
+    except lsheader.HeaderError as exc:
+        raise MigrationError(
+            f"{where}: its shadow copy in {shadow_name(marker_dbi)!r} has no valid LS header ({exc}); "
+            "fix it: stop lssupervisor, run `lssupervisor stamp N`, then start it"
+        ) from exc
+
+
 def _iter_markers(
     env: lmdb.Environment, txn: lmdb.Transaction, native: bool, marker_dbi: str
 ) -> Iterator[Marker]:
@@ -192,7 +203,7 @@ def _iter_markers(
         if shadow is not None:
             shadow_raw = txn.get(key, db=shadow)
             if shadow_raw is not None:
-                ts = lsheader.timestamp_of(shadow_raw)
+                ts = _shadow_timestamp(shadow_raw, where, marker_dbi)
         yield Marker.from_json(value, ts, where)
 
 
@@ -229,7 +240,7 @@ def read_marker(
         shadow = open_dbi(env, txn, shadow_name(marker_dbi))
         shadow_raw = None if shadow is None else txn.get(key, db=shadow)
         if shadow_raw is not None:
-            ts = lsheader.timestamp_of(shadow_raw)
+            ts = _shadow_timestamp(shadow_raw, where, marker_dbi)
     marker = Marker.from_json(value, ts, where)
     if marker.instance != instance:
         raise MigrationError(

@@ -123,6 +123,24 @@ def test_headerless_marker_in_native_mode_is_a_clear_error(tmp_path: Path) -> No
         env.close()
 
 
+def test_damaged_shadow_copy_of_a_marker_is_a_clear_error(tmp_path: Path) -> None:
+    spec = build_lmdb(tmp_path / "db", {"users": {"a": "1"}}, native=False)
+    env = open_env(spec)
+    try:
+        stamp(env, spec, 3, instance="a")
+        with env.begin(write=True) as txn:
+            txn.put(marker_key("a"), b"short", db=env.open_db(b"_sync_shadow_lssupervisor", txn=txn))
+        with env.begin() as txn:
+            for read in (
+                lambda: read_marker(env, txn, "a", native=False),
+                lambda: read_markers(env, txn, native=False),
+            ):
+                with pytest.raises(MigrationError, match=r"shadow copy .* no valid LS header.*stamp N"):
+                    read()
+    finally:
+        env.close()
+
+
 def test_tombstoned_marker_reads_as_unmarked(tmp_path: Path) -> None:
     spec = build_lmdb(tmp_path / "db", {"lssupervisor": {marker_key("a"): (None, 5)}})
     env = open_env(spec)
