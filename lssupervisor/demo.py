@@ -100,7 +100,10 @@ def run(workdir: Path, out: TextIO) -> int:
             return int(ExitCode.SOFTWARE)
     finally:
         with _uninterruptible():
-            cluster.close()
+            problems = cluster.close()
+    if problems:
+        print(f"\ndemo failed while stopping: {'; '.join(problems)}", file=out)
+        return int(ExitCode.SOFTWARE)
     summary = result.summary
     print("", file=out)
     for line in iter_lines(summary):

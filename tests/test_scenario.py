@@ -350,3 +350,27 @@ def test_daemon_driver_starts_and_stops_a_supervised_instance(tmp_path: Path) ->
         with pytest.raises(psutil.NoSuchProcess):
             psutil.Process(pid).status()
         assert c.state("alpha")["state"] == "STOPPED"
+
+
+def test_an_ls_outliving_its_supervisor_fails_the_scenario(tmp_path: Path) -> None:
+    """I6 in the harness: close() ends a stray LS and reports it (the demo then fails), instead of
+    swallowing it; a `with` block raises it."""
+    c = Cluster(tmp_path / "work", driver=Driver.DAEMON)
+    inst = c.add_instance("alpha")
+    # An "LS" whose command line names the instance's rendered config, left behind by its supervisor.
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "--config", str(inst.rendered_config)]
+    )
+    supervisor = subprocess.Popen(["true"])  # the instance's supervisor, already gone
+    supervisor.wait()
+    try:
+        inst.daemon = supervisor
+        inst.ls_pids_seen.add(stray.pid)
+        problems = c.close()
+        assert len(problems) == 1 and "outlived their supervisor (I6)" in problems[0], problems
+        stray.wait(timeout=5)  # gone (reaped by the harness's psutil wait, so no returncode to check)
+        assert not psutil.pid_exists(stray.pid)
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+        stray.wait()

@@ -429,8 +429,10 @@ class Cluster:
     def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        problems = self.close()
+        if problems and exc_type is None:  # never mask the exception already on its way out
+            raise ScenarioError("; ".join(problems))
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -523,15 +525,21 @@ class Cluster:
             _terminate(inst.ls, LS_STOP_TIMEOUT)
             inst.manual_state.update(state="STOPPED", lightningstream={"pid": None})
 
-    def close(self) -> None:
-        """Stop writers, every process started here (by pid), close environments."""
+    def close(self) -> list[str]:
+        """Stop writers, every process started here (by pid), close environments. Returns what went
+        wrong while stopping (an LS that outlived its supervisor breaks I6: the caller must fail)."""
+        problems: list[str] = []
         for inst in self.instances.values():
             if inst.writer is not None:
                 with contextlib.suppress(ScenarioError):
                     inst.writer.stop()
         for name in list(self.instances):
-            with contextlib.suppress(Exception):
+            try:
                 self.stop(name, timeout=5.0)
+            except ScenarioError as exc:
+                problems.append(str(exc))
+            except Exception as exc:  # keep stopping the others; report it
+                problems.append(f"{name}: stopping failed: {exc!r}")
         for inst in self.instances.values():
             if inst.log is not None:
                 inst.log.close()
@@ -540,18 +548,22 @@ class Cluster:
             for env in self._envs.values():
                 env.close()
             self._envs.clear()
+        return problems
 
     def _kill_stray_ls(self, inst: Instance) -> None:
-        """An LS the daemon started must not outlive it (I6); if one does, end it and say so."""
+        """An LS the daemon started must not outlive it (I6); if any does, end them all and say so."""
+        strays: list[int] = []
         for pid in sorted(inst.ls_pids_seen | {p for p in [self.ls_pid(inst.name)] if p}):
             try:
                 proc = psutil.Process(pid)
                 if str(inst.rendered_config) in " ".join(proc.cmdline()):
                     proc.kill()
                     proc.wait(5)
-                    raise ScenarioError(f"{inst.name}: LS pid {pid} outlived its supervisor; killed it")
+                    strays.append(pid)
             except psutil.Error:
                 continue
+        if strays:
+            raise ScenarioError(f"{inst.name}: LS pid(s) {strays} outlived their supervisor (I6); killed")
 
     # -- the MANUAL driver: the reconcile cycle done by hand ----------------------------------------
 
