@@ -82,9 +82,10 @@ def parse_storage(url: str) -> Storage:
             lines += [
                 "    # Credentials come from the environment LS gets (lssupervisor passes its own on): set",
                 "    # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for lssupervisor, e.g. with systemd's",
-                "    # EnvironmentFile=. lssupervisor refuses to start LS while either is unset.",
-                "    access_key: ${AWS_ACCESS_KEY_ID}",
-                "    secret_key: ${AWS_SECRET_ACCESS_KEY}",
+                "    # EnvironmentFile=. lssupervisor refuses to start LS while either is unset. Quoted:",
+                "    # LS expands them before parsing YAML: a secret with ' #' or a leading '*' stays text.",
+                '    access_key: "${AWS_ACCESS_KEY_ID}"',
+                '    secret_key: "${AWS_SECRET_ACCESS_KEY}"',
             ]
             return Storage(type="s3", lines=tuple(lines), where=f"s3 {parts.netloc}/{prefix}/v<version>/")
         case _:

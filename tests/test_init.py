@@ -70,8 +70,8 @@ def test_init_s3_takes_credentials_from_the_environment_only(tmp_path: Path) -> 
         render(template, 2, ls_environment(cfg, 2, {}))
     secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
     text, view = rendered(tmp_path, 2, secrets)
-    assert "access_key: ${AWS_ACCESS_KEY_ID}" in text
-    assert "secret_key: ${AWS_SECRET_ACCESS_KEY}" in text
+    assert 'access_key: "${AWS_ACCESS_KEY_ID}"' in text
+    assert 'secret_key: "${AWS_SECRET_ACCESS_KEY}"' in text
     assert 'global_prefix: "apps/dns/v2/"' in text
     assert 'endpoint_url: "http://127.0.0.1:9000"' in text and 'region: "eu-west-1"' in text
     assert view.storage_location == "ls-bucket/apps/dns/v2/"  # type: ignore[attr-defined]
@@ -207,3 +207,19 @@ def test_init_then_check_passes_with_the_standin(tmp_path: Path, capsys: pytest.
     template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = inspect_template(template, os.environ)
     assert view.lmdbs[0].path == str(tmp_path / "db")
+
+
+def test_init_s3_credentials_with_yaml_special_characters_reach_ls_intact(tmp_path: Path) -> None:
+    """LS expands ${VAR} in the text BEFORE parsing YAML: an unquoted secret with ' #' would be cut
+    at the comment, a leading '*' read as an alias. init quotes the references."""
+    import yaml
+
+    from lssupervisor.lsconfig import go_expand_env
+
+    url = "s3://ls-bucket/apps?endpoint=http://127.0.0.1:9000&region=eu-west-1"
+    assert init(tmp_path, storage=url) == 0
+    secrets = {"AWS_ACCESS_KEY_ID": "*AKIA", "AWS_SECRET_ACCESS_KEY": "ab #cd: &x"}
+    text, _view = rendered(tmp_path, 2, secrets)
+    options = yaml.safe_load(go_expand_env(text, secrets))["storage"]["options"]
+    assert options["access_key"] == "*AKIA"
+    assert options["secret_key"] == "ab #cd: &x"
