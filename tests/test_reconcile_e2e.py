@@ -90,7 +90,7 @@ def doc_of(d: Daemon) -> dict[str, Any]:
     return d.cs.state_doc() or {}
 
 
-def wait_running_on(d: Daemon, version: int, timeout: float = 20.0) -> dict[str, Any]:
+def wait_running_on(d: Daemon, version: int, timeout: float = 40.0) -> dict[str, Any]:
     def ok() -> dict[str, Any]:
         doc = doc_of(d)
         good = (
@@ -225,7 +225,7 @@ def test_a_template_change_restarts_ls_once(cs: ConfigSet, daemons: list[Daemon]
     new = wait_for(
         lambda: (p := doc_of(d).get("lightningstream", {}).get("pid")) not in (None, old)
         and doc_of(d).get("state") == "RUNNING" and p,
-        timeout=15, what="LS restarted on the new template",
+        timeout=30, what="LS restarted on the new template",
     )
     # A reconcile after it acts as a barrier: any second restart would have happened before it ends.
     d.send(signal.SIGUSR1)
@@ -321,7 +321,7 @@ def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons
     d.wait_log(r"on_failure resume: LS restarts on version 1")
     new = wait_for(
         lambda: (p := wait_running_on(d, 1)["lightningstream"]["pid"]) != old and p,
-        timeout=15, what="a new LS on version 1",
+        timeout=30, what="a new LS on version 1",
     )
     assert rendered_root(cs) == f"{cs.storage}/v1"
     assert [s["pid"] for s in cs.starts()] == [old, new]
@@ -335,7 +335,7 @@ def test_a_second_sigterm_cancels_a_slow_migration_and_exits_zero_without_ls(
     d = start(daemons, cs)
     pid = wait_running_on(d, 1)["lightningstream"]["pid"]
     ship(cs, "0002_slow.py", SLOW.replace("{flag}", str(tmp_path / "never")))
-    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=15, what="MIGRATING")
+    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=30, what="MIGRATING")
     assert not pid_alive(pid)
     assert len(own_workers(cs)) == 1  # the filter below sees this daemon's worker
     d.send(signal.SIGTERM)
@@ -500,7 +500,7 @@ def test_kill9_of_the_daemon_mid_migration_takes_the_worker_down_and_rolls_back(
     d = start(daemons, cs)
     wait_running_on(d, 1)
     ship(cs, "0002_slow.py", SLOW.replace("{flag}", str(tmp_path / "never")))
-    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=15, what="MIGRATING")
+    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=30, what="MIGRATING")
     workers = [p for p in psutil.Process(d.pid).children() if "lssupervisor.worker" in " ".join(p.cmdline())]
     assert len(workers) == 1
     d.proc.kill()

@@ -169,7 +169,7 @@ class Daemon:
         rx = re.compile(pattern)
         return [line for line in self.text().splitlines() if rx.search(line)]
 
-    def wait_log(self, pattern: str, count: int = 1, timeout: float = 15.0) -> list[str]:
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[str]:
         def found() -> list[str]:
             if self.proc.poll() is not None:
                 hits = self.lines(pattern)
@@ -184,7 +184,7 @@ class Daemon:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- daemon log ---\n{self.text()}") from None
 
-    def wait_state(self, state: str, timeout: float = 15.0) -> dict[str, Any]:
+    def wait_state(self, state: str, timeout: float = 30.0) -> dict[str, Any]:
         def ok() -> dict[str, Any]:
             doc = self.cs.state_doc() or {}
             return doc if doc.get("state") == state and doc.get("pid") == self.pid else {}
@@ -194,7 +194,7 @@ class Daemon:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last {self.cs.state_doc()}\n{self.text()}") from None
 
-    def running_ls_pid(self, timeout: float = 15.0) -> int:
+    def running_ls_pid(self, timeout: float = 30.0) -> int:
         doc = self.wait_state("RUNNING", timeout)
         pid = doc["lightningstream"]["pid"]
         assert isinstance(pid, int)
