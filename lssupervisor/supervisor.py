@@ -377,6 +377,7 @@ class Supervisor:
         self.last_ls: child.LsChild | None = None
         self.leader_exited = False
         self.poller: Any = None  # health.HealthPoller while LS starts
+        self.retired_pollers: list[Any] = []  # stopped, maybe still finishing a request; joined at exit
         self.job: Job | None = None
         self.cancelled: list[Job] = []  # cancelled jobs not gone yet
         self.job_ids = 0
@@ -996,10 +997,20 @@ class Supervisor:
             interval=float(prepared.cfg.lightningstream.health_poll_interval),
         )
 
-    def _stop_poller(self) -> None:
+    def _stop_poller(self, join: bool = False) -> None:
+        """Tell the health poller to stop. Joining it could hold up the main loop for a whole /healthz
+        request (up to its timeout), so it is only joined at exit; a stopped poller's late
+        ChildReady is ignored by the core (stale pid)."""
         if self.poller is not None:
-            self.poller.stop()
+            self.poller.stop(timeout=None if join else 0)
+            self.retired_pollers.append(self.poller)
             self.poller = None
+        if join:
+            for poller in self.retired_pollers:
+                poller.stop(timeout=5.0)
+            self.retired_pollers.clear()
+        else:
+            self.retired_pollers = [p for p in self.retired_pollers if p.running]
 
     def _poll_child(self) -> None:
         c = self.child
@@ -1267,7 +1278,7 @@ class Supervisor:
             child.stop_ls(c, float(self.cfg.lightningstream.stop_timeout))
 
     def _cleanup(self) -> None:
-        self._stop_poller()
+        self._stop_poller(join=True)
         self._stop_watcher()
         # Jobs die with us anyway (pdeathsig); end and collect them so nothing is left half-done.
         self._cancel_job("lssupervisor exits")

@@ -70,3 +70,32 @@ def test_workers_do_not_inherit_the_systemd_notification_variables(
     [env] = started
     assert env is not None and env.get("PATH") == os.environ.get("PATH")
     assert not set(SYSTEMD_ONLY) & set(env), env
+
+
+def test_stopping_the_health_poller_never_waits_for_its_request(tmp_path: Path) -> None:
+    """A poller in the middle of a /healthz request (up to its timeout) must not hold up the main
+    loop when LS exits; it is joined at exit instead."""
+    import threading
+    import time
+
+    from lssupervisor.health import HealthPoller, HealthResult
+
+    release = threading.Event()
+
+    class SlowProbe:
+        def check(self) -> HealthResult:
+            release.wait(10)  # a request that takes its whole timeout
+            return HealthResult(False, "slow")
+
+    cs = ConfigSet(tmp_path)
+    sup = Supervisor(load_config(cs.config), environ=dict(os.environ))
+    sup.poller = HealthPoller(SlowProbe(), 1234, lambda pid: None, interval=0.05)  # type: ignore[arg-type]
+    try:
+        t0 = time.monotonic()
+        sup._stop_poller()
+        assert time.monotonic() - t0 < 0.5
+        assert sup.poller is None and len(sup.retired_pollers) == 1
+    finally:
+        release.set()
+        sup._stop_poller(join=True)
+    assert sup.retired_pollers == []
