@@ -134,6 +134,9 @@ from lssupervisor.states import (
 # After SIGKILL, how long LS may take to disappear before we say it is unkillable (D state, a
 # kernel problem). Not configurable: SIGKILL cannot be caught, so this only covers stuck kernels.
 KILL_GRACE_S = 5.0
+# A burst of file changes is debounced, but reconciles at the latest this many debounce periods
+# after its first change (a file rewritten every second must not hold a migration back forever).
+DEBOUNCE_MAX_FACTOR = 10
 
 
 # The offline advice in the worker's UnmarkedDatabase message ("; if its data is at schema version N,
@@ -485,7 +488,7 @@ class Lifecycle:
             st.desired, goal=Goal.SHUTDOWN, shutdown_requests=st.desired.shutdown_requests + 1
         )
         first = st.desired.goal is not Goal.SHUTDOWN
-        st = replace(st, desired=desired, pending=None, watch_due_at=None)
+        st = replace(st, desired=desired, pending=None, watch_due_at=None, watch_first_at=None)
         reason = f"shutdown ({ev.signal})"
         if st.state is State.RECONCILING and st.task is Task.MIGRATE:
             # A migration step in flight: let it commit (cancelling throws its work away); a second
@@ -737,7 +740,7 @@ class Lifecycle:
         t = self.timeouts
         if st.watch_due_at is not None and now >= st.watch_due_at:
             reload = st.watch_reload
-            st = replace(st, watch_due_at=None, watch_reload=False)
+            st = replace(st, watch_due_at=None, watch_first_at=None, watch_reload=False)
             if st.booted and st.state is not State.STOPPED and st.desired.goal is not Goal.SHUTDOWN:
                 paused = st.desired.goal is Goal.PAUSE
                 reason = "reload (config file changed)" if reload else "reconcile (watched file changed)"
@@ -1197,5 +1200,11 @@ class Lifecycle:
     ) -> SupervisorState:
         if not st.booted or st.state is State.STOPPED or st.desired.goal is Goal.SHUTDOWN:
             return st
-        # Debounce: a burst of changes (an editor, a package install) becomes one reconcile.
-        return replace(st, watch_due_at=now + self.cycle.debounce, watch_reload=st.watch_reload or ev.ours)
+        # Debounce: a burst of changes (an editor, a package install) becomes one reconcile. A file
+        # that never stops changing must not postpone it forever: at most DEBOUNCE_MAX_FACTOR
+        # debounce periods after the first change of the burst.
+        first = st.watch_first_at if st.watch_due_at is not None and st.watch_first_at is not None else now
+        due = min(now + self.cycle.debounce, first + DEBOUNCE_MAX_FACTOR * self.cycle.debounce)
+        return replace(
+            st, watch_due_at=due, watch_first_at=first, watch_reload=st.watch_reload or ev.ours
+        )

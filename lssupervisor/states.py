@@ -182,6 +182,7 @@ class SupervisorState:
     park_exit: ExitCode = ExitCode.PARKED  # exit code of a shutdown while PARKED (TOO_NEW...)
     # Debounced file-watch trigger: reconcile at this time (reload: our config file changed).
     watch_due_at: float | None = None
+    watch_first_at: float | None = None  # first change of the current burst (bounds the debounce)
     watch_reload: bool = False
 
     @property

@@ -621,6 +621,25 @@ def test_file_changes_are_debounced_into_one_reconcile() -> None:
     assert c.st.reason == "reconcile (watched file changed)" and c.st.watch_due_at is None
 
 
+def test_a_file_that_never_stops_changing_cannot_postpone_the_reconcile_forever() -> None:
+    from lssupervisor.lifecycle import DEBOUNCE_MAX_FACTOR
+
+    c = Cycler(debounce=1.0)
+    running(c)
+    t = 10.0
+    while t < 10.0 + DEBOUNCE_MAX_FACTOR - 0.5:  # a change every half debounce period
+        c(FileChanged("/app/target"), t)
+        assert c.core.next_deadline(c.st) <= 10.0 + DEBOUNCE_MAX_FACTOR
+        t += 0.5
+    acts = c(Tick(), 10.0 + DEBOUNCE_MAX_FACTOR)
+    assert acts and acts[-1] == PrepareConfig(reload=False)
+    assert c.st.watch_due_at is None and c.st.watch_first_at is None
+    # The next burst is measured from its own first change.
+    c.st = replace(c.st, state=State.RUNNING)
+    c(FileChanged("/app/target"), 30.0)
+    assert c.st.watch_first_at == 30.0 and c.core.next_deadline(c.st) == pytest.approx(31.0)
+
+
 def test_a_change_of_our_config_file_is_a_reload() -> None:
     c = Cycler(debounce=0.2)
     running(c)
