@@ -259,7 +259,11 @@ class WatchConfig:
     enabled: bool = opt(
         True, "Watch migrations, the template, this config and the target file; reconcile on change."
     )
-    debounce: Duration = opt(Duration(1), "Quiet time after the last change before reconciling.")
+    debounce: Duration = opt(
+        Duration(1),
+        "Quiet time after the last change before reconciling (at most 10 times this after the first "
+        "change of a burst, so a file that keeps changing cannot hold a reconcile back).",
+    )
 
 
 @dataclass(frozen=True, slots=True)
