@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lssupervisor import sdnotify
 from lssupervisor.errors import ConfigError, TemplateError, UsageError
 from lssupervisor.lsmodel import DEFAULT_MAX_DBS, LmdbSpec, LsView
 
@@ -823,17 +824,14 @@ def lenient_env(env: Mapping[str, str]) -> Mapping[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # The environment LS runs with
 
-# systemd's per-service protocol variables: they belong to lssupervisor, never to LS.
-_SYSTEMD_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
-
-
 def ls_environment(cfg: Config, version: int, base: Mapping[str, str]) -> dict[str, str]:
     """The environment LS gets: ``base`` (our own), then ``lightningstream.env``, then our variable set to
     ``version`` (so a ``${VAR}`` LS would expand itself agrees with what we wrote); systemd's notify,
-    watchdog and socket-activation variables removed."""
+    watchdog and socket-activation variables removed (:func:`sdnotify.child_env`: they belong to
+    lssupervisor, never to LS)."""
     _check_version(version)
-    env = {k: v for k, v in base.items() if not k.startswith(_SYSTEMD_PREFIXES)}
-    env.update({k: v for k, v in cfg.lightningstream.env.items() if not k.startswith(_SYSTEMD_PREFIXES)})
+    env = sdnotify.child_env(base)
+    env.update(sdnotify.child_env(cfg.lightningstream.env))
     env[cfg.schema.variable] = str(version)
     return env
 
