@@ -92,7 +92,14 @@ def redact(value: Any) -> Any:
 
 def encode_status(snapshot: Snapshot) -> bytes:
     """The status document as served on /status and printed by ``lssupervisor status --json``."""
-    return (json.dumps(redact(snapshot), indent=2, sort_keys=True, default=str) + "\n").encode()
+    return _encode_redacted(redact(snapshot))
+
+
+def _encode_redacted(doc: Mapping[str, Any]) -> bytes:
+    """JSON of ``doc``, which must already be the output of :func:`redact` (the only callers are
+    :func:`encode_status` and :meth:`StatusServer.publish`, which redacts once for both its copy and
+    its encoding)."""
+    return (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def readiness(snapshot: Snapshot | None) -> tuple[bool, str | None]:
@@ -239,8 +246,8 @@ class StatusServer:
 
     def publish(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the document served from now on (redacted, copied)."""
-        doc: dict[str, Any] = redact(snapshot)
-        self._published = (doc, encode_status(doc))
+        doc: dict[str, Any] = redact(snapshot)  # one pass: the served copy and its JSON share it
+        self._published = (doc, _encode_redacted(doc))
 
     def heartbeat(self, now: float | None = None) -> None:
         """Record a main-loop tick (``now`` from the loop's monotonic clock, default ``clock()``)."""
