@@ -252,8 +252,13 @@ def _read_lines(pipe: IO[bytes], on_line: Callable[[str], None], pid: int) -> No
             pipe.close()
 
 
-def _log_line(line: str) -> None:
-    logging.getLogger("lssupervisor.lightningstream").info("lightningstream: %s", line)
+_LS_LOG = logging.getLogger("lssupervisor.lightningstream")
+
+
+def log_ls_line(line: str) -> None:
+    """How one LS output line is logged with ``output: prefix`` (the default ``on_line``; a custom
+    ``on_line`` that also logs calls this, so every LS line looks the same in our log)."""
+    _LS_LOG.info("lightningstream: %s", line)
 
 
 @functools.cache
@@ -353,7 +358,7 @@ def spawn_ls(
         assert popen.stdout is not None
         reader = threading.Thread(
             target=_read_lines,
-            args=(popen.stdout, on_line or _log_line, popen.pid),
+            args=(popen.stdout, on_line or log_ls_line, popen.pid),
             name=f"ls-output-{popen.pid}",
             daemon=True,
         )

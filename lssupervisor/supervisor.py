@@ -278,7 +278,6 @@ class Job:
         return True
 
 
-_LS_LOG = logging.getLogger("lssupervisor.lightningstream")
 _LOGRUS_TIME = re.compile(r'^time="[^"]*"\s+')
 LAST_LINE_MAX = 300
 
@@ -293,7 +292,7 @@ class LastLine:
         self.line: str | None = None
 
     def __call__(self, line: str) -> None:
-        _LS_LOG.info("lightningstream: %s", line)
+        child.log_ls_line(line)
         text = _LOGRUS_TIME.sub("", line.strip())  # logrus's time= is noise in a reason
         if text:
             self.line = text[:LAST_LINE_MAX]

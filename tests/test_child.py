@@ -683,3 +683,18 @@ def test_child_record_json_roundtrip() -> None:
 def test_child_record_rejects_bad_json(data: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="child record"):
         ChildRecord.from_json(data)
+
+
+def test_ls_lines_are_logged_the_same_with_and_without_last_line(caplog: pytest.LogCaptureFixture) -> None:
+    """``output: prefix`` logs LS's lines through one function, whether the supervisor keeps the last
+    line (LastLine) or the reader logs them directly."""
+    from lssupervisor.supervisor import LastLine
+
+    caplog.set_level("INFO", logger="lssupervisor.lightningstream")
+    childmod.log_ls_line('time="x" level=fatal msg=boom')
+    last = LastLine()
+    last('time="x" level=fatal msg=boom')
+    a, b = caplog.records
+    assert (a.name, a.getMessage()) == (b.name, b.getMessage())
+    assert a.getMessage() == 'lightningstream: time="x" level=fatal msg=boom'
+    assert last.line == "level=fatal msg=boom"
