@@ -113,6 +113,10 @@ from lssupervisor.states import Goal, State, SupervisorState, Task
 log = logging.getLogger("lssupervisor.supervisor")
 
 MAX_WAIT_S = 1.0  # backstop: the loop ticks at least this often whatever the deadlines say
+# Backstop while LS's group stragglers are being killed or a drain/hook runs. SIGCHLD already wakes the
+# loop when our own child (leader, drain, hook) exits; this only catches what sends us no SIGCHLD (a
+# straggler that is not our child leaving the group). 0.1 s costs 10 /proc scans a second, not 50.
+BUSY_WAIT_S = 0.1
 OUTPUT_JOIN_S = 1.0
 # A start-up migration (before READY=1): systemd's start timeout is extended by this much, re-sent every
 # EXTEND_RESEND_S while a job runs, so a long migration is not killed as a hung start.
@@ -446,7 +450,7 @@ class Supervisor:
         if self.watchdog_interval is not None:
             timeout = min(timeout, max(0.0, self.next_watchdog - now))
         if self.leader_exited or (self.job is not None and self.job.worker is None):
-            timeout = min(timeout, 0.02)  # group stragglers being killed, a drain/hook running: look soon
+            timeout = min(timeout, BUSY_WAIT_S)  # stragglers being killed, a drain/hook running
         items: list[Event | SignalReceived | WorkerMessage] = []
         with contextlib.suppress(queue.Empty):
             items.append(self.queue.get(timeout=timeout))
