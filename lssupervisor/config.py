@@ -498,6 +498,11 @@ class _Loader:
         return cls(**values)
 
 
+# LS's -c as pflag reads it: "-c FILE", "-cFILE", "-c=FILE", and after LS's boolean shorthands in one
+# cluster ("-Hc FILE": dump -H, snapshots -l/-t). Not "--...", and not "-i..." whose value may hold a c.
+_LS_SHORT_CONFIG = re.compile(r"-[Hlt]*c")
+
+
 def _validate(cfg: Config, where: str) -> None:
     def bad(key: str, message: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {message}")
@@ -510,7 +515,7 @@ def _validate(cfg: Config, where: str) -> None:
             "lightningstream.args",
             "--minimum-pid re-execs LS and orphans it on stop; use lightningstream.min_pid instead",
         )
-    if any(a in ("-c", "--config") or a.startswith("--config=") for a in ls.args):
+    if any(a == "--config" or a.startswith("--config=") or _LS_SHORT_CONFIG.match(a) for a in ls.args):
         raise bad("lightningstream.args", "do not pass --config; lssupervisor passes the rendered config")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.schema.variable):
         raise bad("schema.variable", f"expected an environment variable name, got {cfg.schema.variable!r}")

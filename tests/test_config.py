@@ -148,6 +148,9 @@ log: {format: json, level: DEBUG}
         ("lightningstream:\n  args: [sync, --minimum-pid=300]", "use lightningstream.min_pid instead"),
         ("lightningstream:\n  args: [-c, x.yaml, sync]", "do not pass --config"),
         ("lightningstream:\n  args: [--config=x.yaml]", "do not pass --config"),
+        ("lightningstream:\n  args: [-cx.yaml, sync]", "do not pass --config"),
+        ("lightningstream:\n  args: [-c=x.yaml, sync]", "do not pass --config"),
+        ("lightningstream:\n  args: [dump, -Hcx.yaml]", "do not pass --config"),
         ("lightningstream:\n  min_pid: -1", "lightningstream.min_pid: expected 0..4194303, got -1"),
         ("lightningstream:\n  min_pid: true", "lightningstream.min_pid: expected an integer, got True"),
         ("lightningstream:\n  env: {A: 1}", "lightningstream.env.A: expected a string, got 1"),
@@ -191,6 +194,12 @@ def test_strict_errors(text: str, message: str) -> None:
     assert text_of_error.startswith("lss.yaml")
     assert "\n" not in text_of_error
     assert exc.value.exit_code is ExitCode.CONFIG
+
+
+def test_ls_args_that_only_look_like_config_are_accepted() -> None:
+    """Only LS's -c is refused: an instance name with a c in it is not a config file."""
+    args = ["-icache-1", "--instance=c", "sync", "--only-once", "-Ht"]
+    assert parse("lightningstream:\n  args: [" + ", ".join(args) + "]").lightningstream.args == args
 
 
 # ---------------------------------------------------------------------------------------------------
