@@ -107,7 +107,8 @@ def _check_migrations(
         return None
     prefix_users = [m.name for m in found.migrations if m.strategy.value == "prefix"]
     try:
-        check_prefix_safety(template, env)
+        for warning in check_prefix_safety(template, env):
+            report.warning(warning)
     except SupervisorError as exc:
         if prefix_users:
             report.error(f"{exc} [migrations using prefix: {', '.join(prefix_users)}]")

@@ -780,17 +780,25 @@ def _example_location(st_type: str, current: str, var: str) -> str:
             return f"global_prefix: v${{{var}}}/ (or add it to the prefix you have)"
 
 
-def check_prefix_safety(template: Template, ls_env: Mapping[str, str] | None = None) -> None:
+# A version no real schema reaches, rendered to show where our variable sits in a global_prefix.
+_SENTINEL_VERSION = 987654321
+
+
+def check_prefix_safety(template: Template, ls_env: Mapping[str, str] | None = None) -> list[str]:
     """For the ``prefix`` strategy: the storage location (s3/azure ``global_prefix`` or bucket/container,
     fs ``root_path``) must contain the version variable, so each schema version syncs in its own place.
-    Variables other than ours take their value from ``ls_env`` when given, else a placeholder."""
+    Variables other than ours take their value from ``ls_env`` when given, else a placeholder.
+
+    Raises TemplateError when it does not; returns warnings (one line each) about a location that is
+    versioned but risky."""
     env = dict(ls_env) if ls_env is not None else {}
-    probes = []
-    for version in _PROBE_VERSIONS:
+
+    def probe(version: int) -> LsView:
         text, _ = _substitute(template, version, _AnyEnv(env))
         expanded = go_expand(text, lambda name: env.get(name, f"<{name}>"))
-        probes.append(_validate(expanded, f"{template.path}", [], require_instance=False))
-    a, b = probes
+        return _validate(expanded, f"{template.path}", [], require_instance=False)
+
+    a, b = (probe(v) for v in _PROBE_VERSIONS)
     var = template.variable
     if a.storage_type == "memory":
         raise TemplateError(f"{template.path}: storage.type memory has no location to version; the prefix "
@@ -803,6 +811,25 @@ def check_prefix_safety(template: Template, ls_env: Mapping[str, str] | None = N
             f"(each schema version must sync in its own location); change it, e.g. "
             f"{_example_location(a.storage_type, current, var)}"
         )
+    if a.storage_type in ("s3", "azure"):
+        prefix_a, prefix_b = (_global_prefix(v) for v in (a, b))
+        if prefix_a != prefix_b and not prefix_a.endswith("/"):
+            # LS prepends global_prefix raw to each object name: "app/v1" + "1db__..." and "app/v11" +
+            # "db__..." are the same object, so two schema versions could read each other's snapshots.
+            fixed = _global_prefix(probe(_SENTINEL_VERSION)).replace(str(_SENTINEL_VERSION), f"${{{var}}}")
+            return [
+                f"{template.path}: storage.options.global_prefix {prefix_a!r} (for version 1) does not end "
+                f"with '/': LS prepends it to object names as is, so versions 1 and 11 can share object "
+                f"names for LMDBs whose names begin with a digit; end it with '/', e.g. "
+                f"global_prefix: {fixed}/"
+            ]
+    return []
+
+
+def _global_prefix(view: LsView) -> str:
+    """The global_prefix part of an s3/azure ``storage_location`` (``bucket/prefix``; bucket and
+    container names cannot contain '/')."""
+    return view.storage_location.partition("/")[2]
 
 
 class _AnyEnv(dict[str, str]):

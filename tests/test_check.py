@@ -160,6 +160,21 @@ def test_check_only_warns_about_an_unversioned_location_without_prefix_migration
     assert any("no migration uses prefix yet" in m for m in found[Level.WARNING])
 
 
+def test_check_warns_about_a_versioned_global_prefix_without_a_trailing_slash(tmp_path: Path) -> None:
+    template = (
+        f"instance: node-1\nlmdbs:\n  main:\n    path: {tmp_path / 'db'}\n    schema_tracks_changes: true\n"
+        "storage:\n  type: s3\n  options:\n    bucket: ls\n    global_prefix: app/v${APP_SCHEMA_VERSION}\n"
+    )
+    cfg = config_set(tmp_path, template=template)
+    migration(tmp_path, 1, "prefix")
+    found = levels(run_checks(str(cfg), {}))
+    assert found[Level.ERROR] == []
+    assert any(
+        "does not end with '/'" in m and m.endswith("global_prefix: app/v${APP_SCHEMA_VERSION}/")
+        for m in found[Level.WARNING]
+    ), found
+
+
 def test_check_reports_bad_migrations(tmp_path: Path) -> None:
     cfg = config_set(tmp_path)
     migration(tmp_path, 2, "prefix")  # gap: 1 is missing

@@ -431,6 +431,20 @@ def test_prefix_safety_accepts_versioned_locations() -> None:
             "bucket: lightningstream", "bucket: ls-v${APP_SCHEMA_VERSION}"), variable=VAR))
 
 
+def test_prefix_safety_warns_about_a_versioned_global_prefix_without_a_trailing_slash() -> None:
+    assert check_prefix_safety(tmpl(FS_BASE)) == []
+    assert check_prefix_safety(s3_template()) == []
+    region = {"REGION": "eu"}
+    assert check_prefix_safety(s3_template(prefix="ls-v${APP_SCHEMA_VERSION}/${REGION}/"), region) == []
+    (warning,) = check_prefix_safety(s3_template(prefix="app/v${APP_SCHEMA_VERSION}"))
+    assert "global_prefix 'app/v1' (for version 1) does not end with '/'" in warning
+    assert warning.endswith("e.g. global_prefix: app/v${APP_SCHEMA_VERSION}/")
+    assert "\n" not in warning
+    # Other variables keep the value LS will see; only ours is shown as the variable.
+    (warning,) = check_prefix_safety(s3_template(prefix="${REGION}/v${APP_SCHEMA_VERSION}-1"), region)
+    assert warning.endswith("e.g. global_prefix: eu/v${APP_SCHEMA_VERSION}-1/")
+
+
 @pytest.mark.parametrize(
     ("template", "fragment"),
     [
