@@ -212,16 +212,20 @@ def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]]
     doc = ast.get_docstring(tree) or ""
     assigned: dict[str, tuple[Any, int]] = {}
     has_upgrade = False
+
+    def record(target: ast.expr, value: ast.expr, lineno: int) -> None:
+        # "VERSION = 3" and "VERSION: int = 3" are the same assignment: a second one of either form is
+        # refused, or which value we read would depend on which form came last.
+        if isinstance(target, ast.Name) and target.id in ("VERSION", "LMDB", "STRATEGY"):
+            if target.id in assigned:
+                raise MigrationLoadError(f"{path}:{lineno}: {target.id} assigned twice")
+            assigned[target.id] = (_literal(value, path, target.id), lineno)
+
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name) and target.id in ("VERSION", "LMDB", "STRATEGY"):
-                if target.id in assigned:
-                    raise MigrationLoadError(f"{path}:{node.lineno}: {target.id} assigned twice")
-                assigned[target.id] = (_literal(node.value, path, target.id), node.lineno)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if node.target.id in ("VERSION", "LMDB", "STRATEGY") and node.value is not None:
-                assigned[node.target.id] = (_literal(node.value, path, node.target.id), node.lineno)
+            record(node.targets[0], node.value, node.lineno)
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            record(node.target, node.value, node.lineno)
         elif isinstance(node, ast.FunctionDef) and node.name == "upgrade":
             args = node.args
             positional = len(args.posonlyargs) + len(args.args)

@@ -177,12 +177,36 @@ def test_bad_file_names_are_named(tmp_path: Path, name: str) -> None:
             r"0001_x.py:3: LMDB = 'other' is not an lmdb of the LS config \(known: 'main'\)",
         ),
         ('"""D."""\nVERSION = 1\ndef upgrade(m)\n    pass\n', r"0001_x.py:3: syntax error"),
+        (
+            '"""D."""\nVERSION = 1\nVERSION = 1\ndef upgrade(m):\n    pass\n',
+            r"0001_x.py:3: VERSION assigned twice",
+        ),
+        (
+            '"""D."""\nVERSION: int = 1\nVERSION: int = 2\ndef upgrade(m):\n    pass\n',
+            r"0001_x.py:3: VERSION assigned twice",
+        ),
+        (
+            '"""D."""\nVERSION = 1\nVERSION: int = 2\ndef upgrade(m):\n    pass\n',
+            r"0001_x.py:3: VERSION assigned twice",
+        ),
+        (
+            '"""D."""\nVERSION = 1\nSTRATEGY: str = "prefix"\nSTRATEGY = "in-place"\n'
+            "def upgrade(m):\n    pass\n",
+            r"0001_x.py:4: STRATEGY assigned twice",
+        ),
     ],
 )
 def test_bad_migration_files_name_file_and_line(tmp_path: Path, body: str, message: str) -> None:
     write(tmp_path, "0001_x.py", body)
     with pytest.raises(MigrationLoadError, match=message):
         discover(tmp_path, MAIN)
+
+
+def test_annotated_assignments_are_read_like_plain_ones(tmp_path: Path) -> None:
+    body = '"""D."""\nVERSION: int = 1\nSTRATEGY: str = "in-place"\ndef upgrade(m):\n    pass\n'
+    write(tmp_path, "0001_x.py", body)
+    (m,) = discover(tmp_path, MAIN).migrations
+    assert (m.version, m.strategy.value) == (1, "in-place")
 
 
 def test_lmdb_is_required_with_several_lmdbs(tmp_path: Path) -> None:
