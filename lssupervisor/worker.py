@@ -985,6 +985,20 @@ class _StepTracker:
         self.index = 0
         self.reported = -1  # index of the last step that reported progress
         self.started = time.monotonic()
+        # Wall-clock start of each step, for the history entry of a step that fails or is cancelled
+        # (a committed step knows its own duration). Steps run back to back: one starts when the
+        # previous one committed, the first when the phase starts.
+        self._step_starts: dict[tuple[str, int], str] = {}
+        self._mark_current_started()
+
+    def _mark_current_started(self) -> None:
+        step = self.current
+        if step is not None:
+            self._step_starts[(step.lmdb, step.to_version)] = history.now_iso()
+
+    def start_of(self, step: migrations.Step) -> str | None:
+        """When ``step`` started (ISO, UTC), or None when it never became the running step."""
+        return self._step_starts.get((step.lmdb, step.to_version))
 
     @property
     def current(self) -> migrations.Step | None:
@@ -1020,6 +1034,7 @@ class _StepTracker:
             f"planned {step.describe() if step else 'nothing'}"
         )
         self.index += 1
+        self._mark_current_started()
         self.job.progress(
             {
                 "phase": "step_committed",
@@ -1047,8 +1062,11 @@ def _migrate_envs(
     phase: str,
     on_step: Callable[[migrator.StepResult, migrations.Step], None],
     guard: bool,
+    tracker: _StepTracker | None = None,
 ) -> list[migrator.MigrateResult]:
-    tracker = _StepTracker(job, [s for p in plans for s in p.steps], phase)
+    """Run every plan's steps; ``tracker`` (default: a new one) when the caller needs step start times."""
+    if tracker is None:
+        tracker = _StepTracker(job, [s for p in plans for s in p.steps], phase)
     baseline = _field(job.request, "baseline", int, optional=True)
     grow_map = bool(job.request.get("grow_map", False))
     results: list[migrator.MigrateResult] = []
@@ -1103,21 +1121,24 @@ def _op_migrate(job: Job) -> Message:
     def record(result: migrator.StepResult, step: migrations.Step) -> None:
         job.record(_history_step(job, result, step, backup_id))
 
+    tracker = _StepTracker(job, [s for p in plans for s in p.steps], "migrate")
     try:
         results = _migrate_envs(
-            job, migs, plans, envs, specs, target=target, phase="migrate", on_step=record, guard=True
+            job, migs, plans, envs, specs,
+            target=target, phase="migrate", on_step=record, guard=True, tracker=tracker,
         )
     except SupervisorError as exc:
         failed = _failed_step(plans, envs, job)
         if failed is not None:
+            ended = history.now_iso()
             job.record(
                 history.Entry(
                     kind=history.Kind.MIGRATE,
                     result=history.Result.CANCELLED
                     if isinstance(exc, MigrationCancelled)
                     else history.Result.FAILED,
-                    start=history.now_iso(),
-                    end=history.now_iso(),
+                    start=tracker.start_of(failed) or ended,
+                    end=ended,
                     lmdb=failed.lmdb,
                     instance=job.instance,
                     from_version=failed.from_version,

@@ -284,6 +284,7 @@ def test_a_worker_killed_from_outside_is_reported_as_killed(tmp_path: Path) -> N
 
 def test_terminate_cancels_at_the_next_check_and_rolls_the_step_back(tmp_path: Path) -> None:
     run, _, spec = start_gated(tmp_path)
+    running = history.now_iso()  # the step has been running (and reporting) since before this
     run.terminate()
     final = run.wait(30)
     assert final is not None and final["error"] == "MigrationCancelled", final
@@ -295,6 +296,8 @@ def test_terminate_cancels_at_the_next_check_and_rolls_the_step_back(tmp_path: P
         "cancelled",
         2,
     )
+    # The entry spans the step: from its real start, not a zero-length interval at the cancellation.
+    assert entries[-1].start < running < entries[-1].end
 
 
 def test_request_timeout_cancels_the_migration(tmp_path: Path) -> None:
