@@ -8,9 +8,11 @@ the migration files (Flyway's ``validate``).
 Durability: every append is one ``write(2)`` of a whole line on an ``O_APPEND`` descriptor followed by
 ``fsync``, so a crash loses at most the line being written, and can only leave that last line torn.
 The reader therefore tolerates torn lines (reported in :attr:`History.torn_lines` and skipped: the
-last line when it is unterminated, or an earlier line that is an unclosed JSON object) but is strict
-about every other line: a bad line in the middle means someone edited the file,
-and silently skipping it would hide an applied migration from checksum validation.
+last line when it is unterminated, or an earlier line that is an unclosed JSON object or only NUL
+bytes, what some filesystems, e.g. ext4 with delayed allocation, leave of a write lost in a crash
+after the size was updated) but is strict about every other line: a bad line in the middle means
+someone edited the file, and silently skipping it would hide an applied migration from checksum
+validation.
 The next append after a torn tail starts on a fresh line (we write a newline first when the file does
 not end with one), so one crash never corrupts the following entry.
 """
@@ -183,6 +185,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_NUL_AND_WHITESPACE = b"\x00 \t\r\x0b\x0c"
+
+
 def read(path: str | os.PathLike[str]) -> History:
     """Read the whole history. A missing file is an empty history.
 
@@ -203,6 +208,11 @@ def read(path: str | os.PathLike[str]) -> History:
     torn: list[int] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
+            continue
+        if not line.strip(_NUL_AND_WHITESPACE):
+            # A crash-lost append that the filesystem kept as zeros (ext4 delayed allocation): torn,
+            # wherever it is, since later appends start on a fresh line after it.
+            torn.append(number)
             continue
         try:
             data = json.loads(line.decode("utf-8"))

@@ -76,6 +76,30 @@ def test_complete_last_line_without_newline_counts(tmp_path: Path) -> None:
     assert [e.to_version for e in history.read(path).entries] == [1, 2]
 
 
+@pytest.mark.parametrize("zeros", [b"\x00" * 180, b"\x00" * 90 + b"\n", b"\x00\x00 \t\x00\r"])
+def test_a_line_of_nul_bytes_in_the_middle_is_torn_not_fatal(tmp_path: Path, zeros: bytes) -> None:
+    """What ext4 with delayed allocation can leave of an append lost in a crash: the size grew, the
+    data did not reach the disk. Appends after the crash continue on a fresh line."""
+    path = tmp_path / "history.jsonl"
+    history.append(path, step(1, "a"))
+    with path.open("ab") as f:
+        f.write(zeros)
+    history.append(path, step(2, "b"))
+    got = history.read(path)
+    assert [e.to_version for e in got.entries] == [1, 2]
+    assert got.torn_lines == (2,)
+
+
+def test_nul_bytes_mixed_with_other_text_are_still_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "history.jsonl"
+    history.append(path, step(1, "a"))
+    with path.open("ab") as f:
+        f.write(b"\x00\x00x\x00\n")
+    history.append(path, step(2, "b"))
+    with pytest.raises(ConfigError, match=r"history\.jsonl:2: bad history line"):
+        history.read(path)
+
+
 @pytest.mark.parametrize(
     "bad", ["not json at all", '{"kind": "migrate"}', '{"kind": "teleport", "result": "ok"}', '["a list"]']
 )
