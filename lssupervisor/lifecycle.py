@@ -26,7 +26,8 @@ Transitions (each one emits exactly one ``AnnounceState``)::
     STOPPING     --stop_timeout-->           (SIGKILL, still STOPPING)
     STOPPING     --ChildExited-->            STOPPED+Exit | RECONCILING (a reconcile was requested
                                              meanwhile) | STARTING (restart) | PAUSED | BACKOFF/PARKED
-                                             (failed start)
+                                             (failed start; when the restart policy gives up, a
+                                             reconcile requested meanwhile then runs from PARKED)
     BACKOFF      --retry deadline-->         STARTING (via ChildSpawned)
 
 An exit of LS is a failure only in STARTING/RUNNING (and RECONCILING); in STOPPING it is the stop we
@@ -462,7 +463,18 @@ class Lifecycle:
                 st = replace(st, retry_at=None, park_reason=park)
                 if defer:
                     return st
-                return self._enter(st, State.PARKED, park, now, acts)
+                st = self._enter(st, State.PARKED, park, now, acts)
+                if st.pending is not None:
+                    # An operator or a file change asked for a reconcile while LS was stopping or being
+                    # spawned: it may be the fix that was shipped. Run it as if it came now, from
+                    # PARKED (a good config leaves PARKED with a fresh restart budget, as resume does).
+                    acts.append(
+                        LogLine(Level.INFO, "a reconcile was requested meanwhile: running it now")
+                    )
+                    return self._start_reconcile(
+                        st, st.pending.reload, "reconcile (requested meanwhile)", now, acts
+                    )
+                return st
             case _:
                 assert_never(decision)
 

@@ -831,6 +831,47 @@ def test_reconcile_requested_while_stopping_runs_after_the_stop() -> None:
     assert acts[-1] == PrepareConfig(reload=False) and r.st.state is State.RECONCILING
 
 
+# The restart policy's last allowed failure: the next one gives up (burst_limit 5 within 300 s).
+AT_BURST_LIMIT = BackoffState(consecutive=4, recent=(60.0, 70.0, 80.0, 90.0))
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_a_reconcile_requested_while_a_failed_start_stops_runs_when_the_policy_gives_up(
+    reload: bool,
+) -> None:
+    """The request may carry the fix: parking must not drop it silently."""
+    st = replace(SITUATIONS["stopping_failed_start"], backoff=AT_BURST_LIMIT, pending=Pending(reload=reload))
+    r = Replay(st=st)
+    acts = r(ChildExited(pid=10, returncode=-15, description="killed by SIGTERM"), NOW)
+    assert r.states() == [("STOPPING", "PARKED"), ("PARKED", "RECONCILING")]
+    parked = acts[0]
+    assert isinstance(parked, LogLine) and parked.level is Level.ERROR
+    assert parked.msg.startswith("parked: ") and "restart policy gave up" in parked.msg
+    assert LogLine(Level.INFO, "a reconcile was requested meanwhile: running it now") in acts
+    assert acts[-1] == PrepareConfig(reload=reload)
+    assert r.st.pending is None and r.st.prior is State.PARKED
+    assert r.st.trigger == "reconcile (requested meanwhile)"
+    # The fixed config leaves PARKED with a fresh restart budget, as `resume` would.
+    acts = r(ConfigPrepared(digest="d2", version=1, wait_for_health=True), NOW + 0.5)
+    assert any(isinstance(a, SpawnChild) for a in acts)
+    assert r.st.park_reason is None and r.st.backoff == BackoffState()
+
+
+def test_a_failed_start_that_exhausts_the_policy_without_a_request_stays_parked() -> None:
+    st = replace(SITUATIONS["stopping_failed_start"], backoff=AT_BURST_LIMIT)
+    after, acts = core().handle(st, ChildExited(pid=10, returncode=-15, description="killed by SIGTERM"), NOW)
+    assert after.state is State.PARKED
+    assert not any(isinstance(a, PrepareConfig) for a in acts)
+
+
+def test_a_reconcile_requested_while_spawning_runs_when_the_spawn_failure_gives_up() -> None:
+    st = replace(SITUATIONS["spawning"], backoff=AT_BURST_LIMIT, pending=Pending(reload=False))
+    r = Replay(st=st)
+    acts = r(SpawnFailed(message="exec format error"), NOW)
+    assert r.states() == [("RECONCILING", "PARKED"), ("PARKED", "RECONCILING")]
+    assert acts[-1] == PrepareConfig(reload=False) and r.st.pending is None
+
+
 def test_not_ready_in_time_is_a_failed_start() -> None:
     r = Replay()
     r(Booted(), 0.0)
