@@ -97,10 +97,9 @@ def test_the_daemon_speaks_the_notify_protocol(
         assert messages[ready[0]].get("MAINPID", str(d.pid)) == str(d.pid)
 
         # The watchdog is fed from the main loop, at least twice per WatchdogSec.
+        # (The interval itself, half of WATCHDOG_USEC, is unit-tested in test_sdnotify.py.)
         first = len(notify.seen("WATCHDOG", "1"))
-        t0 = time.monotonic()
-        wait_for(lambda: len(notify.seen("WATCHDOG", "1")) >= first + 4, timeout=5, what="WATCHDOG=1 pings")
-        assert time.monotonic() - t0 < 2.0  # 4 pings within 5 watchdog periods (loose under load)
+        wait_for(lambda: len(notify.seen("WATCHDOG", "1")) >= first + 4, timeout=10, what="WATCHDOG=1 pings")
 
         # Reload: RELOADING=1 with the CLOCK_MONOTONIC time, then READY=1 when done.
         before = len(notify.snapshot())

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import psutil
@@ -240,12 +239,9 @@ def test_nothing_to_reap_is_one_cheap_peek(subreaper: None, monkeypatch: pytest.
             return ()
 
         r = Reaper(own)
-        start = time.perf_counter()
         for _ in range(1000):
             assert r.reap() == []
-        elapsed = time.perf_counter() - start
-        assert calls == []  # own_pids is not even asked when nothing exited
-        assert elapsed < 1.0, f"1000 idle reap() calls took {elapsed:.3f}s"
+        assert calls == []  # own_pids is not even asked when nothing exited: one waitid() per call
     finally:
         orphan.release()
         monkeypatch.undo()

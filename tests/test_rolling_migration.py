@@ -33,8 +33,6 @@ from lssupervisor.testing.scenario import (
     rolling_migration,
 )
 
-BUDGET_S = 60.0
-
 
 def _run(workdir: Path, driver: Driver, ls_binary: str | None = None) -> tuple[RollingResult, Timeline]:
     timeline = Timeline()
@@ -51,7 +49,6 @@ def _assert_passed(result: RollingResult, timeline: Timeline) -> None:
     assert result.summary.equal and result.summary.keys > 0, report
     for formats in result.summary.formats.values():
         assert set(formats) == {2}, report
-    assert result.timings["total"] < BUDGET_S, report
 
 
 @pytest.mark.skipif(
@@ -81,15 +78,12 @@ def test_rolling_migration_with_real_lightning_stream(tmp_path: Path) -> None:
 
 def test_demo_command_exits_0_and_tells_the_story(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "lssupervisor", "demo", "--dir", str(workdir)],
         capture_output=True, text=True, timeout=120, check=False,
     )
-    elapsed = time.monotonic() - started
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert elapsed < BUDGET_S, out
     # The story, in order.
     milestones = [
         "Lightning Stream: ",

@@ -190,9 +190,8 @@ def test_child_env_strips_systemd_variables() -> None:
 
 def test_a_receiver_that_does_not_read_never_blocks_the_caller(tmp_path: Path) -> None:
     """A datagram socket blocks the sender once the receiver's queue is full; the main loop must not."""
-    import time
 
-    from lssupervisor.sdnotify import SEND_TIMEOUT_S, Notifier
+    from lssupervisor.sdnotify import Notifier
 
     path = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -200,12 +199,9 @@ def test_a_receiver_that_does_not_read_never_blocks_the_caller(tmp_path: Path) -
     try:
         n = Notifier(str(path))
         results = []
-        t0 = time.monotonic()
         for _ in range(40):  # far past the kernel's queue length (net.unix.max_dgram_qlen, 10)
-            results.append(n.watchdog())
-        elapsed = time.monotonic() - t0
-        assert results[0] is True and results[-1] is False  # later sends fail (logged), never hang
-        assert elapsed < 40 * SEND_TIMEOUT_S + 2.0
+            results.append(n.watchdog())  # a blocking send would hang here (pytest-timeout)
+        assert results[0] is True and results[-1] is False  # later sends give up and fail (logged)
         receiver.recv(4096)  # the receiver reads again: sends work again
         assert n.watchdog() is True
         n.close()

@@ -76,7 +76,6 @@ def test_stopping_the_health_poller_never_waits_for_its_request(tmp_path: Path) 
     """A poller in the middle of a /healthz request (up to its timeout) must not hold up the main
     loop when LS exits; it is joined at exit instead."""
     import threading
-    import time
 
     from lssupervisor.health import HealthPoller, HealthResult
 
@@ -91,10 +90,10 @@ def test_stopping_the_health_poller_never_waits_for_its_request(tmp_path: Path) 
     sup = Supervisor(load_config(cs.config), environ=dict(os.environ))
     sup.poller = HealthPoller(SlowProbe(), 1234, lambda pid: None, interval=0.05)  # type: ignore[arg-type]
     try:
-        t0 = time.monotonic()
         sup._stop_poller()
-        assert time.monotonic() - t0 < 0.5
+        # It returned while the poller is still inside its (10 s) request: not joined, only retired.
         assert sup.poller is None and len(sup.retired_pollers) == 1
+        assert sup.retired_pollers[0].running
     finally:
         release.set()
         sup._stop_poller(join=True)
