@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from lssupervisor.testing.ports import free_port
 
 T = TypeVar("T")
 
@@ -24,7 +25,4 @@ def wait_for(
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "wait_for"]  # free_port: ports outside the ephemeral range, per xdist worker

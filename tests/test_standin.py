@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from lssupervisor import lsheader
 from lssupervisor.testing import standin_snapshot as snap
+from lssupervisor.testing.ports import free_port
 from lssupervisor.testing.standin_config import (
     ConfigLoadError,
     go_expand_env,
@@ -54,10 +54,6 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         time.sleep(0.02)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Procs:

@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -55,6 +54,7 @@ import yaml
 
 from lssupervisor import lsheader
 from lssupervisor.marker import DEFAULT_MARKER_DBI, KEY_PREFIX, read_marker
+from lssupervisor.testing.ports import free_port
 from lssupervisor.testing.standin_snapshot import SnapshotError, load_data, parse_name
 
 T = TypeVar("T")
@@ -141,12 +141,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise ScenarioError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)  # polling a condition with a deadline
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True, slots=True)
