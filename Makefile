@@ -21,6 +21,7 @@ test: lint typecheck unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check lssupervisor tests benchmarks examples
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy lssupervisor

@@ -29,8 +29,8 @@ import lmdb
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lssupervisor.lsmodel import LmdbSpec
-from lssupervisor.migrations import Migration, Step, Strategy
-from lssupervisor.migrator import MigrationApi, open_env, run_step
+from lssupervisor.worker.migrations import Migration, Step, Strategy
+from lssupervisor.worker.migrator import MigrationApi, open_env, run_step
 
 HDR = struct.Struct(">QQBB4xH")
 TS0 = 1_700_000_000_000_000_000

@@ -1,5 +1,5 @@
 import sys
 
-from lssupervisor.cli import main
+from lssupervisor.cli.main import main
 
 sys.exit(main())

@@ -29,7 +29,8 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from lssupervisor.errors import ConfigError
+from lssupervisor.core.states import OnFailure  # the core's vocabulary; re-exported for config users
+from lssupervisor.errors import ConfigError, UsageError
 
 T = TypeVar("T")
 
@@ -87,11 +88,6 @@ def opt(default: Any, doc: str, *, example: str | None = None) -> Any:
 
         return field(default_factory=factory, metadata={"doc": doc, "example": example})
     return field(default=default, metadata={"doc": doc, "example": example})
-
-
-class OnFailure(enum.Enum):
-    PARK = "park"
-    RESUME = "resume"
 
 
 class OutputMode(enum.Enum):
@@ -555,6 +551,30 @@ def _validate(cfg: Config, where: str) -> None:
         parse_address(cfg.http.address, f"{where}: http.address")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise bad("log.level", f"expected debug, info, warning or error, got {cfg.log.level!r}")
+
+
+def resolve_target(cfg: Config, override: int | None = None) -> int | None:
+    """The target version the daemon and the offline commands work toward: ``override`` (``--to``)
+    wins, then ``schema.target``, then the number in ``schema.target_file``; None means the newest
+    migration."""
+    if override is not None:
+        if override < 0:
+            raise UsageError(f"--to must be >= 0, got {override}")
+        return override
+    if cfg.schema.target is not None:
+        return cfg.schema.target
+    if cfg.schema.target_file is not None:
+        path = Path(cfg.schema.target_file)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read schema.target_file: {exc.strerror}") from None
+        if not text.isdigit():
+            raise ConfigError(f"{path}: schema.target_file must hold a version number, got {text[:40]!r}")
+        return int(text)
+    return None
 
 
 def parse_address(address: str, where: str) -> tuple[str, int]:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lssupervisor.backoff import (
+from lssupervisor.config import Duration, RestartConfig
+from lssupervisor.core.backoff import (
     BackoffPolicy,
     BackoffState,
     GiveUp,
@@ -16,7 +17,7 @@ from lssupervisor.backoff import (
     record_failure,
     reset_deadline,
 )
-from lssupervisor.config import Duration, RestartConfig
+from lssupervisor.daemon.policy import backoff_policy
 
 POLICY = BackoffPolicy(initial_delay=1.0, max_delay=60.0, multiplier=2.0, jitter=0.2, burst_limit=5,
                        burst_window=300.0, reset_after=60.0)
@@ -83,7 +84,7 @@ def test_from_config() -> None:
     r = RestartConfig(initial_delay=Duration(0.1), max_delay=Duration(2), multiplier=3.0, jitter=0.0,
                       reset_after=Duration(5), burst_limit=3, burst_window=Duration(10),
                       config_error_window=Duration(1))
-    p = BackoffPolicy.from_config(r)
+    p = backoff_policy(r)
     assert p == BackoffPolicy(0.1, 2.0, 3.0, 0.0, 5.0, 3, 10.0, 1.0)
     assert [p.delay(n, 0.7) for n in (1, 2, 3, 4)] == pytest.approx([0.1, 0.3, 0.9, 2.0])
 

@@ -15,18 +15,18 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from lssupervisor import backup
 from lssupervisor.errors import BackupError
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
-from lssupervisor.worker import open_lmdb
+from lssupervisor.worker import backup, backupdir
+from lssupervisor.worker.ops import open_lmdb
 from tests.test_worker import INSTANCE, make_request, make_view, sample_lmdb
 
 MARKER_DBI = "lssupervisor"
 
 
 def read_marker(env: lmdb.Environment, spec: LmdbSpec) -> int | None:
-    from lssupervisor import marker
+    from lssupervisor.worker import marker
 
     with env.begin() as txn:
         found = marker.read_marker(env, txn, INSTANCE, native=spec.native, marker_dbi=MARKER_DBI)
@@ -38,7 +38,7 @@ class Opened:
         self.specs = specs
         self.envs = {s.name: open_lmdb(s, write=False) for s in specs}
 
-    def backup(self, directory: Path, keep: int = 5, **kw: object) -> backup.Manifest:
+    def backup(self, directory: Path, keep: int = 5, **kw: object) -> backupdir.Manifest:
         return backup.create(self.envs, self.specs, directory, INSTANCE, read_marker, keep=keep, **kw)  # type: ignore[arg-type]
 
     def close(self) -> None:
@@ -61,13 +61,13 @@ def test_backup_is_verified_complete_and_described_by_its_manifest(tmp_path: Pat
     manifest = two.backup(tmp_path / "b", reason="test", progress=events.append)
     final = tmp_path / "b" / manifest.id
     assert final.is_dir() and not list((tmp_path / "b").glob("*.partial"))
-    assert not (final / backup.OWNER).exists()
-    on_disk = json.loads((final / backup.MANIFEST).read_text())
+    assert not (final / backupdir.OWNER).exists()
+    on_disk = json.loads((final / backupdir.MANIFEST).read_text())
     assert on_disk["id"] == manifest.id and on_disk["instance"] == INSTANCE and on_disk["reason"] == "test"
     assert manifest.schema_version == 2 and manifest.id.endswith("-v2")
     for entry in manifest.lmdbs:
         copy = final / entry.file
-        assert backup.sha256_file(copy) == entry.sha256 and copy.stat().st_size == entry.size
+        assert backupdir.sha256_file(copy) == entry.sha256 and copy.stat().st_size == entry.size
         assert entry.schema_version == 2 and entry.last_txnid >= 1 and entry.source_path.endswith(entry.name)
         assert not (copy.parent / "lock.mdb").exists()  # verification never created a lock file
     assert [e["lmdb"] for e in events] == ["main", "other"]
@@ -78,10 +78,10 @@ def test_backup_is_verified_complete_and_described_by_its_manifest(tmp_path: Pat
 
 def test_retention_keeps_the_newest_and_protected(tmp_path: Path, two: Opened) -> None:
     ids = [two.backup(tmp_path / "b", keep=2).id for _ in range(3)]
-    assert [b.id for b in backup.list_backups(tmp_path / "b")] == ids[1:]
+    assert [b.id for b in backupdir.list_backups(tmp_path / "b")] == ids[1:]
     # a protected (older) backup survives, the rest is trimmed around it
     newest = two.backup(tmp_path / "b", keep=2, protect=(ids[1],)).id
-    assert [b.id for b in backup.list_backups(tmp_path / "b")] == [ids[1], newest]
+    assert [b.id for b in backupdir.list_backups(tmp_path / "b")] == [ids[1], newest]
     assert not list((tmp_path / "b").glob(".deleting-*"))
 
 
@@ -96,12 +96,12 @@ def test_stale_partials_of_dead_writers_are_cleaned_live_ones_kept(tmp_path: Pat
     directory.mkdir()
     crashed = directory / "20200101T000000.000000Z-v1.partial"
     (crashed / "main").mkdir(parents=True)
-    (crashed / backup.OWNER).write_text(json.dumps({"pid": dead_pid(), "create_time": 1.0}))
+    (crashed / backupdir.OWNER).write_text(json.dumps({"pid": dead_pid(), "create_time": 1.0}))
     no_owner = directory / "20200101T000001.000000Z-v1.partial"  # crash before owner.json
     no_owner.mkdir()
     running = directory / "20200101T000002.000000Z-v1.partial"
     running.mkdir()
-    backup.claim(running)  # this (live) process is writing it
+    backupdir.claim(running)  # this (live) process is writing it
     manifest = two.backup(directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted([running.name, manifest.id])
 
@@ -109,7 +109,7 @@ def test_stale_partials_of_dead_writers_are_cleaned_live_ones_kept(tmp_path: Pat
 def test_backup_refused_when_space_is_short_and_nothing_is_left(
     tmp_path: Path, two: Opened, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backup, "free_bytes", lambda directory: 1024 * 1024)
+    monkeypatch.setattr(backupdir, "free_bytes", lambda directory: 1024 * 1024)
     with pytest.raises(
         BackupError, match=r"not enough free space .* need .* have 1\.0 MiB \(1048576 bytes\)"
     ):
@@ -120,7 +120,7 @@ def test_backup_refused_when_space_is_short_and_nothing_is_left(
 TMPFS_SCRIPT = """
 import sys
 from pathlib import Path
-from lssupervisor.worker import run_op
+from lssupervisor.worker.ops import run_op
 import json, threading
 request = json.loads(sys.argv[1])
 try:
@@ -197,7 +197,7 @@ def test_restore_refused_while_another_process_has_the_lmdb_open(tmp_path: Path,
     manifest = two.backup(tmp_path / "b")
     two.close()
     build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
-    changed = backup.sha256_file(backup.data_file(two.specs[0]))
+    changed = backupdir.sha256_file(backupdir.data_file(two.specs[0]))
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, two.specs[0].path],
         stdin=subprocess.PIPE,
@@ -212,7 +212,7 @@ def test_restore_refused_while_another_process_has_the_lmdb_open(tmp_path: Path,
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
-    assert backup.sha256_file(backup.data_file(two.specs[0])) == changed  # untouched
+    assert backupdir.sha256_file(backupdir.data_file(two.specs[0])) == changed  # untouched
     _, results = backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
     assert results[0].restored
 
@@ -221,14 +221,14 @@ def test_damaged_backup_is_refused_before_anything_is_replaced(tmp_path: Path, t
     manifest = two.backup(tmp_path / "b")
     two.close()
     build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
-    live = backup.sha256_file(backup.data_file(two.specs[0]))
-    copy = tmp_path / "b" / manifest.id / "main" / backup.DATA_FILE
+    live = backupdir.sha256_file(backupdir.data_file(two.specs[0]))
+    copy = tmp_path / "b" / manifest.id / "main" / backupdir.DATA_FILE
     data = bytearray(copy.read_bytes())
     data[-100] ^= 0xFF
     copy.write_bytes(bytes(data))
     with pytest.raises(BackupError, match="does not match the manifest"):
         backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
-    assert backup.sha256_file(backup.data_file(two.specs[0])) == live
+    assert backupdir.sha256_file(backupdir.data_file(two.specs[0])) == live
 
 
 def test_no_subdir_lmdb_backs_up_and_restores(tmp_path: Path) -> None:
@@ -240,7 +240,7 @@ def test_no_subdir_lmdb_backs_up_and_restores(tmp_path: Path) -> None:
         manifest = opened.backup(tmp_path / "b")
     finally:
         opened.close()
-    assert (tmp_path / "b" / manifest.id / "flat" / backup.DATA_FILE).is_file()
+    assert (tmp_path / "b" / manifest.id / "flat" / backupdir.DATA_FILE).is_file()
     build_lmdb(spec, {"data": {"a": "2"}}, marker=2, instance=INSTANCE)
     _, results = backup.restore(tmp_path / "b", manifest.id, [spec], read_marker)
     assert results[0].restored and results[0].path == spec.path
@@ -250,8 +250,8 @@ def test_no_subdir_lmdb_backs_up_and_restores(tmp_path: Path) -> None:
 
 def test_find_backup_by_prefix_and_default_skips_pre_rollback_copies(tmp_path: Path, two: Opened) -> None:
     first = two.backup(tmp_path / "b", reason="before migrating to 3")
-    two.backup(tmp_path / "b", reason=f"{backup.PRE_ROLLBACK_REASON}{first.id}")
-    assert backup.find_backup(tmp_path / "b", None).id == first.id
-    assert backup.find_backup(tmp_path / "b", first.id[:-3]).id == first.id
+    two.backup(tmp_path / "b", reason=f"{backupdir.PRE_ROLLBACK_REASON}{first.id}")
+    assert backupdir.find_backup(tmp_path / "b", None).id == first.id
+    assert backupdir.find_backup(tmp_path / "b", first.id[:-3]).id == first.id
     with pytest.raises(BackupError, match="no backup 'nope'"):
-        backup.find_backup(tmp_path / "b", "nope")
+        backupdir.find_backup(tmp_path / "b", "nope")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor.checks import Level, run_checks
-from lssupervisor.cli import main
+from lssupervisor.cli.check import Level, run_checks
+from lssupervisor.cli.main import main
 from lssupervisor.errors import ExitCode
 
 TEMPLATE = """\

@@ -22,8 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lssupervisor import child as childmod
-from lssupervisor.child import (
+from lssupervisor.config import OutputMode
+from lssupervisor.daemon import child as childmod
+from lssupervisor.daemon.child import (
     ChildRecord,
     LsChild,
     config_from_cmdline,
@@ -34,7 +35,6 @@ from lssupervisor.child import (
     stop_ls,
     sweep_orphans,
 )
-from lssupervisor.config import OutputMode
 from lssupervisor.errors import ConfigError
 from tests.helpers import wait_for
 
@@ -459,7 +459,7 @@ def test_without_setpriv_warns_once_and_spawns(
 SUPERVISOR_LIKE = textwrap.dedent(
     """
     import os, signal, sys
-    from lssupervisor.child import spawn_ls
+    from lssupervisor.daemon.child import spawn_ls
     from lssupervisor.config import OutputMode
     pdeathsig = sys.argv[1] == "1"
     c = spawn_ls(sys.argv[2:], dict(os.environ), pdeathsig=pdeathsig, output=OutputMode.INHERIT,
@@ -688,7 +688,7 @@ def test_child_record_rejects_bad_json(data: dict[str, object]) -> None:
 def test_ls_lines_are_logged_the_same_with_and_without_last_line(caplog: pytest.LogCaptureFixture) -> None:
     """``output: prefix`` logs LS's lines through one function, whether the supervisor keeps the last
     line (LastLine) or the reader logs them directly."""
-    from lssupervisor.supervisor import LastLine
+    from lssupervisor.daemon.supervisor import LastLine
 
     caplog.set_level("INFO", logger="lssupervisor.lightningstream")
     childmod.log_ls_line('time="x" level=fatal msg=boom')

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor.cli import HANDLERS, build_parser, main
+from lssupervisor.cli.main import HANDLERS, build_parser, main
 from lssupervisor.errors import ExitCode
 
 

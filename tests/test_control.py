@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor import control, lock
+from lssupervisor.cli import control
 from lssupervisor.config import load_config
+from lssupervisor.daemon import lock
 from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
 
 
@@ -90,7 +91,7 @@ def test_paused_flag_holds_across_a_restart(tmp_path: Path) -> None:
 DEAF_DAEMON = """
 import signal, sys
 from lssupervisor.config import load_config
-from lssupervisor.lock import acquire
+from lssupervisor.daemon.lock import acquire
 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 lock = acquire(load_config(sys.argv[1]), [], "daemon")
 print("ready", flush=True)
@@ -101,7 +102,7 @@ sys.stdin.read()
 def test_pause_unconfirmed_is_its_own_exit_code_not_a_bug(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lssupervisor.cli import main
+    from lssupervisor.cli.main import main
     from lssupervisor.errors import ExitCode
 
     config = tmp_path / "lssupervisor.yaml"

@@ -24,10 +24,10 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from lssupervisor import backup, history, marker
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, run_migrations
-from lssupervisor.worker import Message, WorkerRun, run_worker
+from lssupervisor.worker import backupdir, history, marker
+from lssupervisor.worker.client import Message, WorkerRun, run_worker
 from tests.helpers import wait_for
 from tests.test_worker import INSTANCE, Collector, make_request, make_view, write_migrations
 
@@ -141,7 +141,7 @@ class Scenario:
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
-        shutil.copyfile(backup.data_file(self.pristine), path / backup.DATA_FILE)
+        shutil.copyfile(backupdir.data_file(self.pristine), path / backupdir.DATA_FILE)
         return dataclasses.replace(self.pristine, path=str(path))
 
 
@@ -279,7 +279,7 @@ def test_kill_during_backup_leaves_only_a_partial_that_the_next_run_cleans(
             break
         assert final["type"] == "error", "the backup finished before the kill; retrying is pointless"
     assert [p.suffix for p in backups.iterdir()] == [".partial"]
-    assert backup.list_backups(backups) == []
+    assert backupdir.list_backups(backups) == []
     assert read_marker_version(big, instance=INSTANCE) == 1  # no step before a verified backup (I7)
     final = run_worker(request, timeout=120)
     assert final["type"] == "result", final
@@ -289,8 +289,8 @@ def test_kill_during_backup_leaves_only_a_partial_that_the_next_run_cleans(
 
 def test_dry_run_leaves_the_live_lmdb_byte_identical(scenario: Scenario, tmp_path: Path) -> None:
     spec = scenario.live_copy(tmp_path / "live")
-    data = backup.data_file(spec)
-    before_bytes = backup.sha256_file(data)
+    data = backupdir.data_file(spec)
+    before_bytes = backupdir.sha256_file(data)
     before_mtime = data.stat().st_mtime_ns
     request = make_request("dry_run", make_view(spec), tmp_path, scenario.migrations)
     final = run_worker(request, timeout=120)
@@ -298,7 +298,7 @@ def test_dry_run_leaves_the_live_lmdb_byte_identical(scenario: Scenario, tmp_pat
     (entry,) = final["lmdbs"]
     assert entry["live_last_txnid_before"] == entry["live_last_txnid_after"]
     assert entry["live_file_before"] == entry["live_file_after"]
-    assert backup.sha256_file(data) == before_bytes and data.stat().st_mtime_ns == before_mtime
+    assert backupdir.sha256_file(data) == before_bytes and data.stat().st_mtime_ns == before_mtime
     assert [s["to_version"] for s in entry["steps"]] == [2, 3, 4]
     assert entry["keys"] >= 2 * RECORDS and entry["bytes"] > 0 and entry["duration_s"] > 0
     assert digest(spec) == (1, scenario.expected[1])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor.cli import build_parser
+from lssupervisor.cli.main import build_parser
+from lssupervisor.core.states import State, Substep
 from lssupervisor.errors import ExitCode
-from lssupervisor.states import State, Substep
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -383,7 +383,7 @@ def recipe_migrations(directory: Path) -> list[str]:
 
 
 def test_the_powerdns_migration_files_load(tmp_path: Path) -> None:
-    from lssupervisor import migrations
+    from lssupervisor.worker import migrations
 
     names = recipe_migrations(tmp_path)
     assert [n[:4] for n in names] == ["0001", "0002", "0003", "0004", "0005", "0006"]

@@ -6,9 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor import lsheader
-from lssupervisor.marker import open_dbi
-from lssupervisor.migrator import open_env
 from lssupervisor.testing.fixtures import (
     DEFAULT_TIMESTAMP,
     build_lmdb,
@@ -18,6 +15,9 @@ from lssupervisor.testing.fixtures import (
     read_values,
     run_migrations,
 )
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.marker import open_dbi
+from lssupervisor.worker.migrator import open_env
 
 DATA = {
     "users": {"a": "alice", b"b": (b"bob", 5), "gone": (None, 7), "gone2": None},

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from lssupervisor.child import spawn_ls, stop_ls
 from lssupervisor.config import OutputMode
+from lssupervisor.daemon.child import spawn_ls, stop_ls
+from lssupervisor.daemon.health import HealthPoller, HealthProbe, HealthResult, parse_address, readiness
 from lssupervisor.errors import ConfigError
-from lssupervisor.health import HealthPoller, HealthProbe, HealthResult, parse_address, readiness
 from tests.helpers import free_port, wait_for
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor import history
 from lssupervisor.errors import ConfigError
-from lssupervisor.history import Entry, Kind, Result
+from lssupervisor.worker import history
+from lssupervisor.worker.history import Entry, Kind, Result
 
 
 def step(version: int, checksum: str, *, result: Result = Result.OK, lmdb: str = "main") -> Entry:

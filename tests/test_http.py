@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lssupervisor.daemon.http import REDACTED, StatusServer, encode_status, readiness, redact
 from lssupervisor.errors import ConfigError
-from lssupervisor.http import REDACTED, StatusServer, encode_status, readiness, redact
 
 SECRET = "s3cr3t-value-never-served"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor.cli import main
+from lssupervisor.cli.main import main
 from lssupervisor.config import load_config
 from lssupervisor.errors import ExitCode, TemplateError
-from lssupervisor.lsconfig import inspect_template, load_template, ls_environment, render
+from lssupervisor.lsconfig.render import inspect_template, load_template, ls_environment, render
 
 STANDIN = Path(sys.executable).parent / "lightningstream-standin"
 
@@ -214,7 +214,7 @@ def test_init_s3_credentials_with_yaml_special_characters_reach_ls_intact(tmp_pa
     at the comment, a leading '*' read as an alias. init quotes the references."""
     import yaml
 
-    from lssupervisor.lsconfig import go_expand_env
+    from lssupervisor.lsconfig.render import go_expand_env
 
     url = "s3://ls-bucket/apps?endpoint=http://127.0.0.1:9000&region=eu-west-1"
     assert init(tmp_path, storage=url) == 0

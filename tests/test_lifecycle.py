@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lssupervisor.actions import (
+from lssupervisor.core.actions import (
     Action,
     AnnounceState,
     Exit,
@@ -28,9 +28,8 @@ from lssupervisor.actions import (
     SpawnChild,
     SweepOrphans,
 )
-from lssupervisor.backoff import BackoffPolicy, BackoffState
-from lssupervisor.errors import ExitCode
-from lssupervisor.events import (
+from lssupervisor.core.backoff import BackoffPolicy, BackoffState
+from lssupervisor.core.events import (
     Booted,
     ChildExited,
     ChildReady,
@@ -45,8 +44,8 @@ from lssupervisor.events import (
     StatusRequested,
     Tick,
 )
-from lssupervisor.lifecycle import Lifecycle, LifecycleError, Timeouts
-from lssupervisor.states import (
+from lssupervisor.core.lifecycle import Lifecycle, LifecycleError, Timeouts
+from lssupervisor.core.states import (
     Child,
     Desired,
     Goal,
@@ -57,6 +56,7 @@ from lssupervisor.states import (
     Substep,
     SupervisorState,
 )
+from lssupervisor.errors import ExitCode
 
 NOW = 100.0
 LATE = 1000.0

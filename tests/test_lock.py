@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor import lock
 from lssupervisor.config import Config, PathOpt
+from lssupervisor.daemon import lock
 from lssupervisor.errors import ConfigError, ExitCode, LockHeld
 from lssupervisor.lsmodel import LmdbSpec
 from tests.helpers import wait_for
@@ -80,7 +80,8 @@ def test_add_lmdbs_on_reload(tmp_path: Path) -> None:
 def test_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
     cfg = cfg_for(tmp_path)
     code = (
-        "import sys, time; from lssupervisor import lock; from lssupervisor.config import Config, PathOpt;"
+        "import sys, time; from lssupervisor.daemon import lock;"
+        " from lssupervisor.config import Config, PathOpt;"
         f"lock.acquire(Config(state_dir=PathOpt({str(cfg.state_dir)!r})), [], 'daemon');"
         "print('locked', flush=True); time.sleep(60)"
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import stat
 import sys
@@ -15,10 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lssupervisor import lsconfig
+from lssupervisor.cli import render as render_cmd
 from lssupervisor.config import parse_config
 from lssupervisor.errors import ConfigError, TemplateError, UsageError
-from lssupervisor.lsconfig import (
+from lssupervisor.fsutil import write_atomic
+from lssupervisor.lsconfig import binary as lsbinary
+from lssupervisor.lsconfig import render as lsconfig
+from lssupervisor.lsconfig.binary import validate_with_binary
+from lssupervisor.lsconfig.render import (
     Template,
     check_prefix_safety,
     go_expand,
@@ -26,12 +29,9 @@ from lssupervisor.lsconfig import (
     inspect_template,
     load_template,
     ls_environment,
-    parse_bytesize,
-    parse_go_duration,
     render,
-    validate_with_binary,
-    write_atomic,
 )
+from lssupervisor.lsconfig.values import parse_bytesize, parse_go_duration
 
 VAR = "APP_SCHEMA_VERSION"
 
@@ -113,9 +113,7 @@ _DOLLAR_TEXT = st.text(alphabet="$:{}-_aV1 \n/", max_size=30)
 @given(_DOLLAR_TEXT)
 def test_go_expand_agrees_with_the_standin(text: str) -> None:
     """Two independent readings of Go's os.Expand (ours and the LS stand-in's) must agree."""
-    if importlib.util.find_spec("lssupervisor.testing.standin_config") is None:
-        pytest.skip("the LS stand-in is not in this build")
-    from lssupervisor.testing import standin_config
+    from lssupervisor.testing.standin import config as standin_config
 
     def mapping(name: str) -> str:
         return f"<{name}>"
@@ -578,11 +576,11 @@ def test_validate_with_binary_reports_the_last_stderr_line(tmp_path: Path) -> No
 
 def test_validate_with_binary_skips_a_missing_binary(tmp_path: Path) -> None:
     for missing in (str(tmp_path / "nope"), "lightningstream-does-not-exist"):
-        assert lsconfig.resolve_binary(missing) is None
+        assert lsbinary.resolve_binary(missing) is None
         validate_with_binary(missing, tmp_path / "c.yaml", {})  # returns without raising
     not_executable = tmp_path / "ls"
     not_executable.write_text("#!/bin/sh\nexit 1\n")
-    assert lsconfig.resolve_binary(str(not_executable)) is None
+    assert lsbinary.resolve_binary(str(not_executable)) is None
 
 
 def test_validate_with_binary_times_out(tmp_path: Path) -> None:
@@ -592,8 +590,6 @@ def test_validate_with_binary_times_out(tmp_path: Path) -> None:
 
 
 def _standin(tmp_path: Path) -> Path:
-    if importlib.util.find_spec("lssupervisor.testing.standin") is None:
-        pytest.skip("the LS stand-in (lssupervisor.testing.standin) is not in this build yet")
     return _script(tmp_path, f'exec {sys.executable} -m lssupervisor.testing.standin "$@"\n')
 
 
@@ -641,7 +637,7 @@ def _config_set(tmp_path: Path, template: str) -> Path:
 
 def test_render_config_prints_the_rendered_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _config_set(tmp_path, FS_BASE)
-    assert lsconfig.cmd_render_config(argparse.Namespace(config=str(cfg), schema_version=5)) == 0
+    assert render_cmd.cmd_render_config(argparse.Namespace(config=str(cfg), schema_version=5)) == 0
     out = capsys.readouterr().out
     assert "root_path: /srv/ls/v5" in out
 
@@ -651,13 +647,13 @@ def test_render_config_without_version_reads_the_marker(
 ) -> None:
     import lmdb
 
-    from lssupervisor.marker import stamp
+    from lssupervisor.worker.marker import stamp
 
     db = tmp_path / "db"
     cfg = _config_set(tmp_path, FS_BASE.replace("/var/lib/app/db", str(db)))
     args = argparse.Namespace(config=str(cfg), schema_version=None)
     with pytest.raises(UsageError, match="no schema marker yet; give --version N"):
-        lsconfig.cmd_render_config(args)
+        render_cmd.cmd_render_config(args)
     view = inspect_template(load_template(tmp_path / "lightningstream.yaml.in", VAR), {})
     env = lmdb.open(str(db), max_dbs=8, subdir=True)
     try:
@@ -665,7 +661,7 @@ def test_render_config_without_version_reads_the_marker(
     finally:
         env.close()
     capsys.readouterr()
-    assert lsconfig.cmd_render_config(args) == 0
+    assert render_cmd.cmd_render_config(args) == 0
     assert "root_path: /srv/ls/v6" in capsys.readouterr().out
 
 
@@ -712,8 +708,6 @@ def _key_tree(kind: Any) -> Any:
 
 def test_ls_key_set_agrees_with_the_standin() -> None:
     """Both were read independently from LS's config.go; a key one of them misses is a bug in it."""
-    if importlib.util.find_spec("lssupervisor.testing.standin_config") is None:
-        pytest.skip("the LS stand-in is not in this build")
-    from lssupervisor.testing import standin_config
+    from lssupervisor.testing.standin import config as standin_config
 
     assert _key_tree(lsconfig.LS_CONFIG_KEYS) == _key_tree(standin_config.CONFIG_SCHEMA)

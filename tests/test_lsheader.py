@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lssupervisor import lsheader
-from lssupervisor.lsheader import FLAG_DELETED, MIN_HEADER_SIZE, HeaderError
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.lsheader import FLAG_DELETED, MIN_HEADER_SIZE, HeaderError
 
 u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 u8 = st.integers(min_value=0, max_value=0xFF)

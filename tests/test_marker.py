@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor import lsheader
 from lssupervisor.errors import MigrationError
-from lssupervisor.marker import (
+from lssupervisor.testing.fixtures import build_lmdb, read_lmdb
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.marker import (
     has_user_data,
     marker_key,
     read_marker,
@@ -17,8 +18,7 @@ from lssupervisor.marker import (
     read_state,
     stamp,
 )
-from lssupervisor.migrator import open_env
-from lssupervisor.testing.fixtures import build_lmdb, read_lmdb
+from lssupervisor.worker.migrator import open_env
 
 NOW = 2_000_000_000_000_000_000
 

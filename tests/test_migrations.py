@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lssupervisor.errors import ChecksumMismatch, MigrationError, MigrationLoadError, SchemaTooNew
-from lssupervisor.migrations import (
+from lssupervisor.worker.migrations import (
     Step,
     Strategy,
     check_checksums,

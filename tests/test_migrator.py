@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from lssupervisor import lsheader
 from lssupervisor.errors import (
     ChecksumMismatch,
     MapFull,
@@ -21,9 +20,6 @@ from lssupervisor.errors import (
     VerificationFailed,
 )
 from lssupervisor.lsmodel import LmdbSpec
-from lssupervisor.marker import dbi_names, open_dbi
-from lssupervisor.migrations import Step, load
-from lssupervisor.migrator import Progress, migrate, open_env, run_step
 from lssupervisor.testing.fixtures import (
     build_lmdb,
     read_lmdb,
@@ -31,6 +27,10 @@ from lssupervisor.testing.fixtures import (
     read_values,
     run_migrations,
 )
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.marker import dbi_names, open_dbi
+from lssupervisor.worker.migrations import Step, load
+from lssupervisor.worker.migrator import Progress, migrate, open_env, run_step
 
 NOW = 2_000_000_000_000_000_000  # the injected clock
 OLD = 1_500_000_000_000_000_000
@@ -252,7 +252,7 @@ def test_data_written_between_the_emptiness_check_and_the_stamp_is_not_stamped(
 ) -> None:
     """The application may commit after the read transaction that found the LMDB empty: the stamp's
     own write transaction must see that data and refuse, not mark it with the target version."""
-    import lssupervisor.migrator as migrator_mod
+    import lssupervisor.worker.migrator as migrator_mod
 
     spec = build_lmdb(tmp_path / "db", USERS)
     mdir = migrations(tmp_path, "pass", "pass")
@@ -354,7 +354,7 @@ def test_verifier_catches_headerless_write_through_raw_txn(tmp_path: Path) -> No
 )
 def test_verifier_rejects_bad_raw_writes(tmp_path: Path, body: str, message: str) -> None:
     spec = build_lmdb(tmp_path / "db", USERS, marker=0)
-    mdir = migrations(tmp_path, "from lssupervisor import lsheader\n" + body)
+    mdir = migrations(tmp_path, "from lssupervisor.worker import lsheader\n" + body)
     before = raw_dump(spec)
     with pytest.raises(VerificationFailed, match=message):
         run_migrations(spec, mdir, clock=clock)
@@ -365,7 +365,8 @@ def test_in_place_raw_write_needs_fresh_timestamp(tmp_path: Path) -> None:
     spec = build_lmdb(tmp_path / "db", USERS, marker=0)
     mdir = migrations(
         tmp_path,
-        'from lssupervisor import lsheader\nm.txn.put(b"a", lsheader.encode(b"x", 7), db=m.db("users"))',
+        "from lssupervisor.worker import lsheader\n"
+        'm.txn.put(b"a", lsheader.encode(b"x", 7), db=m.db("users"))',
         strategies=("in-place",),
     )
     with pytest.raises(VerificationFailed, match="STRATEGY 'in-place' needs a fresh one"):
@@ -377,7 +378,7 @@ def test_correct_raw_writes_commit(tmp_path: Path) -> None:
     mdir = migrations(
         tmp_path,
         """
-        from lssupervisor import lsheader
+        from lssupervisor.worker import lsheader
         db = m.db("users")
         for key, raw in m.txn.cursor(db):
             header, value = lsheader.parse(raw)
@@ -622,7 +623,7 @@ def test_on_step_is_called_after_each_commit(tmp_path: Path) -> None:
 
 def test_releasing_map_pages_mid_transaction_keeps_every_write(tmp_path: Path) -> None:
     """The RSS trim (madvise DONTNEED on the shared map) must never lose dirty writemap pages."""
-    from lssupervisor.migrator import _map_ranges, _release_map
+    from lssupervisor.worker.migrator import _map_ranges, _release_map
 
     spec = build_lmdb(tmp_path / "db", {"users": {}}, marker=0)
     env = open_env(spec, writemap=True)

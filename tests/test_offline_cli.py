@@ -15,12 +15,13 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from lssupervisor import backup, lock
-from lssupervisor.cli import main
+from lssupervisor.cli.main import main
 from lssupervisor.config import load_config
+from lssupervisor.daemon import lock
 from lssupervisor.errors import ExitCode
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
+from lssupervisor.worker import backupdir
 from tests.test_worker import BASIC_MIGRATIONS, INSTANCE, write_migrations
 
 
@@ -108,11 +109,11 @@ def test_migrate_history_backups_and_fleet(cs: ConfigSet, capsys: pytest.Capture
 
 
 def test_dry_run_changes_nothing(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
-    before = backup.sha256_file(backup.data_file(cs.spec))
+    before = backupdir.sha256_file(backupdir.data_file(cs.spec))
     code, out, _ = cs.run(capsys, "migrate", "--dry-run", "--json")
     data = json.loads(out)
     assert code == 0 and data["op"] == "dry_run" and data["lmdbs"][0]["keys"] == 1000
-    assert backup.sha256_file(backup.data_file(cs.spec)) == before
+    assert backupdir.sha256_file(backupdir.data_file(cs.spec)) == before
     assert not (cs.root / "state" / "history.jsonl").exists()
 
 
@@ -121,7 +122,7 @@ def test_dry_run_works_while_the_daemon_holds_the_lock(
 ) -> None:
     """A dry run of a live instance: the daemon's locks held (state dir and LMDB), the live LMDB only
     read. It must succeed, and leave the live data file byte-identical with the same last txn id."""
-    data_file = backup.data_file(cs.spec)
+    data_file = backupdir.data_file(cs.spec)
     live_bytes = data_file.read_bytes()
     with lmdb.open(cs.spec.path, max_dbs=64, readonly=True) as env:
         live_txnid = env.info()["last_txnid"]
@@ -311,7 +312,7 @@ def test_fleet_tells_a_marker_only_step_from_a_migration_and_a_stamp(
 HOLD_LOCK = """
 import sys
 from lssupervisor.config import load_config
-from lssupervisor.lock import acquire
+from lssupervisor.daemon.lock import acquire
 lock = acquire(load_config(sys.argv[1]), [], "daemon")
 print("ready", flush=True)
 sys.stdin.read()

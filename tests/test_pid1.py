@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lssupervisor.cli import main
+from lssupervisor.cli.main import main
 from lssupervisor.errors import ExitCode
 from tests.helpers import free_port, wait_for
 

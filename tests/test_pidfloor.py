@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor import pidfloor
+from lssupervisor import proc as pidfloor
 from lssupervisor.errors import ConfigError
-from lssupervisor.pidfloor import raise_pid_floor
+from lssupervisor.proc import raise_pid_floor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ IN_NAMESPACE = textwrap.dedent(
     """
     import json, subprocess, sys, time
     from pathlib import Path
-    from lssupervisor.pidfloor import raise_pid_floor
+    from lssupervisor.proc import raise_pid_floor
     floor, write, preset = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
     ns_last_pid = Path("/proc/sys/kernel/ns_last_pid")
     if preset < 0:  # relative to this namespace's pid_max (per namespace since Linux 6.14)

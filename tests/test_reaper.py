@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from lssupervisor import reaper
-from lssupervisor.reaper import Reaper
+from lssupervisor.daemon import reaper
+from lssupervisor.daemon.reaper import Reaper
 from tests.helpers import wait_for
 
 # Forks a grandchild that blocks reading fd R until the test closes the other end of the pipe, then
@@ -139,7 +139,7 @@ def test_double_forked_grandchild_is_adopted_and_reaped(
     finally:
         orphan.release()
     wait_for(lambda: _is_zombie(orphan.pid), what="the orphan to exit")
-    with caplog.at_level(logging.DEBUG, logger="lssupervisor.reaper"):
+    with caplog.at_level(logging.DEBUG, logger="lssupervisor.daemon.reaper"):
         got = r.reap()
     assert [(pid, os.waitstatus_to_exitcode(status)) for pid, status in got] == [(orphan.pid, 5)]
     assert _status(orphan.pid) is None  # collected: no zombie left
@@ -290,7 +290,7 @@ def test_become_subreaper_failure_warns_and_stays_disabled(
 
     r = Reaper(lambda: ())
     monkeypatch.setattr(reaper, "_prctl", refuse)
-    with caplog.at_level(logging.WARNING, logger="lssupervisor.reaper"):
+    with caplog.at_level(logging.WARNING, logger="lssupervisor.daemon.reaper"):
         assert r.become_subreaper() is False
     assert not r.enabled
     assert any("cannot become a child subreaper (Invalid argument)" in m for m in caplog.messages)

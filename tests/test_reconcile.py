@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
-from lssupervisor.actions import (
+from lssupervisor.config import OnFailure
+from lssupervisor.core.actions import (
     Action,
     AnnounceState,
     CancelTask,
@@ -30,10 +31,8 @@ from lssupervisor.actions import (
     StartDrain,
     StartMigration,
 )
-from lssupervisor.backoff import BackoffPolicy
-from lssupervisor.config import OnFailure
-from lssupervisor.errors import ExitCode
-from lssupervisor.events import (
+from lssupervisor.core.backoff import BackoffPolicy
+from lssupervisor.core.events import (
     Booted,
     ChildExited,
     ChildReady,
@@ -54,8 +53,9 @@ from lssupervisor.events import (
     TaskFailed,
     Tick,
 )
-from lssupervisor.lifecycle import CyclePolicy, Lifecycle, LifecycleError, Timeouts
-from lssupervisor.states import State, StopPurpose, Substep, SupervisorState, Task
+from lssupervisor.core.lifecycle import CyclePolicy, Lifecycle, LifecycleError, Timeouts
+from lssupervisor.core.states import State, StopPurpose, Substep, SupervisorState, Task
+from lssupervisor.errors import ExitCode
 
 TIMEOUTS = Timeouts(stop_timeout=10.0, ready_timeout=30.0, settle_time=3.0, kill_grace=5.0)
 POLICY = BackoffPolicy(initial_delay=1.0, max_delay=60.0, jitter=0.0, burst_limit=5)
@@ -622,7 +622,7 @@ def test_file_changes_are_debounced_into_one_reconcile() -> None:
 
 
 def test_a_file_that_never_stops_changing_cannot_postpone_the_reconcile_forever() -> None:
-    from lssupervisor.lifecycle import DEBOUNCE_MAX_FACTOR
+    from lssupervisor.core.lifecycle import DEBOUNCE_MAX_FACTOR
 
     c = Cycler(debounce=1.0)
     running(c)
@@ -791,7 +791,7 @@ def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
 
 
 def test_cycle_description_names_where_the_lmdbs_start() -> None:
-    from lssupervisor.states import Cycle
+    from lssupervisor.core.states import Cycle
 
     one = Cycle(from_version=1, target=2, steps=("main 1→2 (0002_x)",))
     assert one.describe() == "1→2 (main 1→2 (0002_x))"

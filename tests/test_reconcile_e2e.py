@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from lssupervisor.config import load_config
-from lssupervisor.lsconfig import inspect_template, lenient_env, load_template
+from lssupervisor.lsconfig.render import inspect_template, lenient_env, load_template
 from lssupervisor.testing.fixtures import build_lmdb
-from lssupervisor.worker import OVERLAP_ENV, build_request, raise_for_error, run_worker
+from lssupervisor.worker.client import OVERLAP_ENV, build_request, raise_for_error, run_worker
 from tests.helpers import wait_for
 from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
 
@@ -281,7 +281,7 @@ def test_status_json_and_metrics_show_the_backups_after_a_migration(
 ) -> None:
     from prometheus_client import generate_latest
 
-    from lssupervisor.metrics import build_registry, iso_to_epoch
+    from lssupervisor.daemon.metrics import build_registry, iso_to_epoch
 
     def status_json() -> dict[str, Any]:
         out = subprocess.run(

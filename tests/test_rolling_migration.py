@@ -6,9 +6,8 @@ data, all JSON, every write present or superseded by a later one, the later writ
 wrote, no ``v2/`` snapshot ever held a text record, and each instance synced under ``v2/`` only after
 its own migration (see ``lssupervisor.testing.scenario.final_checks``).
 
-The daemon-driven run is the acceptance test of the reconcile cycle. The manual run does the cycle's
-steps from the harness (worker migrate, render, restart LS) and keeps the harness honest meanwhile.
-``lssupervisor demo`` is the same scenario as a user sees it.
+The daemon-driven run is the acceptance test of the reconcile cycle. ``lssupervisor demo`` is the same
+scenario as a user sees it.
 """
 
 from __future__ import annotations
@@ -25,18 +24,16 @@ import pytest
 
 from lssupervisor.testing.scenario import (
     Cluster,
-    Driver,
     RollingResult,
     Timeline,
-    daemon_migrates,
     iter_lines,
     rolling_migration,
 )
 
 
-def _run(workdir: Path, driver: Driver, ls_binary: str | None = None) -> tuple[RollingResult, Timeline]:
+def _run(workdir: Path, ls_binary: str | None = None) -> tuple[RollingResult, Timeline]:
     timeline = Timeline()
-    with Cluster(workdir, ls_binary, driver=driver) as cluster:
+    with Cluster(workdir, ls_binary) as cluster:
         result = rolling_migration(cluster, timeline.say)
     return result, timeline
 
@@ -51,18 +48,8 @@ def _assert_passed(result: RollingResult, timeline: Timeline) -> None:
         assert set(formats) == {2}, report
 
 
-@pytest.mark.skipif(
-    not daemon_migrates(),
-    reason="the daemon's reconcile cycle does not run migrations (lssupervisor.supervisor does not "
-    "declare RECONCILE_MIGRATES = True); the manual-driver test runs the same scenario meanwhile",
-)
 def test_rolling_migration_driven_by_the_daemon(tmp_path: Path) -> None:
-    result, timeline = _run(tmp_path / "work", Driver.DAEMON)
-    _assert_passed(result, timeline)
-
-
-def test_rolling_migration_with_the_cycle_done_by_hand(tmp_path: Path) -> None:
-    result, timeline = _run(tmp_path / "work", Driver.MANUAL)
+    result, timeline = _run(tmp_path / "work")
     _assert_passed(result, timeline)
 
 
@@ -71,8 +58,7 @@ def test_rolling_migration_with_real_lightning_stream(tmp_path: Path) -> None:
     binary = os.environ.get("LIGHTNINGSTREAM_BIN")
     if not binary:
         pytest.skip("LIGHTNINGSTREAM_BIN is not set (path of a real Lightning Stream binary)")
-    driver = Driver.DAEMON if daemon_migrates() else Driver.MANUAL
-    result, timeline = _run(tmp_path / "work", driver, binary)
+    result, timeline = _run(tmp_path / "work", binary)
     _assert_passed(result, timeline)
 
 

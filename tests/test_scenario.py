@@ -17,9 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from lssupervisor import lsheader
 from lssupervisor.config import load_config
-from lssupervisor.marker import stamp
 from lssupervisor.testing.fixtures import (
     build_lmdb,
     lmdb_spec,
@@ -33,7 +31,6 @@ from lssupervisor.testing.scenario import (
     FORMAT_CHANGE,
     AppWriter,
     Cluster,
-    Driver,
     ScenarioError,
     Write,
     check_writes,
@@ -44,6 +41,8 @@ from lssupervisor.testing.scenario import (
     settled,
     wait_until,
 )
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.marker import stamp
 
 from .helpers import wait_for
 
@@ -151,7 +150,7 @@ def test_writer_writes_nothing_without_a_marker(tmp_path: Path) -> None:
 _HOLDER = textwrap.dedent(
     """
     import sys, lmdb
-    from lssupervisor.marker import write_marker
+    from lssupervisor.worker.marker import write_marker
     env = lmdb.open(sys.argv[1], max_dbs=64, map_size=64 << 20)
     with env.begin(write=True) as txn:
         write_marker(env, txn, instance="alpha", version=2, native=True)
@@ -257,7 +256,7 @@ def test_check_writes_names_every_kind_of_problem() -> None:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     # DAEMON driver without starting anything: ship_migration only renames, nothing runs.
-    with Cluster(tmp_path / "work", driver=Driver.DAEMON) as c:
+    with Cluster(tmp_path / "work") as c:
         yield c
 
 
@@ -338,7 +337,7 @@ def test_wait_until_names_what_it_waited_for() -> None:
 def test_daemon_driver_starts_and_stops_a_supervised_instance(tmp_path: Path) -> None:
     """The daemon-driven plumbing (start, state.json, rendered prefix, stop with LS gone) works with
     the daemon as it is, migrations or not."""
-    with Cluster(tmp_path / "work", driver=Driver.DAEMON) as c:
+    with Cluster(tmp_path / "work") as c:
         inst = c.add_instance("alpha")
         c.start("alpha")
         doc = c.wait_state("alpha", lambda d: d.get("state") == "RUNNING", 30, "RUNNING")
@@ -355,7 +354,7 @@ def test_daemon_driver_starts_and_stops_a_supervised_instance(tmp_path: Path) ->
 def test_an_ls_outliving_its_supervisor_fails_the_scenario(tmp_path: Path) -> None:
     """I6 in the harness: close() ends a stray LS and reports it (the demo then fails), instead of
     swallowing it; a `with` block raises it."""
-    c = Cluster(tmp_path / "work", driver=Driver.DAEMON)
+    c = Cluster(tmp_path / "work")
     inst = c.add_instance("alpha")
     # An "LS" whose command line names the instance's rendered config, left behind by its supervisor.
     stray = subprocess.Popen(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor.sdnotify import Notifier, child_env, monotonic_usec, watchdog_interval
+from lssupervisor.daemon.sdnotify import Notifier, monotonic_usec, watchdog_interval
+from lssupervisor.proc import child_env
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_unset_is_noop() -> None:
 
 
 def test_unusable_address_is_disabled(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="lssupervisor.sdnotify")
+    caplog.set_level(logging.WARNING, logger="lssupervisor.daemon.sdnotify")
     n = Notifier.from_env({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not n.enabled
     assert not n.ready()
@@ -120,7 +121,7 @@ def test_unusable_address_is_disabled(caplog: pytest.LogCaptureFixture) -> None:
 def test_send_failure_never_raises_and_logs_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="lssupervisor.sdnotify")
+    caplog.set_level(logging.DEBUG, logger="lssupervisor.daemon.sdnotify")
     n = Notifier(str(tmp_path / "nobody-listens.sock"))
     try:
         assert not n.ready()
@@ -135,7 +136,7 @@ def test_send_failure_never_raises_and_logs_once(
 
 
 def test_recovers_after_listener_appears(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lssupervisor.sdnotify")
+    caplog.set_level(logging.INFO, logger="lssupervisor.daemon.sdnotify")
     path = tmp_path / "late.sock"
     n = Notifier(str(path))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -191,7 +192,7 @@ def test_child_env_strips_systemd_variables() -> None:
 def test_a_receiver_that_does_not_read_never_blocks_the_caller(tmp_path: Path) -> None:
     """A datagram socket blocks the sender once the receiver's queue is full; the main loop must not."""
 
-    from lssupervisor.sdnotify import Notifier
+    from lssupervisor.daemon.sdnotify import Notifier
 
     path = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

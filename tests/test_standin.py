@@ -23,17 +23,17 @@ from typing import Any
 import lmdb
 import pytest
 
-from lssupervisor import lsheader
-from lssupervisor.testing import standin_snapshot as snap
 from lssupervisor.testing.ports import free_port
-from lssupervisor.testing.standin_config import (
+from lssupervisor.testing.standin import snapshot as snap
+from lssupervisor.testing.standin.config import (
     ConfigLoadError,
     go_expand_env,
     load_text,
     parse_bytesize,
     parse_go_duration,
 )
-from lssupervisor.testing.standin_storage import FSBackend
+from lssupervisor.testing.standin.storage import FSBackend
+from lssupervisor.worker import lsheader
 
 STANDIN = [sys.executable, "-m", "lssupervisor.testing.standin"]
 REAL_LS = os.environ.get("LIGHTNINGSTREAM_BIN")

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from lssupervisor import lock
+from lssupervisor.cli.status import cmd_status, format_human
+from lssupervisor.daemon import lock
+from lssupervisor.daemon.statefile import read_state, write_state
 from lssupervisor.errors import ExitCode
-from lssupervisor.statefile import cmd_status, format_human, read_state, write_state
 
 DOC: dict[str, Any] = {
     "state": "RUNNING",

@@ -25,8 +25,8 @@ import psutil
 import pytest
 
 from lssupervisor.config import LogFormat
+from lssupervisor.daemon.logs import fields, logfmt_value, setup_logging
 from lssupervisor.errors import ExitCode
-from lssupervisor.logs import fields, logfmt_value, setup_logging
 from tests.helpers import free_port, wait_for
 
 STANDIN = str(Path(sys.executable).with_name("lightningstream-standin"))
@@ -617,7 +617,7 @@ def test_text_log_lines_are_stable_logfmt() -> None:
     buf = io.StringIO()
     setup_logging(LogFormat.TEXT, "info", stream=buf)
     try:
-        logging.getLogger("lssupervisor.supervisor").info(
+        logging.getLogger("lssupervisor.daemon.supervisor").info(
             "state %s -> %s", "RUNNING", "STOPPING", extra=fields(reason="LS config changed", pid=12)
         )
         logging.getLogger("lssupervisor.x").debug("hidden")

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from lssupervisor import worker as worker_mod
-from lssupervisor.actions import RunHook
 from lssupervisor.config import load_config
-from lssupervisor.events import TaskFailed
-from lssupervisor.states import Task
-from lssupervisor.supervisor import Supervisor, load
+from lssupervisor.core.actions import RunHook
+from lssupervisor.core.events import TaskFailed
+from lssupervisor.core.states import Task
+from lssupervisor.daemon.supervisor import Supervisor, load
+from lssupervisor.worker import client as worker_mod
 from tests.helpers import wait_for
 from tests.test_supervisor_e2e import ConfigSet
 
@@ -77,7 +77,7 @@ def test_stopping_the_health_poller_never_waits_for_its_request(tmp_path: Path) 
     loop when LS exits; it is joined at exit instead."""
     import threading
 
-    from lssupervisor.health import HealthPoller, HealthResult
+    from lssupervisor.daemon.health import HealthPoller, HealthResult
 
     release = threading.Event()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lssupervisor.watch import Watcher
+from lssupervisor.daemon.watch import Watcher
 
 
 def _drain(q: queue.SimpleQueue[str], want: str, timeout: float = 5.0) -> list[str]:

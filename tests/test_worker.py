@@ -19,18 +19,12 @@ from typing import Any
 
 import pytest
 
-from lssupervisor import history
 from lssupervisor.errors import ExitCode, MigrationCancelled, UnmarkedDatabase, WorkerError
 from lssupervisor.lsmodel import LmdbSpec, LsView
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
-from lssupervisor.worker import (
-    OVERLAP_ENV,
-    Message,
-    WorkerRun,
-    parse_readers,
-    raise_for_error,
-    run_worker,
-)
+from lssupervisor.worker import history
+from lssupervisor.worker.client import OVERLAP_ENV, Message, WorkerRun, raise_for_error, run_worker
+from lssupervisor.worker.ops import parse_readers
 from tests.helpers import wait_for
 
 INSTANCE = "node-1"

@@ -24,12 +24,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lssupervisor import lsheader
 from lssupervisor.lsmodel import LmdbSpec
-from lssupervisor.marker import DEFAULT_MARKER_DBI, SYNC_PREFIX, Clock, dbi_names, open_dbi, shadow_name
-from lssupervisor.marker import stamp as _stamp
-from lssupervisor.migrations import load
-from lssupervisor.migrator import Cancel, MigrateResult, ProgressFn, migrate, open_env
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.marker import (
+    DEFAULT_MARKER_DBI,
+    SYNC_PREFIX,
+    Clock,
+    dbi_names,
+    open_dbi,
+    shadow_name,
+)
+from lssupervisor.worker.marker import stamp as _stamp
+from lssupervisor.worker.migrations import load
+from lssupervisor.worker.migrator import Cancel, MigrateResult, ProgressFn, migrate, open_env
 
 DEFAULT_TIMESTAMP = 1_700_000_000_000_000_000  # 2023-11-14, a fixed "old" time
 DEFAULT_MAP_SIZE = 64 << 20
@@ -226,7 +233,7 @@ def read_marker_version(
     spec: LmdbSpec, instance: str = "test", marker_dbi: str = DEFAULT_MARKER_DBI
 ) -> int | None:
     """This instance's schema version in the LMDB (None when unmarked)."""
-    from lssupervisor.marker import read_marker
+    from lssupervisor.worker.marker import read_marker
 
     env = open_env(spec, readonly=True)
     try:

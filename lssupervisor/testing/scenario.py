@@ -7,14 +7,9 @@ backend's bucket) and one directory per instance, set up exactly as a user would
 init`` writes the config set, the demo application's baseline migration is copied into the instance's
 ``migrations/``, and a few intervals are tuned so that a scenario takes seconds, not minutes.
 
-How an instance is driven depends on the :class:`Driver`:
-
-- ``DAEMON``: ``lssupervisor run -c CFG`` as a subprocess (own session, log file). Migrations are
-  shipped by renaming a file into the watched migrations directory, as a package manager does; the
-  daemon's reconcile cycle does the rest. State comes from ``<state_dir>/state.json``.
-- ``MANUAL``: what an operator does without the daemon, with the same building blocks: the worker
-  process migrates (backup first), the LS config is rendered for the marker's version, and LS is
-  started and stopped directly. Used while the daemon is not available, and to test the harness.
+Each instance runs ``lssupervisor run -c CFG`` as a subprocess (own session, log file). Migrations are
+shipped by renaming a file into the watched migrations directory, as a package manager does; the
+daemon's reconcile cycle does the rest. State comes from ``<state_dir>/state.json``.
 
 The demo application (:class:`AppWriter`) writes live into each instance's LMDB: ``user:<inst>-<n>``
 keys unique per instance and ``shared:<k>`` keys written by every instance. It reads the instance's
@@ -33,7 +28,6 @@ with a deadline.
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import shutil
@@ -42,7 +36,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +45,10 @@ import lmdb
 import psutil
 import yaml
 
-from lssupervisor import lsheader
-from lssupervisor.marker import DEFAULT_MARKER_DBI, KEY_PREFIX, read_marker
 from lssupervisor.testing.ports import free_port
-from lssupervisor.testing.standin_snapshot import SnapshotError, load_data, parse_name
+from lssupervisor.testing.standin.snapshot import SnapshotError, load_data, parse_name
+from lssupervisor.worker import lsheader
+from lssupervisor.worker.marker import DEFAULT_MARKER_DBI, KEY_PREFIX, read_marker
 
 T = TypeVar("T")
 # {dbi: {key: (value, or None for a tombstone, LS timestamp)}}
@@ -175,42 +168,7 @@ def find_ls_binary(explicit: str | None, workdir: Path) -> LsBinary:
     return LsBinary(str(wrapper), "stand-in", "no Lightning Stream binary found")
 
 
-class Driver(enum.Enum):
-    DAEMON = "daemon"  # lssupervisor run; migrations shipped into the watched directory
-    MANUAL = "manual"  # worker + render + LS started directly (the operator's offline path)
 
-
-DRIVER_ENV = "LSSUPERVISOR_SCENARIO_DRIVER"  # daemon | manual: override the automatic choice
-
-
-def daemon_available() -> bool:
-    """True when this installation has the daemon (``lssupervisor run``)."""
-    try:
-        import lssupervisor.supervisor as sup
-    except ImportError:
-        return False
-    return callable(getattr(sup, "cmd_run", None))
-
-
-def daemon_migrates() -> bool:
-    """True when the daemon's reconcile cycle runs migrations (not only renders and restarts LS): the
-    daemon declares it with ``RECONCILE_MIGRATES = True`` in :mod:`lssupervisor.supervisor`."""
-    if not daemon_available():
-        return False
-    import lssupervisor.supervisor as sup
-
-    return bool(getattr(sup, "RECONCILE_MIGRATES", False))
-
-
-def default_driver() -> Driver:
-    """``$LSSUPERVISOR_SCENARIO_DRIVER`` if set, else DAEMON when the daemon migrates, else MANUAL."""
-    forced = os.environ.get(DRIVER_ENV, "")
-    if forced:
-        try:
-            return Driver(forced)
-        except ValueError:
-            raise ScenarioError(f"${DRIVER_ENV}={forced!r}: expected daemon or manual") from None
-    return Driver.DAEMON if daemon_migrates() else Driver.MANUAL
 
 
 # ===================================================================================================
@@ -356,8 +314,6 @@ class Instance:
     ls_http: str
     log_path: Path
     daemon: subprocess.Popen[bytes] | None = None
-    ls: subprocess.Popen[bytes] | None = None  # MANUAL driver only
-    manual_state: dict[str, Any] = field(default_factory=dict)
     log: IO[bytes] | None = None
     writer: AppWriter | None = None
     ls_pids_seen: set[int] = field(default_factory=set)
@@ -401,7 +357,6 @@ class Cluster:
         workdir: str | os.PathLike[str],
         ls_binary: str | None = None,
         *,
-        driver: Driver | None = None,
         poll_interval: str = "200ms",
     ) -> None:
         self.workdir = Path(workdir).resolve()
@@ -409,7 +364,6 @@ class Cluster:
         self.storage = self.workdir / "storage"
         self.storage.mkdir(exist_ok=True)
         self.ls = find_ls_binary(ls_binary, self.workdir)
-        self.driver = driver or default_driver()
         self.poll_interval = poll_interval
         self.instances: dict[str, Instance] = {}
         self._envs: dict[str, lmdb.Environment] = {}
@@ -496,18 +450,14 @@ class Cluster:
 
     def start(self, name: str) -> None:
         inst = self.instances[name]
-        match self.driver:
-            case Driver.DAEMON:
-                if inst.daemon is not None and inst.daemon.poll() is None:
-                    raise ScenarioError(f"{name}: lssupervisor is running already")
-                inst.log = inst.log or open(inst.log_path, "ab")  # noqa: SIM115 (closed in close())
-                inst.daemon = subprocess.Popen(
-                    [sys.executable, "-m", "lssupervisor", "run", "-c", str(inst.config)],
-                    stdin=subprocess.DEVNULL, stdout=inst.log, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd=inst.dir,
-                )
-            case Driver.MANUAL:
-                self._manual_reconcile(inst)
+        if inst.daemon is not None and inst.daemon.poll() is None:
+            raise ScenarioError(f"{name}: lssupervisor is running already")
+        inst.log = inst.log or open(inst.log_path, "ab")  # noqa: SIM115 (closed in close())
+        inst.daemon = subprocess.Popen(
+            [sys.executable, "-m", "lssupervisor", "run", "-c", str(inst.config)],
+            stdin=subprocess.DEVNULL, stdout=inst.log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=inst.dir,
+        )
 
     def stop(self, name: str, timeout: float = DAEMON_STOP_TIMEOUT) -> None:
         """SIGTERM (the daemon stops LS in order), wait, SIGKILL the group at the deadline."""
@@ -515,9 +465,6 @@ class Cluster:
         if inst.daemon is not None:
             _terminate(inst.daemon, timeout)
             self._kill_stray_ls(inst)
-        if inst.ls is not None:
-            _terminate(inst.ls, LS_STOP_TIMEOUT)
-            inst.manual_state.update(state="STOPPED", lightningstream={"pid": None})
 
     def close(self) -> list[str]:
         """Stop writers, every process started here (by pid), close environments. Returns what went
@@ -559,60 +506,6 @@ class Cluster:
         if strays:
             raise ScenarioError(f"{inst.name}: LS pid(s) {strays} outlived their supervisor (I6); killed")
 
-    # -- the MANUAL driver: the reconcile cycle done by hand ----------------------------------------
-
-    def _manual_reconcile(self, inst: Instance) -> None:
-        from lssupervisor.config import load_config
-        from lssupervisor.lsconfig import (
-            inspect_template,
-            lenient_env,
-            load_template,
-            ls_environment,
-            render,
-            write_atomic,
-        )
-        from lssupervisor.worker import build_request, raise_for_error, read_schema_version, run_worker
-
-        cfg = load_config(inst.config)
-        template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
-        view = inspect_template(template, lenient_env(os.environ))
-        old_pid = inst.ls.pid if inst.ls is not None and inst.ls.poll() is None else None
-        if inst.ls is not None:
-            inst.manual_state.update(state="RECONCILING", substate="STOPPING")
-            _terminate(inst.ls, LS_STOP_TIMEOUT)
-            inst.ls = None
-        inst.manual_state.update(state="RECONCILING", substate="MIGRATING",
-                                 lightningstream={"pid": None, "previous_pid": old_pid})
-        final = raise_for_error(run_worker(build_request("migrate", cfg, view), timeout=120))
-        version = read_schema_version(cfg, view)
-        if version is None:
-            raise ScenarioError(f"{inst.name}: no schema marker after migrate: {final}")
-        env = ls_environment(cfg, version, os.environ)
-        rendered = render(template, version, env)
-        write_atomic(cfg.rendered_config, rendered.text, mode=0o600)
-        inst.log = inst.log or open(inst.log_path, "ab")  # noqa: SIM115 (closed in close())
-        inst.ls = subprocess.Popen(
-            [self.ls.path, "--config", str(cfg.rendered_config), *cfg.lightningstream.args],
-            env=env, stdin=subprocess.DEVNULL, stdout=inst.log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=inst.dir,
-        )
-        inst.manual_state.update(
-            state="STARTING", substate=None, lightningstream={"pid": inst.ls.pid, "ready": False},
-            lmdbs={LMDB_NAME: {"schema_version": version}}, driver="manual",
-        )
-        wait_until(lambda: self._ls_ready(inst), 30, f"{inst.name}: LS /healthz startup_{LMDB_NAME}")
-        inst.manual_state.update(state="RUNNING", lightningstream={"pid": inst.ls.pid, "ready": True})
-
-    def _ls_ready(self, inst: Instance) -> bool:
-        if inst.ls is not None and inst.ls.poll() is not None:
-            raise ScenarioError(f"{inst.name}: LS exited with {inst.ls.returncode}; see {inst.log_path}")
-        try:
-            with urllib.request.urlopen(f"http://{inst.ls_http}/healthz", timeout=1) as resp:
-                data = json.loads(resp.read())
-        except (OSError, ValueError):
-            return False
-        return bool(nested(data, "metadata", f"startup_{LMDB_NAME}"))
-
     # -- shipping a migration -----------------------------------------------------------------------
 
     def ship_migration(self, name: str, file: str | os.PathLike[str]) -> Path:
@@ -625,16 +518,14 @@ class Cluster:
         shutil.copy2(src, tmp)
         os.chmod(tmp, 0o644)
         os.rename(tmp, dest)
-        if self.driver is Driver.MANUAL:
-            self._manual_reconcile(inst)
         return dest
 
     # -- observing ----------------------------------------------------------------------------------
 
     def state(self, name: str) -> dict[str, Any]:
-        """The instance's status document (``state.json``; the MANUAL driver's own equivalent)."""
+        """The instance's status document (its daemon's ``state.json``)."""
         inst = self.instances[name]
-        doc = dict(inst.manual_state) if self.driver is Driver.MANUAL else _read_json(inst.state_file)
+        doc = _read_json(inst.state_file)
         pid = nested(doc, "lightningstream", "pid")
         if isinstance(pid, int):
             inst.ls_pids_seen.add(pid)
@@ -1241,7 +1132,6 @@ __all__ = [
     "AppWriter",
     "Check",
     "Cluster",
-    "Driver",
     "Instance",
     "RollingResult",
     "ScenarioError",
@@ -1251,10 +1141,7 @@ __all__ = [
     "Timeline",
     "Write",
     "check_writes",
-    "daemon_available",
-    "daemon_migrates",
     "decode",
-    "default_driver",
     "encode",
     "final_checks",
     "format_of",

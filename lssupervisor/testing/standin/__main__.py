@@ -1,0 +1,3 @@
+from lssupervisor.testing.standin.cli import main
+
+main()

@@ -1,0 +1,359 @@
+"""Verified compact backups of the LMDBs, retention, and restore (rollback).
+
+Runs inside the worker process (the daemon never opens an LMDB). Layout of the backup directory::
+
+    <backup_dir>/
+        20251126T001800.123456Z-v3/          a complete, verified backup (its id is the dir name)
+            manifest.json
+            main/data.mdb                    compact copy of LMDB "main" (always <name>/data.mdb)
+        20251126T011500.000001Z-v4.partial/  being written, or left by a crash (cleaned next time)
+            owner.json                       pid + start time of the worker writing it
+
+Creating a backup: free-space check first (fail closed, with the numbers) → ``Environment.copy(
+compact=True)`` of each LMDB into ``<id>.partial/<name>/`` → fsync → sha256 → ``manifest.json`` →
+fsync files and directories → verify (open each copy read-only, sha256 equals the manifest, marker
+readable and equal to the source's) → rename ``<id>.partial`` → ``<id>`` → fsync the backup dir →
+retention. A backup directory without ``.partial`` therefore always holds a verified backup.
+
+A ``.partial`` is removed only when its owner process is gone (pid dead, or pid reused by a process
+started at another time), so a concurrent run could never lose its backup under our feet even if the
+state-dir lock were bypassed.
+
+Restoring (:func:`restore`) replaces each LMDB's data file atomically (copy to a temp file in the same
+directory, fsync, rename, fsync the directory). It must not happen while any process has the
+environment open: a process with the old file mapped would keep using the old inode (its later writes
+lost) and its reader slots in the lock file would describe the wrong file. LMDB's own protocol gives us
+a reliable test: every process that opens an environment holds a POSIX ``fcntl`` read lock on byte 0 of
+the lock file (``lock.mdb``, or ``<path>-lock`` with ``no_subdir``); the first opener takes it
+exclusively to initialise the lock file. We take that byte exclusively for the whole restore: it fails
+when anyone has the environment open (we report the pid), and anyone opening it meanwhile blocks until
+we are done. Because the next opener then gets the exclusive lock and re-initialises ``lock.mdb``, we
+never delete ``lock.mdb``: deleting it while a process held it would split readers between two lock
+files. (Processes that open the LMDB with ``MDB_NOLOCK`` escape this check; LS and sane applications
+do not.)
+
+A restored compact copy starts its LMDB transaction ids again at 1. Lightning Stream keeps the last txn
+id it synced only in memory, so this is harmless across the LS restart that follows a rollback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import lmdb
+
+from lssupervisor import __version__
+from lssupervisor.errors import BackupError
+from lssupervisor.lsmodel import LmdbSpec
+from lssupervisor.worker.backupdir import (
+    DATA_FILE,
+    FREE_SPACE_FACTOR,
+    FREE_SPACE_MARGIN,
+    MANIFEST,
+    OWNER,
+    PARTIAL_SUFFIX,
+    LmdbBackup,
+    Manifest,
+    Progress,
+    RestoredLmdb,
+    _mib,
+    _write_json_durably,
+    apply_retention,
+    check_free_space,
+    claim,
+    clean_stale_partials,
+    data_file,
+    find_backup,
+    fsync_path,
+    holds_copy,
+    lock_file,
+    new_backup_id,
+    sha256_file,
+    space_needed,
+)
+
+_CHUNK = 1024 * 1024
+# (env of a copy or source, spec) -> the marker version of our instance (None = no marker).
+MarkerReader = Callable[[lmdb.Environment, LmdbSpec], int | None]
+
+
+def env_used_bytes(env: lmdb.Environment) -> int:
+    """Bytes of the pages the environment uses (what a copy needs at most)."""
+    info = env.info()
+    return (int(info["last_pgno"]) + 1) * int(env.stat()["psize"])
+
+
+def create(
+    envs: Mapping[str, lmdb.Environment],
+    specs: Sequence[LmdbSpec],
+    directory: Path,
+    instance: str,
+    read_marker: MarkerReader,
+    *,
+    keep: int,
+    reason: str = "",
+    progress: Progress | None = None,
+    protect: Sequence[str] = (),
+) -> Manifest:
+    """Take a verified compact backup of every LMDB in ``specs`` (opened as ``envs[name]``).
+
+    Raises BackupError (nothing half-done is left as a complete backup) on any failure.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(directory)
+    used = sum(env_used_bytes(envs[s.name]) for s in specs)
+    check_free_space(
+        directory,
+        space_needed(used),
+        f"a backup of {len(specs)} LMDB(s) (used size x {FREE_SPACE_FACTOR} + {_mib(FREE_SPACE_MARGIN)})",
+    )
+    versions = {s.name: read_marker(envs[s.name], s) for s in specs}
+    known = [v for v in versions.values() if v is not None]
+    backup_id = new_backup_id(max(known) if known else None)
+    partial = directory / f"{backup_id}{PARTIAL_SUFFIX}"
+    partial.mkdir()
+    claim(partial)
+    entries: list[LmdbBackup] = []
+    try:
+        for index, spec in enumerate(specs):
+            env = envs[spec.name]
+            target_dir = partial / spec.name
+            target_dir.mkdir()
+            # The copy and the txn id come from the same snapshot only if nothing writes meanwhile;
+            # the caller guarantees that (LS stopped, lock held); the id is informational anyway.
+            last_txnid = int(env.info()["last_txnid"])
+            dest = target_dir / DATA_FILE
+            try:
+                env.copy(str(dest if spec.no_subdir else target_dir), compact=True)
+            except lmdb.Error as exc:
+                raise BackupError(f"{spec.path}: backup copy of LMDB {spec.name!r} failed: {exc}") from exc
+            fsync_path(dest)
+            fsync_path(target_dir)
+            entries.append(
+                LmdbBackup(
+                    name=spec.name,
+                    source_path=spec.path,
+                    no_subdir=spec.no_subdir,
+                    schema_version=versions[spec.name],
+                    size=dest.stat().st_size,
+                    sha256=sha256_file(dest),
+                    last_txnid=last_txnid,
+                    file=f"{spec.name}/{DATA_FILE}",
+                )
+            )
+            if progress:
+                progress(
+                    {
+                        "phase": "backup",
+                        "lmdb": spec.name,
+                        "done": index + 1,
+                        "total": len(specs),
+                        "percent": round(100.0 * (index + 1) / len(specs), 1),
+                        "bytes": entries[-1].size,
+                    }
+                )
+        manifest = Manifest(
+            id=backup_id,
+            time=_dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            instance=instance,
+            tool_version=__version__,
+            lmdbs=tuple(entries),
+            reason=reason,
+        )
+        _write_json_durably(partial / MANIFEST, manifest.to_json())
+        _verify_dir(partial, manifest, specs, read_marker)
+        (partial / OWNER).unlink()
+        final = directory / backup_id
+        os.rename(partial, final)
+        fsync_path(directory)
+    except BaseException:
+        # Leave nothing that looks complete. (A SIGKILL skips this; the .partial is cleaned next time.)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    apply_retention(directory, keep, protect=(backup_id, *protect))
+    return manifest
+
+
+def _open_copy(path: Path, spec: LmdbSpec) -> lmdb.Environment:
+    # lock=False: nobody else may open a backup, and a read-only check must not create lock.mdb in it.
+    return lmdb.open(
+        str(path), readonly=True, lock=False, subdir=True, max_dbs=max(spec.max_dbs, 1), create=False
+    )
+
+
+def _verify_dir(root: Path, manifest: Manifest, specs: Sequence[LmdbSpec], read_marker: MarkerReader) -> None:
+    by_name = {s.name: s for s in specs}
+    for entry in manifest.lmdbs:
+        file = root / entry.file
+        if not file.is_file():
+            raise BackupError(f"{root}: backup of LMDB {entry.name!r} is missing {entry.file}")
+        actual = sha256_file(file)
+        if actual != entry.sha256:
+            raise BackupError(
+                f"{file}: sha256 {actual} does not match the manifest's {entry.sha256}; "
+                "the backup is damaged, do not restore it"
+            )
+        spec = by_name.get(entry.name) or LmdbSpec(name=entry.name, path=entry.source_path)
+        try:
+            env = _open_copy(file.parent, spec)
+        except lmdb.Error as exc:
+            raise BackupError(f"{file}: backup copy does not open as an LMDB: {exc}") from exc
+        try:
+            version = read_marker(env, spec)
+        except Exception as exc:
+            raise BackupError(f"{file}: schema marker in the backup is unreadable: {exc}") from exc
+        finally:
+            env.close()
+        if version != entry.schema_version:
+            raise BackupError(
+                f"{file}: backup holds schema version {version}, the source had {entry.schema_version}"
+            )
+
+
+def verify(
+    directory: Path, backup_id: str | None, specs: Sequence[LmdbSpec], read_marker: MarkerReader
+) -> Manifest:
+    """Check a complete backup again (files, sha256, openable, marker). Returns its manifest."""
+    info = find_backup(directory, backup_id)
+    _verify_dir(info.path, info.manifest, specs, read_marker)
+    return info.manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# restoring
+
+_FLOCK = struct.Struct("hhqqi")  # struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid)
+
+
+def _lock_holder(fd: int) -> int | None:
+    """Pid holding a conflicting lock on byte 0 (F_GETLK), when the kernel tells us."""
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0) + b"\0" * 8
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+        l_type, _, _, _, pid = _FLOCK.unpack(answer[: _FLOCK.size])
+        return int(pid) if l_type != fcntl.F_UNLCK and pid > 0 else None
+    except OSError:
+        return None
+
+
+def lock_holder(spec: LmdbSpec) -> int | None:
+    """A pid that has the LMDB environment open (holds LMDB's lock-file lock), or None.
+
+    Never call this in a process that has the same environment open: closing our descriptor of the
+    lock file would drop that process's own LMDB locks (POSIX lock semantics)."""
+    path = lock_file(spec)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return _lock_holder(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_env(spec: LmdbSpec) -> Iterator[None]:
+    """Hold LMDB's own "first opener" lock exclusively: proves no process has the environment open
+    and keeps any from opening it until we leave (see the module docstring). The calling process must
+    not have the environment open itself (POSIX locks of one process never conflict, and closing our
+    descriptor would drop that environment's locks)."""
+    path = lock_file(spec)
+    if not path.parent.is_dir():
+        raise BackupError(f"{spec.path}: directory of LMDB {spec.name!r} does not exist")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _lock_holder(fd)
+            who = f"pid {holder}" if holder else "another process"
+            raise BackupError(
+                f"{spec.path}: LMDB {spec.name!r} is open by {who} ({path.name} is locked); stop every "
+                "process using it (Lightning Stream, the application) before a restore"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def restore(
+    directory: Path,
+    backup_id: str | None,
+    specs: Sequence[LmdbSpec],
+    read_marker: MarkerReader,
+    *,
+    before_replace: Callable[[], None] | None = None,
+) -> tuple[Manifest, list[RestoredLmdb]]:
+    """Restore a backup over the live LMDBs named in its manifest (by name, at the paths of ``specs``).
+
+    The caller must have stopped Lightning Stream; :func:`exclusive_env` additionally refuses when any
+    process has an environment open. Idempotent: an LMDB whose data file already has the backup's
+    sha256 is left alone. ``before_replace`` runs once, after all checks, before the first file is
+    replaced (the worker uses it for the overlap test knob).
+    """
+    info = find_backup(directory, backup_id)
+    manifest = info.manifest
+    by_name = {s.name: s for s in specs}
+    missing = [b.name for b in manifest.lmdbs if b.name not in by_name]
+    if missing:
+        raise BackupError(
+            f"{info.path}: backup has LMDB(s) {', '.join(missing)} that the LS config does not "
+            f"(configured: {', '.join(sorted(by_name)) or 'none'})"
+        )
+    # Verify the whole backup before touching anything (fail closed on a damaged backup).
+    _verify_dir(info.path, manifest, specs, read_marker)
+    results: list[RestoredLmdb] = []
+    started = False
+    with contextlib.ExitStack() as stack:
+        for entry in manifest.lmdbs:
+            spec = by_name[entry.name]
+            if not spec.no_subdir:
+                Path(spec.path).mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_env(spec))
+        for entry in manifest.lmdbs:
+            spec = by_name[entry.name]
+            target = data_file(spec)
+            if holds_copy(target, entry.size, entry.sha256):
+                results.append(RestoredLmdb(entry.name, str(target), False, entry.schema_version))
+                continue
+            if not started and before_replace is not None:
+                before_replace()
+            started = True
+            check_free_space(
+                target.parent,
+                entry.size + FREE_SPACE_MARGIN,
+                f"restoring LMDB {entry.name!r} (its backup's size + {_mib(FREE_SPACE_MARGIN)})",
+                "free space on that filesystem (the old data file is replaced only after the copy)",
+            )
+            tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+            try:
+                with (info.path / entry.file).open("rb") as src, tmp.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                if sha256_file(tmp) != entry.sha256:
+                    raise BackupError(f"{tmp}: copy of the backup does not match its sha256; disk trouble?")
+                os.replace(tmp, target)
+                fsync_path(target.parent)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            results.append(RestoredLmdb(entry.name, str(target), True, entry.schema_version))
+    # Check what is now live: openable, marker as in the manifest.
+    for entry in manifest.lmdbs:
+        spec = by_name[entry.name]
+        target = data_file(spec)
+        if not holds_copy(target, entry.size, entry.sha256):
+            raise BackupError(f"{target}: changed during the restore (sha256 differs from the backup)")
+    return manifest, results

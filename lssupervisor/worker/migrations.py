@@ -1,0 +1,454 @@
+"""Migration files shipped by the application: discover, validate, load, check, plan.
+
+Theory of operation
+-------------------
+A migration source is a directory, or an importable package (its directory is used), holding files
+``NNNN_slug.py`` (``_*.py``, ``test_*.py``, ``*_test.py`` and ``conftest.py`` are ignored; any other
+``.py`` file is an error, so a misnamed migration is never skipped silently). Each file declares, as
+**literals** at module level::
+
+    \"\"\"Split the name field into first and last.\"\"\"   # docstring = description (required)
+    VERSION = 3                # contiguous from 1, equal to the number in the file name
+    LMDB = "main"              # optional; required when the LS config has several lmdbs
+    STRATEGY = "prefix"        # "prefix" (default) | "new-dbi" | "in-place"
+
+    def upgrade(m): ...        # m is a lssupervisor.worker.migrator.MigrationApi
+
+Two phases, kept apart (as alembic does):
+
+- :func:`discover` reads and validates files WITHOUT running them: names, literals (parsed with
+  ``ast``), ``upgrade`` present, ownership/permissions, sha256 checksum, gaps and duplicates. The daemon
+  (which never opens an LMDB) can use it to plan and to check safely.
+- :func:`load` = :func:`discover` + import of every file under a private module name
+  (``_lssupervisor_mig_<hash>_<stem>``: two migration directories never clash, and a changed file is a new
+  module). Import errors are reported with file and line. Only a worker process should call it.
+
+:func:`check_checksums` compares applied history with the files (Flyway's ``validate``).
+:func:`plan` turns the current version of each LMDB and a target into ordered :class:`Step` s.
+
+Versions are global to the application (one number goes into the storage prefix). A migration belongs
+to one LMDB; for the other LMDBs that version changes nothing, so their marker just moves along (a
+step for LMDB ``L`` brings its marker from ``from_version`` to ``to_version`` and runs at most one
+migration; a step without migration is a marker-only step).
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import hashlib
+import importlib.util
+import os
+import re
+import stat
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from lssupervisor.errors import ChecksumMismatch, MigrationError, MigrationLoadError, SchemaTooNew
+
+FILE_RE = re.compile(r"^(?P<number>[0-9]{4,})_(?P<slug>[A-Za-z0-9][A-Za-z0-9_]*)\.py$")
+
+# The signature of a migration's entry point; the argument is a lssupervisor.worker.migrator.MigrationApi.
+UpgradeFn = Callable[[Any], None]
+
+
+class Strategy(enum.Enum):
+    """How a migration's writes get their LS timestamps (see docs/migrations.md)."""
+
+    PREFIX = "prefix"  # new storage prefix per version: keep timestamps
+    NEW_DBI = "new-dbi"  # same prefix, write only DBIs new in this step: keep source timestamps
+    IN_PLACE = "in-place"  # same prefix, rewrite in place: fresh timestamps
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One migration file, validated. ``upgrade`` is None until :func:`load` imported it."""
+
+    version: int
+    slug: str
+    path: Path
+    description: str
+    lmdb: str
+    strategy: Strategy
+    checksum: str  # sha256 hex of the file bytes
+    upgrade: UpgradeFn | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The file stem, e.g. ``0003_split_names`` (recorded in markers and history)."""
+        return self.path.stem
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSet:
+    """All migrations of one source, ordered by version (1..n, no gaps)."""
+
+    source: str
+    directory: Path
+    migrations: tuple[Migration, ...]
+
+    @property
+    def newest(self) -> int:
+        """The newest known version (0 when there are no migrations)."""
+        return self.migrations[-1].version if self.migrations else 0
+
+    def get(self, version: int) -> Migration:
+        return self.migrations[version - 1]
+
+    def by_name(self, name: str) -> Migration | None:
+        for mig in self.migrations:
+            if mig.name == name:
+                return mig
+        return None
+
+    def for_lmdb(self, lmdb: str) -> tuple[Migration, ...]:
+        return tuple(m for m in self.migrations if m.lmdb == lmdb)
+
+    @property
+    def loaded(self) -> bool:
+        return all(m.upgrade is not None for m in self.migrations)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One write transaction on one LMDB: run ``migration`` (None = marker only) and move the marker
+    from ``from_version`` to ``to_version``."""
+
+    lmdb: str
+    from_version: int
+    to_version: int
+    migration: Migration | None
+
+    def describe(self) -> str:
+        what = self.migration.name if self.migration else "marker only"
+        return f"{self.lmdb}: {self.from_version} -> {self.to_version} ({what})"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Ordered steps per LMDB. ``current`` and ``target`` are per LMDB name."""
+
+    current: Mapping[str, int]
+    target: int
+    steps: tuple[Step, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps
+
+    def for_lmdb(self, lmdb: str) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.lmdb == lmdb)
+
+
+# ---------------------------------------------------------------------------------------------------
+# discovery
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """A directory path, or the dotted name of an importable package (its directory).
+
+    Importing a package runs its ``__init__``; the migration files themselves are not imported here.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path.resolve()
+    text = os.fspath(source)
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", text):
+        try:
+            spec = importlib.util.find_spec(text)
+        except (ImportError, ValueError) as exc:
+            raise MigrationLoadError(
+                f"migrations {text!r}: not a directory and not an importable package ({exc})"
+            ) from exc
+        if spec is not None and spec.submodule_search_locations:
+            locations = list(spec.submodule_search_locations)
+            return Path(locations[0]).resolve()
+    raise MigrationLoadError(
+        f"migrations {text!r}: not a directory and not an importable package; "
+        "set the migrations path to the directory of NNNN_slug.py files"
+    )
+
+
+def check_trusted(path: Path) -> None:
+    """Refuse a file or directory anyone else could have written: we execute it as code."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise MigrationLoadError(f"{path}: cannot stat ({exc.strerror})") from exc
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+    if st.st_mode & stat.S_IWOTH:
+        raise MigrationLoadError(
+            f"{path}: migration {kind} is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run chmod o-w {path}"
+        )
+    allowed = {0, os.geteuid()}
+    if st.st_uid not in allowed:
+        raise MigrationLoadError(
+            f"{path}: migration {kind} is owned by uid {st.st_uid}, expected root or uid {os.geteuid()} "
+            "(we run it as code); chown it"
+        )
+
+
+def _literal(node: ast.expr, path: Path, name: str) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError as exc:
+        raise MigrationLoadError(
+            f"{path}:{node.lineno}: {name} must be a literal (it is read without running the file)"
+        ) from exc
+
+
+def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]], bool]:
+    """Docstring, top-level literal assignments we care about (value, line), has ``def upgrade(m)``."""
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise MigrationLoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    doc = ast.get_docstring(tree) or ""
+    assigned: dict[str, tuple[Any, int]] = {}
+    has_upgrade = False
+
+    def record(target: ast.expr, value: ast.expr, lineno: int) -> None:
+        # "VERSION = 3" and "VERSION: int = 3" are the same assignment: a second one of either form is
+        # refused, or which value we read would depend on which form came last.
+        if isinstance(target, ast.Name) and target.id in ("VERSION", "LMDB", "STRATEGY"):
+            if target.id in assigned:
+                raise MigrationLoadError(f"{path}:{lineno}: {target.id} assigned twice")
+            assigned[target.id] = (_literal(value, path, target.id), lineno)
+
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            record(node.targets[0], node.value, node.lineno)
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            record(node.target, node.value, node.lineno)
+        elif isinstance(node, ast.FunctionDef) and node.name == "upgrade":
+            args = node.args
+            positional = len(args.posonlyargs) + len(args.args)
+            if (
+                positional != 1
+                or args.vararg
+                or (args.kwonlyargs and any(d is None for d in args.kw_defaults))
+            ):
+                raise MigrationLoadError(
+                    f"{path}:{node.lineno}: upgrade must take exactly one argument: def upgrade(m)"
+                )
+            has_upgrade = True
+        elif isinstance(node, ast.AsyncFunctionDef) and node.name == "upgrade":
+            raise MigrationLoadError(f"{path}:{node.lineno}: upgrade must be a plain def, not async")
+    return doc, assigned, has_upgrade
+
+
+def _discover_file(path: Path, number: int, slug: str, lmdb_names: Sequence[str]) -> Migration:
+    check_trusted(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MigrationLoadError(f"{path}: cannot read ({exc.strerror})") from exc
+    checksum = hashlib.sha256(data).hexdigest()
+    doc, assigned, has_upgrade = _inspect(path, data)
+    if not doc.strip():
+        raise MigrationLoadError(f"{path}: missing module docstring; its first line describes the migration")
+    if "VERSION" not in assigned:
+        raise MigrationLoadError(f"{path}: missing VERSION = {number}")
+    version, line = assigned["VERSION"]
+    if type(version) is not int or version != number:
+        raise MigrationLoadError(
+            f"{path}:{line}: VERSION = {version!r} does not match the file name number {number}"
+        )
+    if not has_upgrade:
+        raise MigrationLoadError(f"{path}: missing top-level def upgrade(m)")
+    strategy_text, line = assigned.get("STRATEGY", (Strategy.PREFIX.value, 0))
+    try:
+        strategy = Strategy(strategy_text)
+    except ValueError as exc:
+        allowed = ", ".join(repr(s.value) for s in Strategy)
+        raise MigrationLoadError(
+            f"{path}:{line}: STRATEGY = {strategy_text!r} is not one of {allowed}"
+        ) from exc
+    if "LMDB" in assigned:
+        lmdb, line = assigned["LMDB"]
+        if not isinstance(lmdb, str) or lmdb not in lmdb_names:
+            known = ", ".join(repr(n) for n in lmdb_names) or "(none)"
+            raise MigrationLoadError(
+                f"{path}:{line}: LMDB = {lmdb!r} is not an lmdb of the LS config (known: {known})"
+            )
+    elif len(lmdb_names) == 1:
+        lmdb = lmdb_names[0]
+    else:
+        known = ", ".join(repr(n) for n in lmdb_names) or "(none)"
+        raise MigrationLoadError(
+            f'{path}: LMDB = "..." is required because the LS config has {len(lmdb_names)} lmdbs ({known})'
+        )
+    return Migration(
+        version=version,
+        slug=slug,
+        path=path,
+        description=doc.strip().splitlines()[0],
+        lmdb=lmdb,
+        strategy=strategy,
+        checksum=checksum,
+    )
+
+
+def discover(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> MigrationSet:
+    """Find and validate every migration of ``source`` without running any of them.
+
+    ``lmdb_names`` are the ``lmdbs`` of the LS config. Raises MigrationLoadError naming the file.
+    """
+    directory = resolve_source(source)
+    check_trusted(directory)
+    found: dict[int, Migration] = {}
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if not name.endswith(".py") or name.startswith(("_", ".")):
+            continue  # __init__.py, editor files, caches
+        if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
+            continue  # tests of the migrations may live beside them; we never run those
+        if not entry.is_file():
+            raise MigrationLoadError(f"{entry}: not a regular file")
+        match = FILE_RE.match(name)
+        if match is None:
+            raise MigrationLoadError(
+                f"{entry}: bad migration file name; expected NNNN_slug.py (e.g. 0003_split_names.py)"
+            )
+        number = int(match["number"])
+        if number in found:
+            raise MigrationLoadError(f"{entry}: duplicate version {number} (also {found[number].path.name})")
+        found[number] = _discover_file(entry, number, match["slug"], lmdb_names)
+    ordered = tuple(found[n] for n in sorted(found))
+    for index, mig in enumerate(ordered, start=1):
+        if mig.version != index:
+            raise MigrationLoadError(
+                f"{directory}: gap in migration versions: {index} is missing before {mig.path.name}"
+            )
+    return MigrationSet(source=os.fspath(source), directory=directory, migrations=ordered)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading (executes the files)
+
+
+def _module_name(mig: Migration) -> str:
+    where = hashlib.sha256(str(mig.path.parent).encode()).hexdigest()[:12]
+    return f"_lssupervisor_mig_{where}_{mig.path.stem}_{mig.checksum[:12]}"
+
+
+def _import_error(mig: Migration, exc: BaseException) -> MigrationLoadError:
+    line = 0
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == str(mig.path):
+            line = frame.lineno or 0
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        line = exc.lineno
+    where = f"{mig.path}:{line}" if line else str(mig.path)
+    return MigrationLoadError(f"{where}: import failed: {type(exc).__name__}: {exc}")
+
+
+def import_migration(mig: Migration) -> Migration:
+    """Import one discovered migration; returns it with ``upgrade`` set. Runs module-level code."""
+    if mig.upgrade is not None:
+        return mig
+    name = _module_name(mig)
+    module: ModuleType | None = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, mig.path)
+        if spec is None or spec.loader is None:
+            raise MigrationLoadError(f"{mig.path}: cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        # Registered so that dataclasses/pickling inside the file work; the private name keeps two
+        # migration directories (or two versions of one file) from ever sharing a module.
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as exc:
+            sys.modules.pop(name, None)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            raise _import_error(mig, exc) from exc
+    upgrade = getattr(module, "upgrade", None)
+    if not callable(upgrade):
+        raise MigrationLoadError(f"{mig.path}: upgrade is not callable after import")
+    if getattr(module, "VERSION", None) != mig.version:
+        raise MigrationLoadError(f"{mig.path}: VERSION changed while importing (computed at import?)")
+    return replace(mig, upgrade=upgrade)
+
+
+def load(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> MigrationSet:
+    """:func:`discover`, then import every file (module-level code runs; ``upgrade`` does not)."""
+    found = discover(source, lmdb_names)
+    return replace(found, migrations=tuple(import_migration(m) for m in found.migrations))
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation against history
+
+
+def check_checksums(migrations: MigrationSet, applied: Mapping[int, str] | Iterable[tuple[int, str]]) -> None:
+    """Compare applied history (version -> sha256 recorded when it ran) with the files now.
+
+    Raises ChecksumMismatch naming the file, the recorded and the actual checksum. A recorded version
+    that has no file any more is not checked here (:func:`plan` reports SchemaTooNew for it).
+    """
+    pairs = applied.items() if isinstance(applied, Mapping) else applied
+    for version, recorded in pairs:
+        if not recorded or not 1 <= version <= migrations.newest:
+            continue
+        mig = migrations.get(version)
+        if mig.checksum != recorded:
+            raise ChecksumMismatch(
+                f"{mig.path}: changed since it was applied: recorded sha256 {recorded}, "
+                f"now {mig.checksum}; restore the applied file (never edit an applied migration, "
+                "add a new one)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning
+
+
+def plan(migrations: MigrationSet, current: Mapping[str, int], target: int | None = None) -> Plan:
+    """Ordered steps that bring every LMDB in ``current`` (name -> marker version) to ``target``
+    (default: the newest migration).
+
+    Raises SchemaTooNew when a marker is newer than the newest migration (never migrate down), and
+    MigrationError when ``target`` is unknown or below a current version.
+    """
+    newest = migrations.newest
+    goal = newest if target is None else target
+    if goal < 0 or goal > newest:
+        raise MigrationError(
+            f"target version {goal} is unknown: the migrations in {migrations.directory} go up to {newest}"
+        )
+    for lmdb, version in sorted(current.items()):
+        if version > newest:
+            raise SchemaTooNew(
+                f"LMDB {lmdb!r} is at schema version {version}, newer than the newest migration "
+                f"{newest} in {migrations.directory}; this application is too old for it: deploy the "
+                "newer application or restore a backup taken before the migration (never migrated down)"
+            )
+        if version > goal:
+            raise MigrationError(
+                f"LMDB {lmdb!r} is at schema version {version}, above the target {goal}; migrations "
+                "only go up: restore a backup of that version instead"
+            )
+    steps: list[Step] = []
+    for lmdb, version in sorted(current.items()):
+        if version == goal:
+            continue
+        mine = [m for m in migrations.for_lmdb(lmdb) if version < m.version <= goal]
+        if not mine:
+            steps.append(Step(lmdb, version, goal, None))
+            continue
+        start = version
+        for i, mig in enumerate(mine):
+            # Versions of other LMDBs between this migration and our next one change nothing here, so
+            # the step moves the marker over them too (fewer transactions, same schema).
+            end = mine[i + 1].version - 1 if i + 1 < len(mine) else goal
+            steps.append(Step(lmdb, start, end, mig))
+            start = end
+    return Plan(current=dict(current), target=goal, steps=tuple(steps))
