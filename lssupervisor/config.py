@@ -220,6 +220,17 @@ class MigrationsConfig:
     timeout: Duration | None = opt(
         None, "Cancel a migration that runs longer than this (the step's transaction aborts)."
     )
+    import_timeout: Duration = opt(
+        Duration(60),
+        "Time limit for loading the migrations' code (their module-level code runs while LS still "
+        "runs); on expiry the worker is killed, LS keeps running and the reason says so. Must be > 0.",
+    )
+    step_timeout: Duration = opt(
+        Duration(3600),
+        "Time limit for each migration step, and for the backup before the first one (LS is down "
+        "meanwhile): on expiry the worker is killed, the step rolls back and `schema.on_failure` "
+        "decides. Must be > 0.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +532,13 @@ def _validate(cfg: Config, where: str) -> None:
         raise bad("lightningstream.stop_timeout", "must be greater than 0")
     if ls.health_poll_interval <= 0:
         raise bad("lightningstream.health_poll_interval", "must be greater than 0")
+    # Nothing may keep LS down without a deadline (I10): the limits exist and are never 0.
+    for key, value in (
+        ("migrations.import_timeout", cfg.migrations.import_timeout),
+        ("migrations.step_timeout", cfg.migrations.step_timeout),
+    ):
+        if value <= 0:
+            raise bad(key, "must be greater than 0 (a time limit; it cannot be turned off)")
     r = cfg.restart
     if r.initial_delay <= 0:
         raise bad("restart.initial_delay", "must be greater than 0")

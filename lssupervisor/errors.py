@@ -24,6 +24,12 @@ Exception tree::
     ├── NotConfirmed                the daemon got the request but did not confirm it in time
     │                                                                              (UNCONFIRMED)
     └── WorkerError                 a worker process died or spoke nonsense (EX_SOFTWARE)
+
+Across the worker protocol an error travels as its :class:`ErrorCode` (never a class name) and, when a
+person has something to do about it, a :class:`Remedy`: a structured piece of advice that each side
+words for its own context. The offline CLI says "run `lssupervisor stamp N`"; the daemon, whose lock
+makes that command refuse, says "stop lssupervisor, run `lssupervisor stamp N`, then start it"
+(:mod:`lssupervisor.core.reasons`). Rewording one never changes the other.
 """
 
 from __future__ import annotations
@@ -51,88 +57,171 @@ class ExitCode(enum.IntEnum):
     UNCONFIRMED = 69
 
 
+class ErrorCode(enum.Enum):
+    """What kind of failure, as the worker protocol and the core see it (one per exception class)."""
+
+    FAILED = "failed"  # SupervisorError itself
+    USAGE = "usage"
+    CONFIG = "config"
+    TEMPLATE = "template"
+    LOCKED = "locked"
+    MIGRATION = "migration"
+    MIGRATION_LOAD = "migration-load"
+    CHECKSUM_MISMATCH = "checksum-mismatch"
+    UNMARKED = "unmarked"
+    VERIFICATION = "verification"
+    MAP_FULL = "map-full"
+    CANCELLED = "cancelled"
+    TOO_NEW = "too-new"
+    BACKUP = "backup"
+    LS_RUNNING = "ls-running"
+    NOT_RUNNING = "not-running"
+    NOT_CONFIRMED = "not-confirmed"
+    WORKER = "worker"  # a worker died or spoke nonsense
+    INTERNAL = "internal"  # an unexpected exception in the worker: a bug
+
+
+class Remedy(enum.Enum):
+    """What a person can do about an error, worded by the side that shows it."""
+
+    STAMP = "stamp"  # the marker is unreadable or names another instance: stamp the right version
+    BASELINE_OR_STAMP = "baseline-or-stamp"  # data without a marker: say which version it is
+
+
+def offline_advice(remedy: Remedy) -> str:
+    """The remedy for a person at a shell with the daemon stopped (the offline commands)."""
+    match remedy:
+        case Remedy.STAMP:
+            return "fix it with `lssupervisor stamp N`"
+        case Remedy.BASELINE_OR_STAMP:
+            return (
+                "if its data is at schema version N, run `lssupervisor stamp N` (or set schema.baseline: N)"
+            )
+
+
 class SupervisorError(Exception):
-    """An expected failure with a one-line message for a person."""
+    """An expected failure with a one-line message for a person. ``remedy``: structured advice,
+    appended (worded for the offline commands) by ``str()``; ``message`` is the bare fact."""
 
     exit_code: ExitCode = ExitCode.SOFTWARE
+    code: ErrorCode = ErrorCode.FAILED
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, remedy: Remedy | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.remedy = remedy
 
     def __str__(self) -> str:
-        return self.message
+        if self.remedy is None:
+            return self.message
+        return f"{self.message}; {offline_advice(self.remedy)}"
 
 
 class UsageError(SupervisorError):
+    code = ErrorCode.USAGE
     exit_code = ExitCode.USAGE
 
 
 class ConfigError(SupervisorError):
+    code = ErrorCode.CONFIG
     exit_code = ExitCode.CONFIG
 
 
 class TemplateError(ConfigError):
-    pass
+    code = ErrorCode.TEMPLATE
 
 
 class LockHeld(SupervisorError):
+    code = ErrorCode.LOCKED
     exit_code = ExitCode.LOCKED
 
-    def __init__(self, message: str, holder_pid: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, holder_pid: int | None = None, *, remedy: Remedy | None = None) -> None:
+        super().__init__(message, remedy=remedy)
         self.holder_pid = holder_pid
 
 
 class MigrationError(SupervisorError):
+    code = ErrorCode.MIGRATION
     exit_code = ExitCode.MIGRATION
 
 
 class MigrationLoadError(MigrationError):
-    pass
+    code = ErrorCode.MIGRATION_LOAD
 
 
 class ChecksumMismatch(MigrationError):
-    pass
+    code = ErrorCode.CHECKSUM_MISMATCH
 
 
 class UnmarkedDatabase(MigrationError):
-    pass
+    code = ErrorCode.UNMARKED
 
 
 class VerificationFailed(MigrationError):
-    pass
+    code = ErrorCode.VERIFICATION
 
 
 class MapFull(MigrationError):
-    def __init__(self, message: str, needed_bytes: int | None = None) -> None:
-        super().__init__(message)
+    code = ErrorCode.MAP_FULL
+
+    def __init__(
+        self, message: str, needed_bytes: int | None = None, *, remedy: Remedy | None = None
+    ) -> None:
+        super().__init__(message, remedy=remedy)
         self.needed_bytes = needed_bytes
 
 
 class MigrationCancelled(MigrationError):
-    pass
+    code = ErrorCode.CANCELLED
 
 
 class SchemaTooNew(SupervisorError):
+    code = ErrorCode.TOO_NEW
     exit_code = ExitCode.TOO_NEW
 
 
 class BackupError(SupervisorError):
+    code = ErrorCode.BACKUP
     exit_code = ExitCode.MIGRATION
 
 
 class LightningStreamRunning(SupervisorError):
+    code = ErrorCode.LS_RUNNING
     exit_code = ExitCode.LS_RUNNING
 
 
 class NotRunning(SupervisorError):
+    code = ErrorCode.NOT_RUNNING
     exit_code = ExitCode.NOT_RUNNING
 
 
 class NotConfirmed(SupervisorError):
+    code = ErrorCode.NOT_CONFIRMED
     exit_code = ExitCode.UNCONFIRMED
 
 
 class WorkerError(SupervisorError):
+    code = ErrorCode.WORKER
     exit_code = ExitCode.SOFTWARE
+
+
+def _all_subclasses(cls: type[SupervisorError]) -> list[type[SupervisorError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def error_for(
+    code: ErrorCode, message: str, *, remedy: Remedy | None = None, exit_code: int | None = None
+) -> SupervisorError:
+    """The exception for an error that crossed the worker protocol (``code`` picks the class)."""
+    classes = {c.code: c for c in _all_subclasses(SupervisorError) if c.__module__ == __name__}
+    cls = classes.get(code, WorkerError)
+    exc = cls(message, remedy=remedy)
+    if exit_code is not None and exit_code != int(exc.exit_code):
+        try:
+            exc.exit_code = ExitCode(exit_code)
+        except ValueError:
+            pass
+    return exc

@@ -19,8 +19,10 @@ from lssupervisor.errors import BackupError
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
 from lssupervisor.worker import backup, backupdir
+from lssupervisor.worker import protocol as p
 from lssupervisor.worker.ops import open_lmdb
-from tests.test_worker import INSTANCE, make_request, make_view, sample_lmdb
+from lssupervisor.worker.wire import to_wire
+from tests.test_worker import INSTANCE, make_settings, make_view, sample_lmdb
 
 MARKER_DBI = "lssupervisor"
 
@@ -118,13 +120,13 @@ def test_backup_refused_when_space_is_short_and_nothing_is_left(
 
 
 TMPFS_SCRIPT = """
-import sys
-from pathlib import Path
-from lssupervisor.worker.ops import run_op
-import json, threading
-request = json.loads(sys.argv[1])
+import sys, threading
+from lssupervisor.worker import ops
+from lssupervisor.worker import protocol as p
+from lssupervisor.worker.wire import from_wire
+request = from_wire(p.BackupRequest, __import__("json").loads(sys.argv[1]))
 try:
-    run_op(request, lambda m: None, threading.Event())
+    ops.Session(lambda body: None, threading.Event()).serve(request)
 except Exception as exc:
     print(type(exc).__name__, exc)
     sys.exit(3)
@@ -139,9 +141,8 @@ def test_backup_refused_on_a_really_full_disk(tmp_path: Path) -> None:
     spec = sample_lmdb(tmp_path / "db", n=20000)  # a few MiB
     tiny = tmp_path / "tiny"
     tiny.mkdir()
-    request = make_request(
-        "backup", make_view(spec), tmp_path, backup={"enabled": True, "dir": str(tiny), "keep": 2}
-    )
+    backups = p.BackupSettings(enabled=True, dir=str(tiny), keep=2)
+    request = to_wire(p.BackupRequest(make_settings(make_view(spec), tmp_path, backup=backups)))
     script = f'mount -t tmpfs -o size=2m tmpfs {tiny} || exit 77; exec {sys.executable} -c "$0" "$1"'
     proc = subprocess.run(
         [

@@ -688,7 +688,7 @@ def test_child_record_rejects_bad_json(data: dict[str, object]) -> None:
 def test_ls_lines_are_logged_the_same_with_and_without_last_line(caplog: pytest.LogCaptureFixture) -> None:
     """``output: prefix`` logs LS's lines through one function, whether the supervisor keeps the last
     line (LastLine) or the reader logs them directly."""
-    from lssupervisor.daemon.supervisor import LastLine
+    from lssupervisor.daemon.lsprocess import LastLine
 
     caplog.set_level("INFO", logger="lssupervisor.lightningstream")
     childmod.log_ls_line('time="x" level=fatal msg=boom')

@@ -26,10 +26,11 @@ import pytest
 
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, run_migrations
-from lssupervisor.worker import backupdir, history, marker
-from lssupervisor.worker.client import Message, WorkerRun, run_worker
+from lssupervisor.worker import backupdir, client, history, marker
+from lssupervisor.worker import protocol as p
+from lssupervisor.worker.client import WorkerSession
 from tests.helpers import wait_for
-from tests.test_worker import INSTANCE, Collector, make_request, make_view, write_migrations
+from tests.test_worker import INSTANCE, Collector, make_settings, make_view, one, write_migrations
 
 ITERATIONS = int(os.environ.get("LSSUPERVISOR_CRASH_ITERATIONS", "30"))
 RECORDS = int(os.environ.get("LSSUPERVISOR_CRASH_RECORDS", "100000"))
@@ -176,9 +177,32 @@ def check_exactly_one_version(s: Scenario, spec: LmdbSpec, context: str) -> int:
     return version
 
 
-def wait_for_message(run: WorkerRun, got: Collector, what: str, **fields: object) -> None:
-    """Until a progress message with ``fields`` arrived (or the worker already finished)."""
-    wait_for(lambda: run.done or got.of("progress", **fields), timeout=60, interval=0.002, what=what)
+def wait_for_progress(
+    session: WorkerSession, got: Collector, what: str, phase: p.Phase, **fields: object
+) -> None:
+    """Until a progress reply of ``phase`` with ``fields`` arrived (or the worker already finished)."""
+
+    def seen() -> bool:
+        return any(all(getattr(m, k) == v for k, v in fields.items()) for m in got.progress(phase))
+
+    wait_for(lambda: session.done or seen(), timeout=60, interval=0.002, what=what)
+
+
+def wait_for_any_reply(session: WorkerSession, got: Collector) -> None:
+    wait_for(lambda: session.done or got.replies, timeout=60, interval=0.002, what="the first reply")
+
+
+def start(request: p.Request, got: Collector) -> WorkerSession:
+    session = WorkerSession.start(got)
+    session.submit(request)
+    session.close()
+    return session
+
+
+def final_body(session: WorkerSession, got: Collector) -> p.Result | p.Failure:
+    assert session.wait(60)
+    (final,) = got.finals()
+    return final.body  # type: ignore[return-value]
 
 
 def test_sigkill_at_random_moments_leaves_exactly_one_version(scenario: Scenario, tmp_path: Path) -> None:
@@ -186,13 +210,8 @@ def test_sigkill_at_random_moments_leaves_exactly_one_version(scenario: Scenario
     rng = random.Random(seed)
     spec = scenario.live_copy(tmp_path / "live")
     view = make_view(spec)
-    request = make_request(
-        "migrate",
-        view,
-        tmp_path,
-        scenario.migrations,
-        backup={"enabled": True, "dir": str(tmp_path / "backups"), "keep": 2},
-    )
+    backups = p.BackupSettings(enabled=True, dir=str(tmp_path / "backups"), keep=2)
+    request = p.MigrateRequest(make_settings(view, tmp_path, scenario.migrations, backup=backups))
     kills_in_step: dict[int, int] = {}  # to-version -> kills while that step's transaction was open
     transitions: list[tuple[int, int]] = []
     started = time.monotonic()
@@ -205,33 +224,32 @@ def test_sigkill_at_random_moments_leaves_exactly_one_version(scenario: Scenario
             spec = scenario.live_copy(tmp_path / "live")  # back to version 1 so that aim is ahead
             before = 1
         got = Collector()
-        run = WorkerRun.start(request, got)
+        run = start(request, got)
         remaining = list(range(before + 1, TARGET + 1))
         if aimed:
             # Inside step `aim`: wait until its transaction reports progress, then a random part of
             # its measured duration.
-            wait_for_message(run, got, f"step to {aim} to start", phase="migrate", to=aim)
+            wait_for_progress(run, got, f"step to {aim} to start", p.Phase.MIGRATE, to_version=aim)
             time.sleep(rng.uniform(0, scenario.step_seconds[aim]))
         else:
             # Anywhere: start-up, free-space check, backup, between steps, inside a step.
-            wait_for_message(run, got, "the first progress event")
+            wait_for_any_reply(run, got)
             time.sleep(rng.uniform(0, sum(scenario.step_seconds[v] for v in remaining) + 0.2))
         run.cancel()
-        final = run.wait(60)
-        assert final is not None
+        final = final_body(run, got)
         after = check_exactly_one_version(scenario, spec, context)
         transitions.append((before, after))
         before = after
-        last = [m for m in got.messages if m.get("type") == "progress" and m.get("phase") == "migrate"]
-        if last and final["type"] == "error" and last[-1]["to"] == after + 1:
+        last = got.progress(p.Phase.MIGRATE)
+        if last and isinstance(final, p.Failure) and last[-1].to_version == after + 1:
             kills_in_step[after + 1] = kills_in_step.get(after + 1, 0) + 1
     elapsed = time.monotonic() - started
     # The kills must really have landed inside write transactions, of more than one step.
     assert sum(kills_in_step.values()) >= ITERATIONS // 3, (seed, kills_in_step, transitions)
     assert len(kills_in_step) >= 2, (seed, kills_in_step)
     # The next run converges, and leaves no .partial behind.
-    final = run_worker(request, timeout=120)
-    assert final["type"] == "result", final
+    final = one(request, timeout=120)
+    assert isinstance(final, p.MigrateDone), final
     assert check_exactly_one_version(scenario, spec, f"seed {seed} final") == TARGET
     assert not list((tmp_path / "backups").glob("*.partial"))
     print(
@@ -260,30 +278,26 @@ def test_kill_during_backup_leaves_only_a_partial_that_the_next_run_cleans(
         },
     )
     backups = tmp_path / "backups"
-    request = make_request(
-        "migrate",
-        make_view(small, big),
-        tmp_path,
-        migs,
-        backup={"enabled": True, "dir": str(backups), "keep": 2},
+    settings = make_settings(
+        make_view(small, big), tmp_path, migs, backup=p.BackupSettings(enabled=True, dir=str(backups), keep=2)
     )
+    request = p.MigrateRequest(settings)
     for _attempt in range(5):
         got = Collector()
-        run = WorkerRun.start(request, got)
+        run = start(request, got)
         # The small LMDB is copied first; kill while the big one is being copied.
-        wait_for_message(run, got, "the first LMDB's backup", phase="backup", lmdb="a-small")
+        wait_for_progress(run, got, "the first LMDB's backup", p.Phase.BACKUP_DONE, lmdb="a-small")
         run.cancel()
-        final = run.wait(60)
-        assert final is not None
-        if final["type"] == "error" and list(backups.glob("*.partial")):
+        final = final_body(run, got)
+        if isinstance(final, p.Failure) and list(backups.glob("*.partial")):
             break
-        assert final["type"] == "error", "the backup finished before the kill; retrying is pointless"
-    assert [p.suffix for p in backups.iterdir()] == [".partial"]
+        assert isinstance(final, p.Failure), "the backup finished before the kill; retrying is pointless"
+    assert [x.suffix for x in backups.iterdir()] == [".partial"]
     assert backupdir.list_backups(backups) == []
     assert read_marker_version(big, instance=INSTANCE) == 1  # no step before a verified backup (I7)
-    final = run_worker(request, timeout=120)
-    assert final["type"] == "result", final
-    assert [p.name for p in backups.iterdir()] == [final["backup_id"]]
+    done = one(request, timeout=120)
+    assert isinstance(done, p.MigrateDone), done
+    assert [x.name for x in backups.iterdir()] == [done.backup_id]
     assert read_marker_version(big, instance=INSTANCE) == 2
 
 
@@ -292,15 +306,14 @@ def test_dry_run_leaves_the_live_lmdb_byte_identical(scenario: Scenario, tmp_pat
     data = backupdir.data_file(spec)
     before_bytes = backupdir.sha256_file(data)
     before_mtime = data.stat().st_mtime_ns
-    request = make_request("dry_run", make_view(spec), tmp_path, scenario.migrations)
-    final = run_worker(request, timeout=120)
-    assert final["type"] == "result", final
-    (entry,) = final["lmdbs"]
-    assert entry["live_last_txnid_before"] == entry["live_last_txnid_after"]
-    assert entry["live_file_before"] == entry["live_file_after"]
+    result = one(p.DryRunRequest(make_settings(make_view(spec), tmp_path, scenario.migrations)), timeout=120)
+    assert isinstance(result, p.DryRunResult), result
+    (entry,) = result.lmdbs
+    assert entry.live_last_txnid_before == entry.live_last_txnid_after
+    assert entry.live_file_before == entry.live_file_after
     assert backupdir.sha256_file(data) == before_bytes and data.stat().st_mtime_ns == before_mtime
-    assert [s["to_version"] for s in entry["steps"]] == [2, 3, 4]
-    assert entry["keys"] >= 2 * RECORDS and entry["bytes"] > 0 and entry["duration_s"] > 0
+    assert [s.to_version for s in entry.steps] == [2, 3, 4]
+    assert entry.keys >= 2 * RECORDS and entry.bytes > 0 and entry.duration_s > 0
     assert digest(spec) == (1, scenario.expected[1])
     assert not (tmp_path / "history.jsonl").exists()  # a dry run records nothing
     assert list((tmp_path / "backups").iterdir()) == []  # its working copy is gone
@@ -309,18 +322,18 @@ def test_dry_run_leaves_the_live_lmdb_byte_identical(scenario: Scenario, tmp_pat
 def test_rollback_round_trip(scenario: Scenario, tmp_path: Path) -> None:
     spec = scenario.live_copy(tmp_path / "live")
     view = make_view(spec)
-    migrated = run_worker(make_request("migrate", view, tmp_path, scenario.migrations), timeout=120)
-    assert migrated["type"] == "result" and check_exactly_one_version(scenario, spec, "migrated") == TARGET
-    back: Message = run_worker(make_request("rollback", view, tmp_path), timeout=120)
-    assert back["type"] == "result", back
-    assert back["backup_id"] == migrated["backup_id"] and back["schema_version"] == 1
-    assert back["pre_rollback_backup"]  # the migrated state was saved before it was replaced
+    settings = make_settings(view, tmp_path, scenario.migrations)
+    migrated = client.unwrap(one(p.MigrateRequest(settings), timeout=120), p.MigrateDone)
+    assert check_exactly_one_version(scenario, spec, "migrated") == TARGET
+    back = client.unwrap(one(p.RollbackRequest(settings), timeout=120), p.RollbackResult)
+    assert back.backup_id == migrated.backup_id and back.schema_version == 1
+    assert back.pre_rollback_backup  # the migrated state was saved before it was replaced
     assert check_exactly_one_version(scenario, spec, "rolled back") == 1
-    again = run_worker(make_request("rollback", view, tmp_path), timeout=120)
-    assert again["type"] == "result" and [e["restored"] for e in again["lmdbs"]] == [False]
-    assert again["pre_rollback_backup"] is None
+    again = client.unwrap(one(p.RollbackRequest(settings), timeout=120), p.RollbackResult)
+    assert [e.restored for e in again.lmdbs] == [False]
+    assert again.pre_rollback_backup is None
     kinds = [(e.kind.value, e.result.value) for e in history.read(tmp_path / "history.jsonl").entries]
     assert kinds[-2:] == [("rollback", "ok"), ("rollback", "noop")]
     # migrating again converges (the rollback un-applied the recorded checksums)
-    final = run_worker(make_request("migrate", view, tmp_path, scenario.migrations), timeout=120)
-    assert final["type"] == "result" and check_exactly_one_version(scenario, spec, "re-migrated") == TARGET
+    client.unwrap(one(p.MigrateRequest(settings), timeout=120), p.MigrateDone)
+    assert check_exactly_one_version(scenario, spec, "re-migrated") == TARGET

@@ -31,6 +31,7 @@ from lssupervisor.worker import lsheader
 from lssupervisor.worker.marker import dbi_names, open_dbi
 from lssupervisor.worker.migrations import Step, load
 from lssupervisor.worker.migrator import Progress, migrate, open_env, run_step
+from lssupervisor.worker.wire import to_wire
 
 NOW = 2_000_000_000_000_000_000  # the injected clock
 OLD = 1_500_000_000_000_000_000
@@ -242,7 +243,7 @@ def test_unmarked_lmdb_with_data_is_refused_naming_stamp(tmp_path: Path) -> None
     spec = build_lmdb(tmp_path / "db", USERS)
     mdir = migrations(tmp_path, "pass")
     before = raw_dump(spec)
-    with pytest.raises(UnmarkedDatabase, match=r"has data but no schema marker .* lssupervisor stamp N"):
+    with pytest.raises(UnmarkedDatabase, match=r"has data but no schema marker .*lssupervisor stamp N"):
         run_migrations(spec, mdir, clock=clock)
     assert raw_dump(spec) == before
 
@@ -588,7 +589,7 @@ def test_run_step_marker_only_and_json(tmp_path: Path) -> None:
     finally:
         env.close()
     assert result.marker.version == 4 and result.migration == "" and result.puts == 0
-    assert result.to_json()["to_version"] == 4
+    assert to_wire(result)["to_version"] == 4
     assert read_marker_version(spec) == 4
 
 

@@ -83,14 +83,15 @@ def test_plan_as_table_and_json(cs: ConfigSet, capsys: pytest.CaptureFixture[str
     assert "0002_upper  prefix" in out and "0003_copy   new-dbi" in out
     code, out, _ = cs.run(capsys, "plan", "--to", "2", "--json")
     data = json.loads(out)
-    assert code == 0 and data["target"] == 2 and [s["to"] for s in data["steps"]] == [2]
+    assert code == 0 and data["target"] == 2 and [s["to_version"] for s in data["steps"]] == [2]
 
 
 def test_migrate_history_backups_and_fleet(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cs.run(capsys, "migrate")
     assert code == 0, err
     assert "migrated to version 3" in out and "backup 2" in out
-    assert "committed: main 1 -> 2 0002_upper" in err and "backup: main done" in err  # progress on stderr
+    # progress on stderr
+    assert "committed main 1→2 (0002_upper), step 1/2" in err and "backed up main" in err
     assert read_marker_version(cs.spec, instance=INSTANCE) == 3
     code, out, _ = cs.run(capsys, "history", "--json")
     kinds = [(e["kind"], e.get("to_version")) for e in json.loads(out)]
@@ -112,7 +113,7 @@ def test_dry_run_changes_nothing(cs: ConfigSet, capsys: pytest.CaptureFixture[st
     before = backupdir.sha256_file(backupdir.data_file(cs.spec))
     code, out, _ = cs.run(capsys, "migrate", "--dry-run", "--json")
     data = json.loads(out)
-    assert code == 0 and data["op"] == "dry_run" and data["lmdbs"][0]["keys"] == 1000
+    assert code == 0 and data["lmdbs"][0]["keys"] == 1000 and data["plan"][0]["action"] == "migrate"
     assert backupdir.sha256_file(backupdir.data_file(cs.spec)) == before
     assert not (cs.root / "state" / "history.jsonl").exists()
 

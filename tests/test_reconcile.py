@@ -19,6 +19,7 @@ from lssupervisor.core.actions import (
     AnnounceState,
     CancelTask,
     Exit,
+    ImportMigrations,
     LogLine,
     PrepareConfig,
     ProveGone,
@@ -44,18 +45,20 @@ from lssupervisor.core.events import (
     FileChanged,
     GoneProven,
     HookFinished,
+    Imported,
     MarkersRead,
     Migrated,
     MigrationProgress,
     Planned,
     ReconcileRequested,
     ShutdownRequested,
+    Stage,
     TaskFailed,
     Tick,
 )
 from lssupervisor.core.lifecycle import CyclePolicy, Lifecycle, LifecycleError, Timeouts
 from lssupervisor.core.states import State, StopPurpose, Substep, SupervisorState, Task
-from lssupervisor.errors import ExitCode
+from lssupervisor.errors import ErrorCode, ExitCode, Remedy
 
 TIMEOUTS = Timeouts(stop_timeout=10.0, ready_timeout=30.0, settle_time=3.0, kill_grace=5.0)
 POLICY = BackoffPolicy(initial_delay=1.0, max_delay=60.0, jitter=0.0, burst_limit=5)
@@ -121,6 +124,7 @@ def to_migrating(c: Cycler, planned: Planned = MIGRATE_1_2) -> None:
     """From RUNNING: USR1, plan with steps, LS stopped and proven gone, migrate worker started."""
     c(ReconcileRequested(), 10.0)
     c(planned, 10.2)
+    c(Imported(), 10.25)
     c(EXITED_TERM, 10.3)
     c(GoneProven(), 10.4)
     assert c.st.task is Task.MIGRATE
@@ -134,7 +138,11 @@ def test_full_cycle_from_running_follows_the_substep_sequence() -> None:
     running(c)
     assert c(ReconcileRequested(), 10.0)[-1] == PrepareConfig(reload=False)
     assert (c.st.substep, c.st.task) == (Substep.PLANNING, Task.PLAN)
-    acts = c(MIGRATE_1_2, 10.2)
+    assert c(MIGRATE_1_2, 10.2)[-1] == ImportMigrations(target=2)
+    # The migrations' code is loaded while LS still runs (LS goes down for the migration's own work).
+    assert (c.state(), c.st.substep, c.st.task) == (State.RECONCILING, Substep.IMPORTING, Task.IMPORT)
+    assert c.st.pid == 10
+    acts = c(Imported(), 10.25)
     # LS is stopped for the migration: an intended stop, never the restart policy (I5).
     assert c.state() is State.STOPPING and c.st.stopping is not None
     assert c.st.stopping.purpose is StopPurpose.MIGRATION
@@ -142,11 +150,11 @@ def test_full_cycle_from_running_follows_the_substep_sequence() -> None:
     assert c(EXITED_TERM, 10.3)[-1] == ProveGone()
     assert c(GoneProven(), 10.4)[-1] == StartMigration(target=2)
     assert c.st.substep is Substep.BACKING_UP
-    c(MigrationProgress("backup", "backing up main: 100%"), 10.5)
-    acts = c(MigrationProgress("migrate", "migrating main 1→2: 45%"), 10.6)
+    c(MigrationProgress(Stage.BACKUP, "backing up main: 100%"), 10.5)
+    acts = c(MigrationProgress(Stage.MIGRATE, "migrating main 1→2: 45%"), 10.6)
     assert c.st.substep is Substep.MIGRATING and c.st.progress == "migrating main 1→2: 45%"
     assert ShowProgress("migrating main 1→2: 45%", startup=False) in acts
-    c(MigrationProgress("step_committed", "committed main 1→2 (0002_users_json), step 1/1"), 10.7)
+    c(MigrationProgress(Stage.COMMITTED, "committed main 1→2 (0002_users_json), step 1/1"), 10.7)
     assert c(Migrated(backup_id="b1", steps=1, duration_s=0.3), 10.8)[-1] == ReadMarkers()
     assert c(MarkersRead((("main", 2),)), 10.9)[-1] == RenderConfig(version=2)
     acts = c(ConfigPrepared(digest="d2", version=2, wait_for_health=True), 11.0)
@@ -154,7 +162,9 @@ def test_full_cycle_from_running_follows_the_substep_sequence() -> None:
     c(ChildSpawned(pid=11), 11.0)
     c(ChildReady(pid=11), 11.5)
     assert c.state() is State.RUNNING and c.st.version == 2 and c.st.pid == 11
-    assert c.substeps() == ["PLANNING", "PROVING", "BACKING_UP", "MIGRATING", "VERIFYING", "RENDERING"]
+    assert c.substeps() == [
+        "PLANNING", "IMPORTING", "PROVING", "BACKING_UP", "MIGRATING", "VERIFYING", "RENDERING"
+    ]
     assert [new for new, _ in c.announced() if new != "RECONCILING"] == ["STOPPING", "STARTING", "RUNNING"]
     assert c.st.cycle is None and c.st.task is None and c.st.progress is None
     assert c.st.backoff.consecutive == 0 and not c.of(Exit)
@@ -190,7 +200,7 @@ def test_boot_on_an_empty_lmdb_stamps_the_target_then_starts_ls() -> None:
     assert c(GoneProven(), 0.3)[-1] == StartMigration(target=2)
     assert c.st.substep is Substep.MIGRATING  # a stamp has no backup phase
     assert c.st.cycle is not None and c.st.cycle.startup  # before READY=1: systemd timeout extended
-    acts = c(MigrationProgress("migrate", "migrating main ?→2: 100%"), 0.4)
+    acts = c(MigrationProgress(Stage.MIGRATE, "migrating main ?→2: 100%"), 0.4)
     assert ShowProgress("migrating main ?→2: 100%", startup=True) in acts
     c(Migrated(steps=0), 0.5)
     assert c(MarkersRead((("main", 2),)), 0.6)[-1] == RenderConfig(version=2)
@@ -203,12 +213,13 @@ def test_drain_runs_on_the_old_version_and_ls_is_proven_gone_again() -> None:
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     assert c(GoneProven(), 10.3)[-1] == StartDrain(version=1)
     assert c.st.substep is Substep.DRAINING
     assert c(DrainFinished(0, "exit 0"), 12.0)[-1] == ProveGone()
     assert c(GoneProven(), 12.1)[-1] == StartMigration(target=2)
-    assert c.substeps() == ["PLANNING", "PROVING", "DRAINING", "PROVING", "BACKING_UP"]
+    assert c.substeps() == ["PLANNING", "IMPORTING", "PROVING", "DRAINING", "PROVING", "BACKING_UP"]
 
 
 @pytest.mark.parametrize(
@@ -219,6 +230,7 @@ def test_drain_failure_parks_by_default_and_nothing_was_written(rc: int, words: 
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     c(GoneProven(), 10.3)
     c(DrainFinished(rc, f"exit {rc}"), 12.0)
@@ -233,6 +245,7 @@ def test_drain_failure_with_on_failure_resume_restarts_ls_on_the_old_version() -
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     c(GoneProven(), 10.3)
     assert c(DrainFinished(75, "exit 75"), 12.0)[-1] == RenderConfig(version=1)
@@ -244,6 +257,7 @@ def test_pre_and_post_hooks_run_in_order_around_the_migration() -> None:
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     assert c(GoneProven(), 10.3)[-1] == RunHook("pre", 0, from_version=1, to_version=2)
     assert c(HookFinished("pre", 0, ok=True), 10.4)[-1] == RunHook("pre", 1, from_version=1, to_version=2)
@@ -252,7 +266,8 @@ def test_pre_and_post_hooks_run_in_order_around_the_migration() -> None:
     assert c(MarkersRead((("main", 2),)), 11.1)[-1] == RunHook("post", 0, from_version=1, to_version=2)
     assert c(HookFinished("post", 0, ok=True), 11.2)[-1] == RenderConfig(version=2)
     assert c.substeps() == [
-        "PLANNING", "PROVING", "PRE_HOOKS", "PRE_HOOKS", "BACKING_UP", "VERIFYING", "POST_HOOKS", "RENDERING"
+        "PLANNING", "IMPORTING", "PROVING", "PRE_HOOKS", "PRE_HOOKS", "BACKING_UP", "VERIFYING", "POST_HOOKS",
+        "RENDERING",
     ]
 
 
@@ -261,6 +276,7 @@ def test_pre_hook_failure_aborts_before_any_write() -> None:
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     c(GoneProven(), 10.3)
     c(HookFinished("pre", 0, ok=False, message="exit 3"), 10.4)
@@ -306,8 +322,8 @@ def test_failed_step_k_of_n_parks_with_the_version_the_lmdb_has_and_what_to_run(
     c = Cycler()
     running(c)
     to_migrating(c, MIGRATE_1_3)
-    c(MigrationProgress("step_committed", "committed main 1→2 (0002_users_json), step 1/2"), 11.0)
-    failed = TaskFailed("migrate", "MigrationError", "0003_split.py:4: KeyError 'x' (step rolled back)")
+    c(MigrationProgress(Stage.COMMITTED, "committed main 1→2 (0002_users_json), step 1/2"), 11.0)
+    failed = TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "0003_split.py:4: KeyError 'x' (step rolled back)")
     acts = c(failed, 11.2)
     assert acts[-1] == ReadMarkers()  # what the LMDB has now decides, not what we hoped
     c(MarkersRead((("main", 2),)), 11.3)
@@ -321,7 +337,7 @@ def test_failed_step_with_on_failure_resume_renders_for_step_k_never_the_target(
     c = Cycler(on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c, MIGRATE_1_3)
-    c(TaskFailed("migrate", "MigrationError", "boom"), 11.2)
+    c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom"), 11.2)
     assert c(MarkersRead((("main", 2),)), 11.3)[-1] == RenderConfig(version=2)  # I2: k, not 3, not 1
     with pytest.raises(LifecycleError):  # the shell rendering any other version is a bug
         c.core.handle(c.st, ConfigPrepared(digest="d3", version=3, wait_for_health=True), 11.4)
@@ -334,7 +350,7 @@ def test_failure_before_any_commit_with_resume_restarts_ls_on_the_old_version() 
     c = Cycler(on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c)
-    c(TaskFailed("migrate", "BackupError", "no space left for the backup"), 11.0)
+    c(TaskFailed(Task.MIGRATE, ErrorCode.BACKUP, "no space left for the backup"), 11.0)
     assert c(MarkersRead((("main", 1),)), 11.1)[-1] == RenderConfig(version=1)
 
 
@@ -352,7 +368,7 @@ def test_lmdbs_at_different_versions_after_a_migration_park() -> None:
     c = Cycler(on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c)
-    c(TaskFailed("migrate", "MigrationError", "step of dns failed"), 11.0)
+    c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "step of dns failed"), 11.0)
     c(MarkersRead((("main", 2), ("dns", 1))), 11.1)
     # No single prefix can be right (I2): even `resume` must not start LS.
     assert c.state() is State.PARKED and not c.of(SpawnChild) and not c.of(RenderConfig)
@@ -375,7 +391,7 @@ def test_schema_too_new_stops_ls_and_parks_naming_the_backup_and_exits_too_new()
     c(ReconcileRequested(), 10.0)
     message = "LMDB 'main' is at schema version 5, newer than ...; restore the newest backup: " \
               "`lssupervisor rollback 20240101T000000Z-1`"
-    c(TaskFailed("plan", "SchemaTooNew", message), 10.2)
+    c(TaskFailed(Task.PLAN, ErrorCode.TOO_NEW, message), 10.2)
     assert c.state() is State.STOPPING and c.st.stopping is not None
     assert c.st.stopping.purpose is StopPurpose.PARK
     c(EXITED_TERM, 10.3)
@@ -388,7 +404,8 @@ def test_plan_failure_with_ls_running_keeps_it_running() -> None:
     c = Cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
-    acts = c(TaskFailed("plan", "ChecksumMismatch", "0002_users_json.py: changed since it was applied"), 10.2)
+    changed = "0002_users_json.py: changed since it was applied"
+    acts = c(TaskFailed(Task.PLAN, ErrorCode.CHECKSUM_MISMATCH, changed), 10.2)
     assert c.state() is State.RUNNING and c.st.pid == 10
     assert not any(isinstance(a, SignalGroup | SpawnChild) for a in acts)
     assert "reconcile failed, LS keeps running: 0002_users_json.py" in c.logged()
@@ -397,8 +414,8 @@ def test_plan_failure_with_ls_running_keeps_it_running() -> None:
 def test_plan_failure_at_boot_parks_with_the_message() -> None:
     c = Cycler()
     c(Booted(), 0.0)
-    msg = "LMDB 'main' at /db: unreadable schema marker (bad json); fix it with lssupervisor stamp N"
-    c(TaskFailed("plan", "MigrationError", msg), 0.2)
+    msg = "LMDB 'main' at /db: unreadable schema marker (bad json)"  # the fact; the remedy is structured
+    c(TaskFailed(Task.PLAN, ErrorCode.MIGRATION, msg, remedy=Remedy.STAMP), 0.2)
     assert c.state() is State.PARKED and not c.of(SpawnChild)
     # `stamp` refuses while the daemon runs: the reason says to stop it first.
     assert c.st.reason == (
@@ -407,17 +424,15 @@ def test_plan_failure_at_boot_parks_with_the_message() -> None:
     )
 
 
-# The worker's message (what `lssupervisor plan` prints offline) -> the park reason of the daemon.
-UNMARKED = (
-    "LMDB 'main' at /db has data but no schema marker for instance 'ns1'; if its data is at schema "
-    "version N, run: lssupervisor stamp N (or configure schema.baseline)"
-)
+# The worker's message (the fact; `lssupervisor plan` words its remedy for a shell) -> the daemon's park
+# reason, with the remedy worded for a running daemon.
+UNMARKED = "LMDB 'main' at /db has data but no schema marker for instance 'ns1'"
 
 
 def test_an_unmarked_lmdb_parks_naming_what_works_while_the_daemon_runs() -> None:
     c = Cycler()
     c(Booted(), 0.0)
-    c(TaskFailed("plan", "UnmarkedDatabase", UNMARKED), 0.2)
+    c(TaskFailed(Task.PLAN, ErrorCode.UNMARKED, UNMARKED, remedy=Remedy.BASELINE_OR_STAMP), 0.2)
     assert c.state() is State.PARKED and not c.of(SpawnChild)
     # `stamp` refuses (75) while the daemon holds the lock: the reason names what really works.
     assert c.st.reason == (
@@ -429,7 +444,7 @@ def test_an_unmarked_lmdb_parks_naming_what_works_while_the_daemon_runs() -> Non
     c = Cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
-    c(TaskFailed("plan", "UnmarkedDatabase", UNMARKED), 10.1)
+    c(TaskFailed(Task.PLAN, ErrorCode.UNMARKED, UNMARKED, remedy=Remedy.BASELINE_OR_STAMP), 10.1)
     assert c.state() is State.RUNNING and "set schema.baseline: N and run `lssupervisor reload`" in c.logged()
     assert "run: lssupervisor stamp N" not in c.logged()
 
@@ -439,6 +454,7 @@ def test_ls_not_proven_gone_parks_without_touching_the_lmdb() -> None:
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     c(GoneProven(remaining=(77,), detail="LMDB main reader: lightningstream --config x"), 10.3)
     assert c.state() is State.PARKED and not c.of(StartMigration) and c.st.reason is not None
@@ -451,6 +467,7 @@ def test_paused_operator_holds_the_migration() -> None:
     running(c)
     c(ReconcileRequested(paused=True, source="pause"), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     assert c.st.stopping is not None and c.st.stopping.purpose is StopPurpose.PAUSE
     c(EXITED_TERM, 10.2)
     assert c.state() is State.PAUSED and not c.of(StartMigration)
@@ -461,11 +478,12 @@ def test_resume_from_a_failed_migration_park_retries_the_cycle() -> None:
     c = Cycler()
     running(c)
     to_migrating(c)
-    c(TaskFailed("migrate", "MigrationError", "boom"), 11.0)
+    c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom"), 11.0)
     c(MarkersRead((("main", 1),)), 11.1)
     assert c.state() is State.PARKED
     c(ReconcileRequested(source="resume"), 30.0)
     c(MIGRATE_1_2, 30.1)
+    c(Imported(), 30.15)
     assert c(GoneProven(), 30.2)[-1] == StartMigration(target=2)  # no LS to stop: straight on
     c(Migrated(steps=1), 31.0)
     c(MarkersRead((("main", 2),)), 31.1)
@@ -490,14 +508,14 @@ def _park_reasons() -> dict[str, str]:
     c = Cycler()
     running(c)
     to_migrating(c)
-    c(TaskFailed("migrate", "MigrationError", "step of dns failed"), 11.0)
+    c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "step of dns failed"), 11.0)
     c(MarkersRead((("main", 2), ("dns", 1))), 11.1)
     reasons["mixed after migration"] = c.st.reason or ""
 
     c = Cycler()
     running(c)
     to_migrating(c)
-    c(TaskFailed("migrate", "MigrationError", "boom", backup_id="20260101T000000Z-v1"), 11.0)
+    c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom", backup_id="20260101T000000Z-v1"), 11.0)
     c(MarkersRead((("main", 1),)), 11.1)
     reasons["failed migration"] = c.st.reason or ""
 
@@ -505,7 +523,7 @@ def _park_reasons() -> dict[str, str]:
     running(c)
     to_migrating(c)
     c(Migrated(steps=1), 11.0)
-    c(TaskFailed("verify", "WorkerError", "worker died"), 11.1)
+    c(TaskFailed(Task.VERIFY, ErrorCode.WORKER, "worker died"), 11.1)
     reasons["verify failed"] = c.st.reason or ""
     return reasons
 
@@ -549,7 +567,7 @@ def test_second_term_cancels_the_migration_and_exits_zero_without_ls() -> None:
     acts = c(ShutdownRequested(), 11.5)
     assert CancelTask("cancelled by a second SIGTERM") in acts and c.state() is State.RECONCILING
     assert c(ShutdownRequested(), 11.6) == []  # a third one changes nothing
-    acts = c(TaskFailed("migrate", "MigrationCancelled", "worker killed by SIGKILL (cancelled)"), 11.7)
+    acts = c(TaskFailed(Task.MIGRATE, ErrorCode.CANCELLED, "worker killed by SIGKILL (cancelled)"), 11.7)
     assert c.state() is State.STOPPED and acts[-1] == Exit(ExitCode.OK)
     assert not c.of(SpawnChild)
 
@@ -569,6 +587,7 @@ def test_term_while_proving_exits_at_once() -> None:
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     c(EXITED_TERM, 10.2)
     acts = c(ShutdownRequested(), 10.3)
     assert isinstance(acts[0], CancelTask) and acts[-1] == Exit(ExitCode.OK)
@@ -580,8 +599,8 @@ def test_stale_results_outside_their_step_are_ignored() -> None:
     running(c)
     before = c.st
     for ev in (MIGRATE_1_2, GoneProven(), Migrated(), MarkersRead((("main", 2),)), DrainFinished(0, "exit 0"),
-               HookFinished("pre", 0, ok=True), MigrationProgress("migrate", "x"),
-               TaskFailed("migrate", "WorkerError", "x")):
+               HookFinished("pre", 0, ok=True), MigrationProgress(Stage.MIGRATE, "x"),
+               TaskFailed(Task.MIGRATE, ErrorCode.WORKER, "x")):
         assert c(ev, 10.0) == [] and c.st == before
 
 
@@ -603,6 +622,7 @@ def test_unkillable_ls_blocks_any_migration() -> None:
     c.st = replace(c.st, state=State.PARKED, child=None, unkillable_pid=10, park_reason="LS pid 10 survived")
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.15)
     assert c.state() is State.PARKED and not c.of(ProveGone)
     assert c(ShutdownRequested(), 20.0)[-1] == Exit(ExitCode.LS_RUNNING)  # like the SIGKILL path
 
@@ -739,7 +759,8 @@ def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
             case PrepareConfig():
                 run(Planned(render_version=marker, target=3, writes=marker < 3,
                             steps=tuple(f"main {v}→{v + 1}" for v in range(marker, 3)),
-                            markers=(("main", marker),)) if ok else TaskFailed("plan", "WorkerError", "x"))
+                            markers=(("main", marker),))
+                    if ok else TaskFailed(Task.PLAN, ErrorCode.WORKER, "x"))
             case ProveGone():
                 run(GoneProven())
             case StartDrain():
@@ -752,7 +773,7 @@ def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
                     run(Migrated(steps=1))
                 else:
                     marker = min(marker + 1, target) if n % 2 else marker  # failed after k steps
-                    run(TaskFailed("migrate", "MigrationError", "boom"))
+                    run(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom"))
             case ReadMarkers():
                 run(MarkersRead((("main", marker),)))
             case _:

@@ -27,7 +27,9 @@ import yaml
 from lssupervisor.config import load_config
 from lssupervisor.lsconfig.render import inspect_template, lenient_env, load_template
 from lssupervisor.testing.fixtures import build_lmdb
-from lssupervisor.worker.client import OVERLAP_ENV, build_request, raise_for_error, run_worker
+from lssupervisor.worker import client
+from lssupervisor.worker import protocol as p
+from lssupervisor.worker.protocol import OVERLAP_ENV
 from tests.helpers import wait_for
 from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
 
@@ -117,17 +119,17 @@ def markers(cs: ConfigSet) -> dict[str, int | None]:
     cfg = load_config(cs.config)
     template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = inspect_template(template, lenient_env(os.environ))
-    final = raise_for_error(run_worker(build_request("markers", cfg, view), timeout=30))
-    return {e["lmdb"]: e["version"] for e in final["lmdbs"]}
+    result = client.call(p.MarkersRequest(client.settings(cfg, view)), p.MarkersResult, timeout=30)
+    return result.versions()
 
 
 def own_workers(cs: ConfigSet) -> list[psutil.Process]:
     """Worker processes of this test's daemon: their cwd is the config set's root (the daemon's),
     so workers of daemons in other tests running in parallel (xdist) are not counted."""
     found = []
-    for p in psutil.process_iter(["cmdline", "cwd"]):
-        if "lssupervisor.worker" in " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(cs.root):
-            found.append(p)
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if "lssupervisor.worker" in " ".join(proc.info["cmdline"] or []) and proc.info["cwd"] == str(cs.root):
+            found.append(proc)
     return found
 
 
@@ -407,7 +409,7 @@ def test_startup_migration_extends_the_systemd_start_timeout(
     text = "\n".join(got)
     before_ready = text[: text.index("READY=1")]
     assert "EXTEND_TIMEOUT_USEC=" in before_ready
-    assert "STATUS=migrating main 1→2: 100%" in before_ready
+    assert "STATUS=migrating main 1→2 (0002_step): 100%" in before_ready
     assert "STATUS=RECONCILING/MIGRATING" in before_ready or "STATUS=RECONCILING/BACKING_UP" in before_ready
     wait_running_on(d, 2)
     history = [json.loads(line) for line in (cs.state / "history.jsonl").read_text().splitlines()]
@@ -433,8 +435,8 @@ def test_drain_and_hooks_run_in_order_with_ls_stopped(
     subs = [m.group(1) for line in d.lines(r"msg=\"state ") if (m := re.search(r"substate=(\w+)", line))]
     last = len(subs) - 1 - subs[::-1].index("PLANNING")
     assert subs[last:] == [
-        "PLANNING", "PROVING", "DRAINING", "PROVING", "PRE_HOOKS", "BACKING_UP", "MIGRATING", "VERIFYING",
-        "POST_HOOKS", "RENDERING",
+        "PLANNING", "IMPORTING", "PROVING", "DRAINING", "PROVING", "PRE_HOOKS", "BACKING_UP", "MIGRATING",
+        "VERIFYING", "POST_HOOKS", "RENDERING",
     ]
     assert d.lines("drain finished")
     # The drain ran on the OLD config (v1 prefix) as an LS of its own, after LS stopped.

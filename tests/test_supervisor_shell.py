@@ -17,7 +17,8 @@ from lssupervisor.config import load_config
 from lssupervisor.core.actions import RunHook
 from lssupervisor.core.events import TaskFailed
 from lssupervisor.core.states import Task
-from lssupervisor.daemon.supervisor import Supervisor, load
+from lssupervisor.daemon.prepare import load
+from lssupervisor.daemon.supervisor import Supervisor
 from lssupervisor.worker import client as worker_mod
 from tests.helpers import wait_for
 from tests.test_supervisor_e2e import ConfigSet
@@ -37,13 +38,13 @@ def test_hooks_do_not_inherit_the_systemd_notification_variables(tmp_path: Path)
     cfg = load_config(cs.config)
     sup = Supervisor(cfg, environ={**os.environ, **SYSTEMD_ONLY})
     sup.loaded = load(cfg, sup.environ)
-    assert sup._run_hook(RunHook(phase="pre", index=0, from_version=1, to_version=2)) == []
-    job = sup.job
+    assert sup.jobs.run_hook(sup.loaded, RunHook(phase="pre", index=0, from_version=1, to_version=2)) == []
+    job = sup.jobs.job
     assert job is not None and job.hook is not None
     try:
         wait_for(lambda: job.hook is not None and job.hook.poll() is not None, what="the hook to exit")
     finally:
-        job.cancel("test over")
+        job.kill()
         job.hook.wait(5)
     assert job.hook.returncode == 0
     env = json.loads(out.read_text())
@@ -64,8 +65,8 @@ def test_workers_do_not_inherit_the_systemd_notification_variables(
         started.append(env)
         raise OSError(errno.EAGAIN, "not started by this test")
 
-    monkeypatch.setattr(worker_mod.WorkerRun, "start", start)
-    [failed] = sup._start_worker(Task.PLAN, "plan", target=None)
+    monkeypatch.setattr(worker_mod.WorkerSession, "start", start)
+    [failed] = sup._request(Task.PLAN, worker_mod.p.PlanRequest)
     assert isinstance(failed, TaskFailed) and "not started by this test" in failed.message
     [env] = started
     assert env is not None and env.get("PATH") == os.environ.get("PATH")
@@ -88,13 +89,13 @@ def test_stopping_the_health_poller_never_waits_for_its_request(tmp_path: Path) 
 
     cs = ConfigSet(tmp_path)
     sup = Supervisor(load_config(cs.config), environ=dict(os.environ))
-    sup.poller = HealthPoller(SlowProbe(), 1234, lambda pid: None, interval=0.05)  # type: ignore[arg-type]
+    sup.ls.poller = HealthPoller(SlowProbe(), 1234, lambda pid: None, interval=0.05)  # type: ignore[arg-type]
     try:
-        sup._stop_poller()
+        sup.ls.stop_poller()
         # It returned while the poller is still inside its (10 s) request: not joined, only retired.
-        assert sup.poller is None and len(sup.retired_pollers) == 1
-        assert sup.retired_pollers[0].running
+        assert sup.ls.poller is None and len(sup.ls.retired_pollers) == 1
+        assert sup.ls.retired_pollers[0].running
     finally:
         release.set()
-        sup._stop_poller(join=True)
-    assert sup.retired_pollers == []
+        sup.ls.stop_poller(join=True)
+    assert sup.ls.retired_pollers == []

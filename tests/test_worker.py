@@ -6,6 +6,7 @@ modules (test_backup, test_crash_safety, test_offline_cli).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,12 +20,14 @@ from typing import Any
 
 import pytest
 
-from lssupervisor.errors import ExitCode, MigrationCancelled, UnmarkedDatabase, WorkerError
+from lssupervisor.errors import ErrorCode, ExitCode, MigrationCancelled, Remedy, UnmarkedDatabase
 from lssupervisor.lsmodel import LmdbSpec, LsView
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
-from lssupervisor.worker import history
-from lssupervisor.worker.client import OVERLAP_ENV, Message, WorkerRun, raise_for_error, run_worker
+from lssupervisor.worker import client, history
+from lssupervisor.worker import protocol as p
+from lssupervisor.worker.client import WorkerSession
 from lssupervisor.worker.ops import parse_readers
+from lssupervisor.worker.protocol import OVERLAP_ENV
 from tests.helpers import wait_for
 
 INSTANCE = "node-1"
@@ -95,24 +98,15 @@ def make_view(*specs: LmdbSpec, instance: str = INSTANCE) -> LsView:
     return LsView(instance=instance, lmdbs=tuple(specs), storage_type="fs", storage_location="/srv/ls/v1")
 
 
-def make_request(
-    op: str, view: LsView, tmp_path: Path, migrations: Path | None = None, **over: Any
-) -> Message:
-    request: Message = {
-        "op": op,
-        "ls": view.to_json(),
-        "marker_dbi": "lssupervisor",
-        "migrations": str(migrations) if migrations else None,
-        "target": None,
-        "baseline": None,
-        "backup": {"enabled": True, "dir": str(tmp_path / "backups"), "keep": 3},
-        "history": str(tmp_path / "history.jsonl"),
-        "grow_map": False,
-        "timeout": None,
-        "log_level": "info",
-    }
-    request.update(over)
-    return request
+def make_settings(view: LsView, tmp_path: Path, migrations: Path | None = None, **over: Any) -> p.Settings:
+    settings = p.Settings(
+        ls=view,
+        marker_dbi="lssupervisor",
+        migrations=str(migrations) if migrations else None,
+        backup=p.BackupSettings(enabled=True, dir=str(tmp_path / "backups"), keep=3),
+        history=str(tmp_path / "history.jsonl"),
+    )
+    return dataclasses.replace(settings, **over)
 
 
 def sample_lmdb(path: Path, n: int = 200, marker: int | None = 1, name: str = "main") -> LmdbSpec:
@@ -121,18 +115,25 @@ def sample_lmdb(path: Path, n: int = 200, marker: int | None = 1, name: str = "m
 
 
 class Collector:
-    """on_message for tests: keeps every message in order."""
+    """on_reply for tests: keeps every reply in order."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.replies: list[p.Reply] = []
 
-    def __call__(self, msg: Message) -> None:
-        self.messages.append(msg)
+    def __call__(self, reply: p.Reply) -> None:
+        self.replies.append(reply)
 
-    def of(self, kind: str, **fields: Any) -> list[Message]:
-        return [
-            m for m in self.messages if m["type"] == kind and all(m.get(k) == v for k, v in fields.items())
-        ]
+    def progress(self, phase: p.Phase) -> list[p.Progress]:
+        return [r.body for r in self.replies if isinstance(r.body, p.Progress) and r.body.phase is phase]
+
+    def finals(self) -> list[p.Reply]:
+        return [r for r in self.replies if r.final]
+
+
+def one(request: p.Request, on_reply: Collector | None = None, **kwargs: Any) -> p.Result | p.Failure:
+    """The final reply body of ``request`` in a worker of its own."""
+    (body,) = client.run([request], on_reply, **kwargs)
+    return body
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,72 +149,153 @@ def test_markers_report_version_emptiness_and_txn_id(tmp_path: Path) -> None:
     main = sample_lmdb(tmp_path / "main", marker=2)
     empty = build_lmdb(tmp_path / "empty", {}, name="empty")
     missing = LmdbSpec(name="missing", path=str(tmp_path / "missing"))
-    final = run_worker(make_request("markers", make_view(main, empty, missing), tmp_path), timeout=30)
-    assert final["type"] == "result" and final["ok"] and final["returncode"] == 0
-    by_name = {e["lmdb"]: e for e in final["lmdbs"]}
-    assert by_name["main"]["version"] == 2 and by_name["main"]["has_user_data"]
-    assert by_name["main"]["marker"]["instance"] == INSTANCE
-    assert by_name["main"]["last_txnid"] >= 1 and by_name["main"]["used_bytes"] > 0
-    assert by_name["empty"]["version"] is None and by_name["empty"]["empty"] and by_name["empty"]["exists"]
-    assert by_name["missing"] == {**by_name["missing"], "exists": False, "version": None, "empty": True}
+    request = p.MarkersRequest(make_settings(make_view(main, empty, missing), tmp_path))
+    result = one(request, timeout=30)
+    assert isinstance(result, p.MarkersResult)
+    by_name = {e.lmdb: e for e in result.lmdbs}
+    assert by_name["main"].version == 2 and by_name["main"].has_user_data
+    assert by_name["main"].marker is not None and by_name["main"].marker.instance == INSTANCE
+    assert by_name["main"].last_txnid >= 1 and by_name["main"].used_bytes > 0
+    assert by_name["empty"].version is None and not by_name["empty"].has_user_data and by_name["empty"].exists
+    assert not by_name["missing"].exists and by_name["missing"].version is None
 
 
 def test_migrate_streams_progress_then_exactly_one_final_result(tmp_path: Path) -> None:
     spec = sample_lmdb(tmp_path / "db", n=3000)
     migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
     got = Collector()
-    final = run_worker(make_request("migrate", make_view(spec), tmp_path, migs), got, timeout=60)
-    assert final["type"] == "result", final
-    assert got.messages[-1] is final  # the final message is delivered last, once
-    assert [m["type"] for m in got.messages].count("result") == 1
-    assert final["target"] == 3 and final["steps"] == 2 and final["backup_id"]
-    committed = got.of("progress", phase="step_committed")
-    assert [(m["from"], m["to"], m["index"], m["steps"]) for m in committed] == [(1, 2, 1, 2), (2, 3, 2, 2)]
-    moving = got.of("progress", phase="migrate")
-    assert moving and all(
-        {"lmdb", "step", "from", "to", "done", "total", "percent"} <= m.keys() for m in moving
-    )
-    assert got.of("progress", phase="backup")
+    done = one(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)), got, timeout=60)
+    assert isinstance(done, p.MigrateDone), done
+    assert got.replies[-1].body is done and len(got.finals()) == 1  # delivered last, once
+    assert done.target == 3 and done.steps == 2 and done.backup_id
+    committed = got.progress(p.Phase.STEP_COMMITTED)
+    assert [(c.from_version, c.to_version, c.index, c.steps) for c in committed] == [
+        (1, 2, 0, 2),
+        (2, 3, 1, 2),
+    ]
+    moving = got.progress(p.Phase.MIGRATE)
+    # Each step says at once that its transaction is open (the daemon shows MIGRATING from there);
+    # m.progress refines it with done/total.
+    assert {(m.index, m.migration) for m in moving} >= {(0, "0002_upper"), (1, "0003_copy")}
+    assert any(m.percent == 100.0 for m in moving if m.index == 0)
+    assert got.progress(p.Phase.BACKUP) and got.progress(p.Phase.BACKUP_DONE)
+    assert all(p.describe(r.body) for r in got.replies if isinstance(r.body, p.Progress))
     # the migration really ran, history has the backup and both steps with checksums
     values = read_values(spec)
     assert values["data"][b"k000001"] == b"VALUE-1" and values["data_v3"][b"k000001"] == b"VALUE-1!"
     assert read_marker_version(spec, instance=INSTANCE) == 3
     entries = history.read(tmp_path / "history.jsonl").entries
     assert [(e.kind.value, e.to_version) for e in entries] == [("backup", 1), ("migrate", 2), ("migrate", 3)]
-    assert entries[1].keys == 3000 and entries[1].backup_id == final["backup_id"] and entries[1].checksum
+    assert entries[1].keys == 3000 and entries[1].backup_id == done.backup_id and entries[1].checksum
     # A second run has nothing to do and takes no backup.
-    again = run_worker(make_request("migrate", make_view(spec), tmp_path, migs), timeout=60)
-    assert again["type"] == "result" and again["steps"] == 0 and again["backup_id"] is None
+    again = one(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)), timeout=60)
+    assert isinstance(again, p.MigrateDone) and again.steps == 0 and again.backup_id is None
 
 
-def test_expected_failure_is_one_error_message_with_class_and_exit_code(tmp_path: Path) -> None:
+SLOW_STEP = {
+    "0001_init.py": BASIC_MIGRATIONS["0001_init.py"],
+    "0002_slow.py": '''
+        """Rewrite every record slowly, never calling m.progress."""
+        import time
+
+        VERSION = 2
+
+        def upgrade(m):
+            for key, value in m.items("data"):
+                m.put("data", key, value + b"!")
+                time.sleep(0.002)
+    ''',
+}
+
+
+def test_a_step_that_never_reports_still_gets_a_heartbeat_from_the_api_counters(tmp_path: Path) -> None:
+    spec = sample_lmdb(tmp_path / "db", n=1500)  # ~3 s: at least one heartbeat (every 2 s)
+    migs = write_migrations(tmp_path / "migs", SLOW_STEP)
+    got = Collector()
+    settings = make_settings(make_view(spec), tmp_path, migs, backup=p.BackupSettings(enabled=False))
+    done = one(p.MigrateRequest(settings), got, timeout=120)
+    assert isinstance(done, p.MigrateDone), done
+    beats = [m for m in got.progress(p.Phase.MIGRATE) if m.written]
+    assert beats, "no heartbeat with the API's counters"
+    assert all(0 < b.written <= 1500 and b.elapsed_s > 0 and b.done is None for b in beats)
+    assert "written" in p.describe(beats[-1])
+
+
+def test_one_worker_serves_a_whole_cycle_in_order(tmp_path: Path) -> None:
+    """The daemon's cycle: plan, import, readers, migrate, markers, all in ONE worker process."""
+    spec = sample_lmdb(tmp_path / "db")
+    migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
+    settings = make_settings(make_view(spec), tmp_path, migs)
+    got = Collector()
+    pids: set[int] = set()
+    requests: list[p.Request] = [
+        p.PlanRequest(settings),
+        p.ImportRequest(settings),
+        p.ReadersRequest(settings),
+        p.MigrateRequest(settings),
+        p.MarkersRequest(settings),
+    ]
+    session = WorkerSession.start(got)
+    pids.add(session.pid)
+    ids = [session.submit(r) for r in requests]
+    session.close()
+    assert session.wait(60)
+    finals = got.finals()
+    assert [f.id for f in finals] == ids  # answered in order, once each
+    plan, imported, readers, done, markers = (f.body for f in finals)
+    assert (
+        isinstance(plan, p.PlanResult)
+        and plan.writes
+        and [s.line() for s in plan.steps]
+        == [
+            "main 1→2 (0002_upper)",
+            "main 2→3 (0003_copy)",
+        ]
+    )
+    assert isinstance(imported, p.ImportResult) and imported.migrations == (
+        "0001_init",
+        "0002_upper",
+        "0003_copy",
+    )
+    assert isinstance(readers, p.ReadersResult) and readers.lmdbs[0].readers == ()
+    assert isinstance(done, p.MigrateDone) and done.steps == 2
+    assert isinstance(markers, p.MarkersResult) and markers.versions() == {"main": 3}
+    assert session.returncode == 0
+
+
+def test_expected_failure_is_one_failure_with_code_remedy_and_exit_code(tmp_path: Path) -> None:
     spec = sample_lmdb(tmp_path / "db", marker=None)  # data, no marker, no baseline
     migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
-    final = run_worker(make_request("migrate", make_view(spec), tmp_path, migs), timeout=30)
-    assert final["type"] == "error" and final["error"] == "UnmarkedDatabase"
-    assert final["exit_code"] == int(ExitCode.MIGRATION) == final["returncode"]
-    assert "lssupervisor stamp N" in final["message"]
+    failure = one(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)), timeout=30)
+    assert isinstance(failure, p.Failure)
+    assert failure.code is ErrorCode.UNMARKED and failure.remedy is Remedy.BASELINE_OR_STAMP
+    assert failure.exit_code == int(ExitCode.MIGRATION)
+    assert "stamp" not in failure.message  # the advice is structured, worded by who shows it
     with pytest.raises(UnmarkedDatabase) as info:
-        raise_for_error(final)
-    assert info.value.exit_code == ExitCode.MIGRATION
+        client.unwrap(failure, p.MigrateDone)
+    assert info.value.exit_code == ExitCode.MIGRATION and "lssupervisor stamp N" in str(info.value)
     assert not (tmp_path / "backups").exists()  # refused before any backup or write
 
 
 def test_baseline_lets_an_unmarked_lmdb_migrate(tmp_path: Path) -> None:
     spec = sample_lmdb(tmp_path / "db", marker=None)
     migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
-    final = run_worker(
-        make_request("migrate", make_view(spec), tmp_path, migs, baseline=1, target=2), timeout=30
-    )
-    assert final["type"] == "result" and final["steps"] == 1
+    settings = make_settings(make_view(spec), tmp_path, migs, baseline=1)
+    done = one(p.MigrateRequest(settings, target=2), timeout=30)
+    assert isinstance(done, p.MigrateDone) and done.steps == 1
     assert read_marker_version(spec, instance=INSTANCE) == 2
 
 
-def test_bad_request_is_a_worker_error(tmp_path: Path) -> None:
-    final = run_worker({"op": "markers", "ls": "nope"}, timeout=30)
-    assert final["type"] == "error" and final["error"] == "WorkerError" and "ls" in final["message"]
-    with pytest.raises(WorkerError):
-        raise_for_error(final)
+def test_a_request_that_does_not_match_its_type_ends_the_worker_saying_why(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", p.WORKER_MODULE],
+        input=b'{"id": 1, "kind": "markers", "body": {"settings": {"ls": "nope"}}}\n',
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == int(ExitCode.SOFTWARE)
+    assert b"markers request.settings.ls: expected an object" in proc.stderr
 
 
 def test_print_in_a_migration_goes_to_stderr_not_into_the_protocol(tmp_path: Path) -> None:
@@ -227,26 +309,38 @@ def test_print_in_a_migration_goes_to_stderr_not_into_the_protocol(tmp_path: Pat
             VERSION = 2
 
             def upgrade(m):
-                print('{"type": "result", "ok": true, "forged": 1}')
+                print('{"id": 1, "op": "migrate", "kind": "result", "body": {}}')
                 print("hello from the migration")
         ''',
         },
     )
-    run = WorkerRun.start(make_request("migrate", make_view(spec), tmp_path, migs), Collector())
-    final = run.wait(30)
-    assert final is not None and final["type"] == "result" and "forged" not in final
-    assert "hello from the migration" in run.stderr_tail()
+    got = Collector()
+    session = WorkerSession.start(got)
+    session.submit(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)))
+    session.close()
+    assert session.wait(30)
+    (final,) = got.finals()
+    assert isinstance(final.body, p.MigrateDone) and final.body.steps == 1
+    assert "hello from the migration" in session.stderr_tail()
 
 
-def start_gated(tmp_path: Path, **over: Any) -> tuple[WorkerRun, Collector, LmdbSpec]:
+def start_gated(tmp_path: Path, **over: Any) -> tuple[WorkerSession, Collector, LmdbSpec]:
     spec = sample_lmdb(tmp_path / "db")
     migs = write_migrations(tmp_path / "migs", GATED_MIGRATIONS)
     got = Collector()
     env = {**os.environ, "GATE": str(tmp_path / "gate")}
-    request = make_request("migrate", make_view(spec), tmp_path, migs, **over)
-    run = WorkerRun.start(request, got, env=env)
-    wait_for(lambda: got.of("progress", phase="migrate"), timeout=30, what="the gated step to run")
-    return run, got, spec
+    session = WorkerSession.start(got, env=env)
+    session.submit(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs, **over)))
+    session.close()
+    wait_for(lambda: got.progress(p.Phase.MIGRATE), timeout=30, what="the gated step to run")
+    return session, got, spec
+
+
+def final_of(session: WorkerSession, got: Collector) -> p.Result | p.Failure:
+    assert session.wait(30)
+    (final,) = got.finals()
+    assert got.replies[-1] is final
+    return final.body  # type: ignore[return-value]
 
 
 def assert_step_left_nothing(spec: LmdbSpec) -> None:
@@ -254,35 +348,35 @@ def assert_step_left_nothing(spec: LmdbSpec) -> None:
     assert b"zz-uncommitted" not in read_values(spec)["data"]
 
 
-def test_cancel_sigkills_and_the_final_message_still_arrives(tmp_path: Path) -> None:
-    run, got, spec = start_gated(tmp_path)
-    run.cancel()
-    final = run.wait(30)
-    assert final is not None and final["type"] == "error"
-    assert final["message"].startswith("worker killed by SIGKILL")
-    assert final["error"] == "MigrationCancelled" and final["returncode"] == -signal.SIGKILL
-    assert got.messages[-1] is final
+def test_cancel_sigkills_and_the_final_reply_still_arrives(tmp_path: Path) -> None:
+    session, got, spec = start_gated(tmp_path)
+    session.cancel()
+    failure = final_of(session, got)
+    assert isinstance(failure, p.Failure)
+    assert failure.message.startswith("worker killed by SIGKILL")
+    assert failure.code is ErrorCode.CANCELLED and session.returncode == -signal.SIGKILL
     with pytest.raises(MigrationCancelled):
-        raise_for_error(final)
+        client.unwrap(failure, p.MigrateDone)
     assert_step_left_nothing(spec)
 
 
 def test_a_worker_killed_from_outside_is_reported_as_killed(tmp_path: Path) -> None:
-    run, _, spec = start_gated(tmp_path)
-    os.kill(run.pid, signal.SIGKILL)
-    final = run.wait(30)
-    assert final is not None and final["error"] == "WorkerError"
-    assert final["message"].startswith("worker killed by SIGKILL")
+    session, got, spec = start_gated(tmp_path)
+    os.kill(session.pid, signal.SIGKILL)
+    failure = final_of(session, got)
+    assert isinstance(failure, p.Failure) and failure.code is ErrorCode.WORKER
+    assert failure.message.startswith("worker killed by SIGKILL")
     assert_step_left_nothing(spec)
 
 
 def test_terminate_cancels_at_the_next_check_and_rolls_the_step_back(tmp_path: Path) -> None:
-    run, _, spec = start_gated(tmp_path)
+    session, got, spec = start_gated(tmp_path)
     running = history.now_iso()  # the step has been running (and reporting) since before this
-    run.terminate()
-    final = run.wait(30)
-    assert final is not None and final["error"] == "MigrationCancelled", final
-    assert final["returncode"] == int(ExitCode.MIGRATION)
+    session.terminate()
+    failure = final_of(session, got)
+    assert isinstance(failure, p.Failure) and failure.code is ErrorCode.CANCELLED, failure
+    assert session.returncode == int(ExitCode.MIGRATION)
+    assert failure.backup_id is not None  # the backup it took before the first write is named
     assert_step_left_nothing(spec)
     entries = history.read(tmp_path / "history.jsonl").entries
     assert (entries[-1].kind.value, entries[-1].result.value, entries[-1].to_version) == (
@@ -295,28 +389,71 @@ def test_terminate_cancels_at_the_next_check_and_rolls_the_step_back(tmp_path: P
 
 
 def test_request_timeout_cancels_the_migration(tmp_path: Path) -> None:
-    run, _, spec = start_gated(tmp_path, timeout=0.5)
-    final = run.wait(30)
-    assert final is not None and final["error"] == "MigrationCancelled"
-    assert "migrations.timeout of 0.5s expired" in final["message"]
+    session, got, spec = start_gated(tmp_path, timeout=0.5)
+    failure = final_of(session, got)
+    assert isinstance(failure, p.Failure) and failure.code is ErrorCode.CANCELLED
+    assert "migrations.timeout of 0.5s expired" in failure.message
     assert_step_left_nothing(spec)
 
 
-def test_run_worker_timeout_kills_the_worker(tmp_path: Path) -> None:
+def test_run_timeout_kills_the_worker(tmp_path: Path) -> None:
     spec = sample_lmdb(tmp_path / "db")
     migs = write_migrations(tmp_path / "migs", GATED_MIGRATIONS)
-    request = make_request("migrate", make_view(spec), tmp_path, migs, backup={"enabled": False})
-    final = run_worker(request, timeout=2.0, env={**os.environ, "GATE": str(tmp_path / "gate")})
-    assert final["error"] == "MigrationCancelled" and "timed out after 2s" in final["message"]
+    settings = make_settings(make_view(spec), tmp_path, migs, backup=p.BackupSettings(enabled=False))
+    env = {**os.environ, "GATE": str(tmp_path / "gate")}
+    failure = one(p.MigrateRequest(settings), timeout=2.0, env=env)
+    assert isinstance(failure, p.Failure) and failure.code is ErrorCode.CANCELLED
+    assert "timed out after 2s" in failure.message
     assert_step_left_nothing(spec)
 
 
 def test_gate_open_lets_the_step_commit(tmp_path: Path) -> None:
-    run, _, spec = start_gated(tmp_path)
+    session, got, spec = start_gated(tmp_path)
     (tmp_path / "gate").touch()
-    final = run.wait(30)
-    assert final is not None and final["type"] == "result", final
+    done = final_of(session, got)
+    assert isinstance(done, p.MigrateDone), done
     assert read_marker_version(spec, instance=INSTANCE) == 2
+
+
+FORKING_STEP = {
+    "0001_init.py": BASIC_MIGRATIONS["0001_init.py"],
+    "0002_forks.py": '''
+        """Leave a grandchild behind that holds every fd the worker had (a double fork)."""
+        import os
+        import time
+
+        VERSION = 2
+
+        def upgrade(m):
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    with open(os.environ["STRAY_PID"], "w") as f:
+                        f.write(str(os.getpid()))
+                    time.sleep(600)
+                os._exit(0)
+            os.wait()
+    ''',
+}
+
+
+def test_a_stray_grandchild_holding_the_pipes_does_not_hold_the_session(tmp_path: Path) -> None:
+    spec = sample_lmdb(tmp_path / "db")
+    migs = write_migrations(tmp_path / "migs", FORKING_STEP)
+    stray_file = tmp_path / "stray.pid"
+    got = Collector()
+    env = {**os.environ, "STRAY_PID": str(stray_file)}
+    session = WorkerSession.start(got, env=env)
+    session.submit(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)))
+    session.close()
+    try:
+        # The worker exits after its reply; the stray keeps its stdout open, yet the session ends.
+        assert session.wait(30), "the session waited on a pipe held by a stray"
+        (final,) = got.finals()
+        assert isinstance(final.body, p.MigrateDone)
+    finally:
+        stray = int(wait_for(lambda: stray_file.exists() and stray_file.read_text(), what="the stray"))
+        os.kill(stray, signal.SIGKILL)
 
 
 def test_overlap_knob_records_write_brackets(tmp_path: Path) -> None:
@@ -324,8 +461,8 @@ def test_overlap_knob_records_write_brackets(tmp_path: Path) -> None:
     migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
     record = tmp_path / "record.jsonl"
     env = {**os.environ, OVERLAP_ENV: str(record)}
-    final = run_worker(make_request("migrate", make_view(spec), tmp_path, migs), env=env, timeout=60)
-    assert final["type"] == "result"
+    done = one(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)), env=env, timeout=60)
+    assert isinstance(done, p.MigrateDone)
     events = [json.loads(line) for line in record.read_text().splitlines()]
     assert [e["event"] for e in events] == ["write_txn_begin", "write_txn_end"]
     assert all(e["pid"] != os.getpid() for e in events)
@@ -339,10 +476,10 @@ def test_overlap_knob_fails_the_op_while_the_standin_lock_is_held(tmp_path: Path
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # what the LS stand-in holds for its whole life
         env = {**os.environ, OVERLAP_ENV: str(record)}
-        final = run_worker(make_request("migrate", make_view(spec), tmp_path, migs), env=env, timeout=60)
+        failure = one(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)), env=env, timeout=60)
     finally:
         os.close(fd)
-    assert final["type"] == "error" and "runs during" in final["message"]
+    assert isinstance(failure, p.Failure) and "runs during" in failure.message
     assert [json.loads(line)["event"] for line in record.read_text().splitlines()] == ["overlap"]
     assert read_marker_version(spec, instance=INSTANCE) == 1
 
@@ -364,21 +501,24 @@ def test_readers_name_another_process_holding_the_lmdb(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    request = p.ReadersRequest(make_settings(make_view(spec), tmp_path))
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        final = run_worker(make_request("readers", make_view(spec), tmp_path), timeout=30)
+        result = one(request, timeout=30)
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
-    (entry,) = final["lmdbs"]
-    assert entry["open_by_pid"] == holder.pid
-    (reader,) = entry["readers"]
-    assert reader["pid"] == holder.pid and reader["alive"] and reader["txnid"] is not None
-    assert "python" in reader["name"]
+    assert isinstance(result, p.ReadersResult)
+    (entry,) = result.lmdbs
+    assert entry.open_by_pid == holder.pid
+    (reader,) = entry.readers
+    assert reader.pid == holder.pid and reader.alive and reader.txnid is not None
+    assert "python" in reader.name
     # once it is gone, nobody is reported
-    after = run_worker(make_request("readers", make_view(spec), tmp_path), timeout=30)
-    assert after["lmdbs"][0]["readers"] == [] and after["lmdbs"][0]["open_by_pid"] is None
+    after = one(request, timeout=30)
+    assert isinstance(after, p.ReadersResult)
+    assert after.lmdbs[0].readers == () and after.lmdbs[0].open_by_pid is None
 
 
 def test_plan_stamp_and_fleet(tmp_path: Path) -> None:
@@ -386,19 +526,21 @@ def test_plan_stamp_and_fleet(tmp_path: Path) -> None:
     # another instance's marker, synced into our LMDB by LS
     build_lmdb(spec, {}, marker=3, instance="node-2")
     migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
-    view = make_view(spec)
-    refused = run_worker(make_request("plan", view, tmp_path, migs), timeout=30)
-    assert refused["error"] == "UnmarkedDatabase"
-    stamped = run_worker(make_request("stamp", view, tmp_path, migs, version=1), timeout=30)
-    assert stamped["lmdbs"] == [{"lmdb": "main", "from": None, "to": 1}]
-    planned = run_worker(make_request("plan", view, tmp_path, migs, target=2), timeout=30)
-    assert planned["target"] == 2 and planned["newest"] == 3
-    assert [(s["from"], s["to"], s["migration"]) for s in planned["steps"]] == [(1, 2, "0002_upper")]
-    fleet = run_worker(make_request("fleet", view, tmp_path), timeout=30)
-    seen = {(m["instance"], m["version"]) for m in fleet["lmdbs"][0]["markers"]}
-    assert seen == {(INSTANCE, 1), ("node-2", 3)}
-    too_far = run_worker(make_request("stamp", view, tmp_path, migs, version=9), timeout=30)
-    assert too_far["error"] == "MigrationError" and "0..3" in too_far["message"]
+    settings = make_settings(make_view(spec), tmp_path, migs)
+    refused = one(p.PlanRequest(settings), timeout=30)
+    assert isinstance(refused, p.Failure) and refused.code is ErrorCode.UNMARKED
+    stamped = one(p.StampRequest(settings, version=1), timeout=30)
+    assert isinstance(stamped, p.StampResult) and stamped.lmdbs == (p.Stamped("main", None, 1),)
+    planned = one(p.PlanRequest(settings, target=2), timeout=30)
+    assert isinstance(planned, p.PlanResult) and planned.target == 2 and planned.newest == 3
+    assert [(s.from_version, s.to_version, s.migration) for s in planned.steps] == [(1, 2, "0002_upper")]
+    fleet = one(p.FleetRequest(settings), timeout=30)
+    assert isinstance(fleet, p.FleetResult)
+    assert {(m.instance, m.version) for m in fleet.lmdbs[0].markers} == {(INSTANCE, 1), ("node-2", 3)}
+    too_far = one(p.StampRequest(settings, version=9), timeout=30)
+    assert (
+        isinstance(too_far, p.Failure) and too_far.code is ErrorCode.MIGRATION and "0..3" in too_far.message
+    )
     kinds = [(e.kind.value, e.to_version) for e in history.read(tmp_path / "history.jsonl").entries]
     assert kinds == [("stamp", 1)]
 
@@ -407,12 +549,12 @@ def test_empty_and_missing_lmdbs_are_stamped_with_the_target_without_backup(tmp_
     empty = build_lmdb(tmp_path / "empty", {}, name="empty")
     missing = LmdbSpec(name="missing", path=str(tmp_path / "missing"))
     (tmp_path / "missing").mkdir()
-    one = BASIC_MIGRATIONS["0001_init.py"].replace("VERSION = 1", 'VERSION = 1\n        LMDB = "empty"')
-    migs = write_migrations(tmp_path / "migs", {"0001_init.py": one})
-    final = run_worker(make_request("migrate", make_view(empty, missing), tmp_path, migs), timeout=30)
-    assert final["type"] == "result", final
-    assert final["backup_id"] is None
-    assert {e["lmdb"]: (e["after"], e["stamped"]) for e in final["lmdbs"]} == {
+    first = BASIC_MIGRATIONS["0001_init.py"].replace("VERSION = 1", 'VERSION = 1\n        LMDB = "empty"')
+    migs = write_migrations(tmp_path / "migs", {"0001_init.py": first})
+    done = one(p.MigrateRequest(make_settings(make_view(empty, missing), tmp_path, migs)), timeout=30)
+    assert isinstance(done, p.MigrateDone), done
+    assert done.backup_id is None
+    assert {e.lmdb: (e.after.version if e.after else None, e.stamped) for e in done.lmdbs} == {
         "empty": (1, "empty"),
         "missing": (1, "empty"),
     }
@@ -425,7 +567,9 @@ def test_min_pid_starts_the_worker_above_the_floor(tmp_path: Path) -> None:
     if floor >= int(Path("/proc/sys/kernel/pid_max").read_text()):
         pytest.skip("too close to pid_max to raise the floor")
     spec = sample_lmdb(tmp_path / "db")
-    run = WorkerRun.start(make_request("markers", make_view(spec), tmp_path), Collector(), min_pid=floor)
-    final = run.wait(30)
-    assert final is not None and final["type"] == "result"
-    assert run.pid >= floor
+    got = Collector()
+    session = WorkerSession.start(got, min_pid=floor)
+    session.submit(p.MarkersRequest(make_settings(make_view(spec), tmp_path)))
+    session.close()
+    assert session.wait(30) and isinstance(got.finals()[0].body, p.MarkersResult)
+    assert session.pid >= floor

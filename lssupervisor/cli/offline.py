@@ -18,9 +18,9 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from lssupervisor import fsutil
 from lssupervisor.config import Config, load_config, resolve_target
@@ -32,15 +32,10 @@ from lssupervisor.errors import (
 )
 from lssupervisor.lsmodel import LsView
 from lssupervisor.proc import describe_pid
-from lssupervisor.worker import backupdir, history, migrations
-from lssupervisor.worker.client import (
-    Message,
-    build_request,
-    describe_progress,
-    raise_for_error,
-    run_worker,
-)
+from lssupervisor.worker import backupdir, client, history, migrations
+from lssupervisor.worker import protocol as p
 from lssupervisor.worker.migrations import MigrationSet
+from lssupervisor.worker.wire import to_wire
 
 # Names a Lightning Stream process goes by (the real binary, and the test stand-in).
 _LS_NAMES = ("lightningstream",)
@@ -78,43 +73,63 @@ def locked(cfg: Config, view: LsView, purpose: str) -> Iterator[Sequence[int]]:
         yield (held.fileno(),)
 
 
-def _run(
+R = TypeVar("R")
+
+
+def _call(
     cfg: Config,
-    request: Message,
+    request: p.Request,
+    expected: type[R],
     fds: Sequence[int] = (),
-    on_message: _Progress | None = None,
+    *,
+    on_reply: _Progress | None = None,
     timeout: float | None = None,
-) -> Message:
-    """One worker run to its end; its error becomes the matching SupervisorError. Every worker opens an
-    LMDB, so each one starts above ``lightningstream.min_pid`` (the PID-keyed lock table)."""
-    final = run_worker(request, on_message, timeout, min_pid=cfg.lightningstream.min_pid, pass_fds=fds)
-    return raise_for_error(final)
+) -> R:
+    """One request in its own worker; its failure becomes the matching SupervisorError. Every worker
+    opens an LMDB, so each one starts above ``lightningstream.min_pid`` (the PID-keyed lock table)."""
+    return client.call(
+        request, expected, on_reply, timeout=timeout, min_pid=cfg.lightningstream.min_pid, pass_fds=fds
+    )
 
 
-def _looks_like_ls(entry: Mapping[str, Any]) -> bool:
-    name = str(entry.get("name", ""))
-    cmdline = " ".join(str(a) for a in entry.get("cmdline", []))
-    return any(n in name or n in cmdline for n in _LS_NAMES)
+def _looks_like_ls(name: str, cmdline: Sequence[str]) -> bool:
+    text = " ".join(cmdline)
+    return any(n in name or n in text for n in _LS_NAMES)
 
 
-def refuse_if_ls_runs(cfg: Config, view: LsView, fds: Sequence[int]) -> None:
+def refuse_if_ls_runs(result: p.ReadersResult) -> None:
     """Refuse when a Lightning Stream process has one of the LMDBs open (the daemon may be gone but
     its LS not, or someone started LS by hand)."""
-    final = _run(cfg, build_request("readers", cfg, view), fds)
-    for entry in final["lmdbs"]:
-        for reader in entry["readers"]:
-            if reader.get("alive") and _looks_like_ls(reader):
+    for entry in result.lmdbs:
+        for reader in entry.readers:
+            if reader.alive and _looks_like_ls(reader.name, reader.cmdline):
                 raise LightningStreamRunning(
-                    f"LMDB {entry['lmdb']!r}: Lightning Stream pid {reader['pid']} has it open; stop it "
+                    f"LMDB {entry.lmdb!r}: Lightning Stream pid {reader.pid} has it open; stop it "
                     "before migrating (LS must never run during a migration)"
                 )
-        holder = entry.get("open_by_pid")
+        holder = entry.open_by_pid
         if holder:
-            info = describe_pid(int(holder))
-            if info["alive"] and _looks_like_ls(info):
+            info = describe_pid(holder)
+            if info["alive"] and _looks_like_ls(str(info["name"]), [str(c) for c in info["cmdline"]]):
                 raise LightningStreamRunning(
-                    f"LMDB {entry['lmdb']!r}: Lightning Stream pid {holder} has it open; stop it first"
+                    f"LMDB {entry.lmdb!r}: Lightning Stream pid {holder} has it open; stop it first"
                 )
+
+
+def _guarded(
+    cfg: Config,
+    request: p.Request,
+    expected: type[R],
+    fds: Sequence[int],
+    *,
+    on_reply: _Progress | None = None,
+    timeout: float | None = None,
+) -> R:
+    """``request`` once no LS has an LMDB open: the readers check and the write run in ONE worker,
+    the write sent only after the check passed."""
+    with client.Conversation(on_reply, min_pid=cfg.lightningstream.min_pid, pass_fds=fds) as worker:
+        refuse_if_ls_runs(worker.ask(p.ReadersRequest(request.settings), p.ReadersResult))
+        return worker.ask(request, expected, timeout)
 
 
 class _Progress:
@@ -124,16 +139,12 @@ class _Progress:
         self.out = out
         self.quiet_logs = quiet_logs
 
-    def __call__(self, msg: Message) -> None:
-        kind = msg.get("type")
-        if kind == "progress":
-            line = describe_progress(msg)
-            if line:
-                print(line, file=self.out, flush=True)
-        elif kind == "log" and not self.quiet_logs:
-            level = str(msg.get("level", "info"))
-            if level in ("warning", "error", "critical"):
-                print(f"lssupervisor: {level}: {msg.get('msg')}", file=self.out, flush=True)
+    def __call__(self, reply: p.Reply) -> None:
+        body = reply.body
+        if isinstance(body, p.Progress):
+            print(p.describe(body), file=self.out, flush=True)
+        elif isinstance(body, p.LogLine) and not self.quiet_logs and body.level in ("warning", "error"):
+            print(f"lssupervisor: {body.level}: {body.msg}", file=self.out, flush=True)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -152,10 +163,6 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def _clean(final: Message) -> Message:
-    return {k: v for k, v in final.items() if k not in ("type", "returncode")}
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -172,28 +179,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     target = resolve_target(cfg, args.to)
     # Read-only (LMDB readers never block anyone): no lock, works while the daemon runs too.
-    final = _run(cfg, build_request("plan", cfg, view, target=target))
+    result = _call(cfg, p.PlanRequest(client.settings(cfg, view), target), p.PlanResult)
     if args.json:
-        _print_json(_clean(final))
+        _print_json(to_wire(result))
         return 0
     print(
         _table(
             ["LMDB", "MARKER", "FROM", "TARGET", "ACTION"],
-            [
-                [p["lmdb"], p["marker_version"], p["current"], final["target"], p["action"]]
-                for p in final["lmdbs"]
-            ],
+            [[pl.lmdb, pl.marker_version, pl.current, result.target, pl.action.value] for pl in result.lmdbs],
         )
     )
-    steps = final["steps"]
-    if steps:
+    if result.steps:
         print()
         print(
             _table(
                 ["#", "LMDB", "FROM", "TO", "MIGRATION", "STRATEGY", "DESCRIPTION"],
                 [
-                    [i, s["lmdb"], s["from"], s["to"], s["migration"], s["strategy"], s["description"]]
-                    for i, s in enumerate(steps, start=1)
+                    [i, s.lmdb, s.from_version, s.to_version, s.migration, s.strategy, s.description]
+                    for i, s in enumerate(result.steps, start=1)
                 ],
             )
         )
@@ -205,11 +208,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     target = resolve_target(cfg, args.to)
-    op = "dry_run" if args.dry_run else "migrate"
-    extra: dict[str, Any] = {}
-    if args.no_backup:
-        extra["backup_enabled"] = False
-    request = build_request(op, cfg, view, target=target, **extra)
+    settings = client.settings(cfg, view, backup_enabled=False if args.no_backup else None)
     # The worker cancels itself at migrations.timeout; the extra time is the backstop for a hang.
     timeout = None if cfg.migrations.timeout is None else cfg.migrations.timeout + 30.0
     if args.dry_run:
@@ -217,47 +216,50 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # the live LMDB read-only (MDB_RDONLY), takes a compact copy under one read transaction (which
         # blocks no writer), runs the plan on the copy in a private .dryrun-*.partial directory and
         # deletes it. It writes nothing to the live LMDB, the history or the backups.
-        final = _run(cfg, request, (), _Progress(sys.stderr), timeout)
-    else:
-        with locked(cfg, view, "migrate") as fds:
-            refuse_if_ls_runs(cfg, view, fds)
-            final = _run(cfg, request, fds, _Progress(sys.stderr), timeout)
-    if args.json:
-        _print_json(_clean(final))
-        return 0
-    if args.dry_run:
+        request = p.DryRunRequest(settings, target)
+        dry = _call(cfg, request, p.DryRunResult, on_reply=_Progress(sys.stderr), timeout=timeout)
+        if args.json:
+            _print_json(to_wire(dry))
+            return 0
         print(
             _table(
                 ["LMDB", "STEPS", "KEYS", "BYTES", "SECONDS", "LIVE TXN BEFORE", "LIVE TXN AFTER"],
                 [
                     [
-                        e["lmdb"],
-                        len(e["steps"]),
-                        e["keys"],
-                        e["bytes"],
-                        e["duration_s"],
-                        e["live_last_txnid_before"],
-                        e["live_last_txnid_after"],
+                        e.lmdb,
+                        len(e.steps),
+                        e.keys,
+                        e.bytes,
+                        e.duration_s,
+                        e.live_last_txnid_before,
+                        e.live_last_txnid_after,
                     ]
-                    for e in final["lmdbs"]
+                    for e in dry.lmdbs
                 ],
             )
         )
-        print(f"\ndry run to version {final['target']} on a copy; the dry run did not write the live LMDBs")
-        others = final.get("live_changed_by_others") or []
-        if others:
+        print(f"\ndry run to version {dry.target} on a copy; the dry run did not write the live LMDBs")
+        if dry.live_changed_by_others:
             print(
-                f"note: {', '.join(others)} changed meanwhile: LS or the application wrote to it while the "
-                "copy was taken (the dry run opens the live LMDB read-only)"
+                f"note: {', '.join(dry.live_changed_by_others)} changed meanwhile: LS or the application "
+                "wrote to it while the copy was taken (the dry run opens the live LMDB read-only)"
             )
         return 0
+    with locked(cfg, view, "migrate") as fds:
+        migrate = p.MigrateRequest(settings, target)
+        done = _guarded(cfg, migrate, p.MigrateDone, fds, on_reply=_Progress(sys.stderr), timeout=timeout)
+    if args.json:
+        _print_json(to_wire(done))
+        return 0
     rows = []
-    for e in final["lmdbs"]:
-        keys = sum(s["puts"] + s["deletes"] + s["copied"] + s["raw_writes"] for s in e["steps"])
-        rows.append([e["lmdb"], e["before"], e["after"], len(e["steps"]), keys, e["stamped"] or ""])
+    for e in done.lmdbs:
+        keys = sum(s.puts + s.deletes + s.copied + s.raw_writes for s in e.steps)
+        before = e.before.version if e.before else None
+        after = e.after.version if e.after else None
+        rows.append([e.lmdb, before, after, len(e.steps), keys, e.stamped or ""])
     print(_table(["LMDB", "BEFORE", "AFTER", "STEPS", "KEYS", "STAMPED"], rows))
-    backup_note = f"backup {final['backup_id']}" if final.get("backup_id") else "no backup taken"
-    print(f"\nmigrated to version {final['target']} in {final['duration_s']}s ({backup_note})")
+    backup_note = f"backup {done.backup_id}" if done.backup_id else "no backup taken"
+    print(f"\nmigrated to version {done.target} in {done.duration_s}s ({backup_note})")
     print("the daemon renders the LS config for the new version at its next start")
     return 0
 
@@ -267,11 +269,11 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     if args.version < 0:
         raise UsageError(f"stamp: version must be >= 0, got {args.version}")
     with locked(cfg, view, "stamp") as fds:
-        refuse_if_ls_runs(cfg, view, fds)
-        request = build_request("stamp", cfg, view, version=args.version, lmdb=args.lmdb)
-        final = _run(cfg, request, fds, _Progress(sys.stderr))
-    for e in final["lmdbs"]:
-        print(f"stamped LMDB {e['lmdb']}: {e['from'] if e['from'] is not None else 'unmarked'} -> {e['to']}")
+        request = p.StampRequest(client.settings(cfg, view), version=args.version, lmdb=args.lmdb)
+        result = _guarded(cfg, request, p.StampResult, fds, on_reply=_Progress(sys.stderr))
+    for e in result.lmdbs:
+        was = e.from_version if e.from_version is not None else "unmarked"
+        print(f"stamped LMDB {e.lmdb}: {was} -> {e.to_version}")
     return 0
 
 
@@ -346,20 +348,19 @@ def cmd_backups(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     with locked(cfg, view, "rollback") as fds:
-        refuse_if_ls_runs(cfg, view, fds)
-        request = build_request("rollback", cfg, view, backup_id=args.backup)
-        final = _run(cfg, request, fds, _Progress(sys.stderr))
-        rendered = _rerender(cfg, final.get("schema_version"))
-        restored = final.get("schema_version")
-        next_start = _next_start(cfg, view, fds, restored) if isinstance(restored, int) else None
-    for e in final["lmdbs"]:
-        what = "restored" if e["restored"] else "already in place"
-        print(f"LMDB {e['lmdb']}: {what} (version {e['from']} -> {e['to']})")
-    if final.get("pre_rollback_backup"):
-        print(f"the state before the rollback was saved as backup {final['pre_rollback_backup']}")
-    print(f"rolled back to backup {final['backup_id']} (schema version {final['schema_version']})")
+        request = p.RollbackRequest(client.settings(cfg, view), backup_id=args.backup)
+        result = _guarded(cfg, request, p.RollbackResult, fds, on_reply=_Progress(sys.stderr))
+        rendered = _rerender(cfg, result.schema_version)
+        restored = result.schema_version
+        next_start = _next_start(cfg, view, fds, restored) if restored is not None else None
+    for e in result.lmdbs:
+        what = "restored" if e.restored else "already in place"
+        print(f"LMDB {e.lmdb}: {what} (version {e.from_version} -> {e.to_version})")
+    if result.pre_rollback_backup:
+        print(f"the state before the rollback was saved as backup {result.pre_rollback_backup}")
+    print(f"rolled back to backup {result.backup_id} (schema version {result.schema_version})")
     if rendered:
-        print(f"LS config re-rendered for version {final['schema_version']}: {rendered}")
+        print(f"LS config re-rendered for version {result.schema_version}: {rendered}")
     if next_start is not None:
         summary, warning = next_start
         print(summary)
@@ -392,15 +393,16 @@ def _next_start(cfg: Config, view: LsView, fds: Sequence[int], restored: int) ->
     daemon would NOT stay on ``restored``, a warning saying so and how to pin the target: the daemon
     migrates straight back otherwise, undoing the rollback a few seconds after `systemctl start`."""
     try:
-        final = _run(cfg, build_request("plan", cfg, view, target=resolve_target(cfg, None)), fds)
+        request = p.PlanRequest(client.settings(cfg, view), resolve_target(cfg, None))
+        planned = _call(cfg, request, p.PlanResult, fds)
     except SupervisorError as exc:
         return (
             f"at its next start the daemon cannot plan from version {restored} (see the warning)",
             f"the daemon will not start LS on the restored version {restored}: {exc}",
         )
-    target = int(final["target"])
+    target = planned.target
     source, pin = _target_source(cfg, target)
-    moving = [p["lmdb"] for p in final["lmdbs"] if p["action"] != "none"]
+    moving = [pl.lmdb for pl in planned.lmdbs if pl.action is not p.PlanAction.NONE]
     if not moving:
         return f"at its next start the daemon stays on version {restored} (target {source})", None
     return (
@@ -412,10 +414,10 @@ def _next_start(cfg: Config, view: LsView, fds: Sequence[int], restored: int) ->
     )
 
 
-def _rerender(cfg: Config, version: Any) -> str | None:
+def _rerender(cfg: Config, version: int | None) -> str | None:
     """Point the rendered LS config back at the restored version (invariant I2). The daemon does the
     same at its next start; doing it here keeps a hand-started LS from using the newer prefix."""
-    if not isinstance(version, int):
+    if version is None:
         return None
     from lssupervisor.lsconfig import render as lsconfig
 
@@ -432,22 +434,24 @@ def _rerender(cfg: Config, version: Any) -> str | None:
 def cmd_fleet(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     # Read-only and harmless while the daemon runs (LMDB readers never block anyone), so no lock.
-    final = _run(cfg, build_request("fleet", cfg, view))
+    result = _call(cfg, p.FleetRequest(client.settings(cfg, view)), p.FleetResult)
     migs = _known_migrations(cfg, view)
-    for entry in final["lmdbs"]:
-        for m in entry["markers"]:
-            m["set_by"] = set_by(m, entry["lmdb"], migs)
     if args.json:
-        _print_json(_clean(final))
+        doc = to_wire(result)
+        for entry, lmdb_doc in zip(result.lmdbs, doc["lmdbs"], strict=True):
+            for m, marker_doc in zip(entry.markers, lmdb_doc["markers"], strict=True):
+                marker_doc["set_by"] = set_by(m, entry.lmdb, migs)
+        _print_json(doc)
         return 0
-    rows = []
-    for entry in final["lmdbs"]:
-        if not entry["markers"]:
-            rows.append([entry["lmdb"], "-", None, None, None, None])
-        for m in entry["markers"]:
-            me = " (this instance)" if m["instance"] == final["instance"] else ""
-            row = [entry["lmdb"], m["instance"] + me, m["version"], m["set_by"], m["time"], m["tool_version"]]
-            rows.append(row)
+    rows: list[list[Any]] = []
+    for entry in result.lmdbs:
+        if not entry.markers:
+            rows.append([entry.lmdb, "-", None, None, None, None])
+        for m in entry.markers:
+            me = " (this instance)" if m.instance == result.instance else ""
+            rows.append(
+                [entry.lmdb, m.instance + me, m.version, set_by(m, entry.lmdb, migs), m.time, m.tool_version]
+            )
     print(_table(["LMDB", "INSTANCE", "VERSION", "MIGRATION", "TIME", "TOOL"], rows))
     return 0
 
@@ -462,7 +466,7 @@ def _known_migrations(cfg: Config, view: LsView) -> MigrationSet | None:
         return None
 
 
-def set_by(m: Mapping[str, Any], lmdb: str, migs: MigrationSet | None) -> str:
+def set_by(m: p.Marker, lmdb: str, migs: MigrationSet | None) -> str:
     """What moved one marker (a ``fleet`` row) to its version, as far as the marker can tell.
 
     A marker records the migration that ran ON ITS LMDB. A marker-only step (this LMDB moved along with
@@ -470,12 +474,12 @@ def set_by(m: Mapping[str, Any], lmdb: str, migs: MigrationSet | None) -> str:
     migration files tell the two apart where they can: a step on this LMDB always records its name, so
     an empty name at a version whose migration is for this LMDB (or at one without a migration) was a
     stamp; at a version whose migration is for another LMDB only the marker moved."""
-    name = str(m.get("migration") or "")
+    name = m.migration
     if name:
         return name
     if migs is None:
         return "(no migration ran: stamp or marker only)"
-    version = int(m["version"])
+    version = m.version
     if 1 <= version <= migs.newest:
         mig = migs.get(version)
         if mig.lmdb != lmdb:

@@ -40,9 +40,17 @@ class RenderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ImportMigrations:
+    """Have the cycle's worker load the migrations' code while LS still runs: ``Imported`` or
+    ``TaskFailed(import)``."""
+
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProveGone:
     """LS is stopped: prove it (group empty, no process naming our config, no LS pid among the LMDB
-    readers, via a ``readers`` worker): ``GoneProven``."""
+    readers, via a ``readers`` request to the cycle's worker): ``GoneProven``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +178,7 @@ Action = (
     SweepOrphans
     | PrepareConfig
     | RenderConfig
+    | ImportMigrations
     | ProveGone
     | StartDrain
     | RunHook

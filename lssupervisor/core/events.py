@@ -8,9 +8,11 @@ on the loop's queue; only the loop thread calls the core.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from lssupervisor.errors import ExitCode
+from lssupervisor.core.states import Task
+from lssupervisor.errors import ErrorCode, ExitCode, Remedy
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +122,23 @@ class Planned:
 
 
 @dataclass(frozen=True, slots=True)
+class Imported:
+    """IMPORTING finished: the worker compiled and ran the migrations' module code (LS still runs)."""
+
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class TaskFailed:
     """The job named by ``task`` failed (a worker error, a hook or drain that could not start...).
-    ``error``: the worker's error class name (``SchemaTooNew``, ``MigrationCancelled``...)."""
+    ``code`` says what kind of failure; ``remedy`` what a person can do (worded by the core for the
+    daemon's context, :mod:`lssupervisor.core.reasons`)."""
 
-    task: str  # states.Task value
-    error: str
+    task: Task
+    code: ErrorCode
     message: str
     backup_id: str | None = None  # migrate: the backup taken before the first write, if any
+    remedy: Remedy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +163,21 @@ class HookFinished:
     message: str = ""
 
 
+class Stage(enum.Enum):
+    """Where a migration is (the core moves the sub-step and arms the step's time limit on changes)."""
+
+    BACKUP = "backup"
+    MIGRATE = "migrate"  # inside step ``step`` (its transaction is open)
+    COMMITTED = "committed"  # step ``step`` committed
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationProgress:
-    """A progress line of the migrate worker. ``phase``: backup | migrate | step_committed."""
+    """A progress report of the migration: ``text`` is for people ("migrating main 2→3: 45%")."""
 
-    phase: str
-    text: str  # "migrating main 2→3: 45%", "backing up main", "committed main 2→3 (1/2)"
+    stage: Stage
+    text: str
+    step: int = 0  # index of the step in the plan (MIGRATE, COMMITTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +224,7 @@ Event = (
     | ChildExited
     | Planned
     | TaskFailed
+    | Imported
     | GoneProven
     | DrainFinished
     | HookFinished

@@ -31,10 +31,12 @@ class State(enum.Enum):
 
 
 class Substep(enum.Enum):
-    """Sub-steps of RECONCILING, in cycle order (docs/reconcile.md). Only PLANNING and RENDERING happen
-    when there is nothing to migrate; the rest run with LS stopped (STOPPING purpose migration first)."""
+    """Sub-steps of RECONCILING, in cycle order (docs/reconcile.md; :data:`lssupervisor.core.tables.CYCLE`).
+    Only PLANNING and RENDERING happen when there is nothing to migrate; PLANNING and IMPORTING run
+    while LS still runs; PROVING to POST_HOOKS run with LS stopped (STOPPING purpose migration first)."""
 
     PLANNING = "PLANNING"  # load config, template, migrations; worker reads markers and plans
+    IMPORTING = "IMPORTING"  # the worker loads the migrations' code (LS still runs; time-limited)
     PROVING = "PROVING"  # LS stopped: prove it gone (group empty, no LS pid among the LMDB readers)
     DRAINING = "DRAINING"  # optional `sync --only-once` on the OLD config
     PRE_HOOKS = "PRE_HOOKS"
@@ -46,11 +48,12 @@ class Substep(enum.Enum):
 
 
 class Task(enum.Enum):
-    """The one asynchronous job the shell runs for the cycle (a worker op, the drain LS, a hook). Its
-    result event is accepted only while ``SupervisorState.task`` names it: a cancelled job's late result
-    is stale and ignored."""
+    """The one asynchronous job the shell runs for the cycle (a request to the cycle's worker, the drain
+    LS, a hook). Its result event is accepted only while ``SupervisorState.task`` names it: a cancelled
+    job's late result is stale and ignored."""
 
     PLAN = "plan"
+    IMPORT = "import"
     PROVE = "prove"
     DRAIN = "drain"
     HOOK = "hook"
@@ -186,6 +189,12 @@ class SupervisorState:
     task: Task | None = None
     cycle: Cycle | None = None
     progress: str | None = None  # "migrating main 2→3: 45%"
+    # The running job's time limit (import, each step of a migration, the backup), and its text for
+    # the reason when it expires ("migrations.step_timeout (1h)"). None: no limit runs.
+    task_deadline: float | None = None
+    task_limit: str | None = None
+    task_overdue: bool = False  # the limit expired and the job was cancelled
+    progress_mark: tuple[str, int] | None = None  # (stage, step index) the deadline was armed for
     park_exit: ExitCode = ExitCode.PARKED  # exit code of a shutdown while PARKED (TOO_NEW...)
     # Debounced file-watch trigger: reconcile at this time (reload: our config file changed).
     watch_due_at: float | None = None

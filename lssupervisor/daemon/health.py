@@ -21,6 +21,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,12 @@ class HealthProbe:
         return readiness(doc, self.dbs)
 
 
+# Readiness is probed every FAST_S for the first FAST_FOR_S after LS starts, then ever less often, up to
+# lightningstream.health_poll_interval. A /healthz probe on loopback costs well under a millisecond.
+FAST_S = 0.02
+FAST_FOR_S = 2.0
+
+
 class HealthPoller:
     """A daemon thread polling a probe every ``interval`` until LS is ready or :meth:`stop` is called.
 
@@ -173,7 +180,16 @@ class HealthPoller:
         if self._thread.ident is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def delay(self, elapsed: float) -> float:
+        """The wait before the next probe, ``elapsed`` seconds after polling began: FAST_S while LS is
+        likely to become ready any moment (readiness seen within milliseconds), then growing to
+        ``interval`` (a slow start, e.g. a big initial download, is not probed 50 times a second)."""
+        if elapsed < FAST_FOR_S:
+            return min(FAST_S, self.interval)
+        return min(self.interval, FAST_S * 2 ** ((elapsed - FAST_FOR_S) / FAST_FOR_S))
+
     def _run(self) -> None:
+        started = time.monotonic()
         while not self._stop.is_set():
             try:
                 result = self.probe.check()
@@ -193,4 +209,4 @@ class HealthPoller:
                         log.exception("health on_ready callback failed (pid=%d)", self.pid)
                 return
             # Event.wait is the poll interval, and stop() cuts it short.
-            self._stop.wait(self.interval)
+            self._stop.wait(self.delay(time.monotonic() - started))

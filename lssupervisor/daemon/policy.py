@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from lssupervisor.config import Config, RestartConfig
 from lssupervisor.core.backoff import BackoffPolicy
-from lssupervisor.core.lifecycle import CyclePolicy, Lifecycle, Timeouts
+from lssupervisor.core.cycle import CyclePolicy
+from lssupervisor.core.lifecycle import Lifecycle, Timeouts
 
 
 def backoff_policy(r: RestartConfig) -> BackoffPolicy:
@@ -39,6 +40,8 @@ def cycle_policy(cfg: Config) -> CyclePolicy:
         post_hooks=len(cfg.hooks.post_migrate),
         on_failure=cfg.schema.on_failure,
         debounce=float(cfg.watch.debounce),
+        import_timeout=float(cfg.migrations.import_timeout),
+        step_timeout=float(cfg.migrations.step_timeout),
     )
 
 

@@ -1,75 +1,54 @@
-"""The worker process's main: one request on stdin, JSON lines on a private fd, then exit."""
+"""The worker process's main loop: requests from stdin, one at a time, replies on a private fd.
+
+``python -m lssupervisor.worker`` (see :mod:`lssupervisor.worker.protocol`). Everything heavy
+(``lmdb``, the migrator) is imported before the first request is read, so a session the daemon starts
+while LS still runs has paid its start-up cost before LS goes down.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
-from lssupervisor.errors import (
-    ExitCode,
-    SupervisorError,
-    WorkerError,
-)
+from lssupervisor.errors import ErrorCode, ExitCode, SupervisorError
+from lssupervisor.worker import ops
+from lssupervisor.worker import protocol as p
 
-if TYPE_CHECKING:
-    pass
-
-from lssupervisor.worker.ops import run_op
-
-Message = dict[str, Any]
-OnMessage = Callable[[Message], None]
-
-WORKER_MODULE = "lssupervisor.worker"
-OVERLAP_ENV = "LSSUPERVISOR_TEST_OVERLAP_LOCK"
-PARENT_ENV = "LSSUPERVISOR_WORKER_PARENT"
-STDERR_TAIL_LINES = 200
-OPS = ("markers", "readers", "plan", "migrate", "dry_run", "stamp", "backup", "backups", "rollback", "fleet")
 _PR_SET_PDEATHSIG = 1
-_PROGRESS_INTERVAL_S = 0.1
 
 
-# ===================================================================================================
-# Worker side
-
-
-class _Protocol:
-    """JSON lines on the private protocol fd; one writer at a time (logging may come from threads)."""
+class _Channel:
+    """Replies on the private protocol fd; one writer at a time (logging may come from threads)."""
 
     def __init__(self, fd: int) -> None:
-        self._file = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        self._fd = fd
         self._lock = threading.Lock()
+        self.request_id = 0
+        self.op = p.Op.PLAN
 
-    def send(self, msg: Message) -> None:
-        line = json.dumps(msg, separators=(",", ":"), default=str)
+    def send(self, body: p.Progress | p.LogLine | p.Result | p.Failure) -> None:
+        data = p.encode_reply(self.request_id, self.op, body)
         with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
 
 
-class _ProtocolLogHandler(logging.Handler):
-    def __init__(self, send: Callable[[Message], None]) -> None:
+class _LogHandler(logging.Handler):
+    def __init__(self, channel: _Channel) -> None:
         super().__init__()
-        self._send = send
+        self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._send(
-                {
-                    "type": "log",
-                    "level": record.levelname.lower(),
-                    "logger": record.name,
-                    "msg": record.getMessage(),
-                }
-            )
+            self._channel.send(p.LogLine(record.levelname.lower(), record.name, record.getMessage()))
         except Exception:
             self.handleError(record)
 
@@ -79,50 +58,60 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    parent = os.environ.get(PARENT_ENV)
+    parent = os.environ.get(p.PARENT_ENV)
     if parent and parent.isdigit() and os.getppid() != int(parent):
         os._exit(int(ExitCode.SOFTWARE))  # the parent died before prctl took effect
 
 
+def _failure(exc: BaseException) -> p.Failure:
+    if isinstance(exc, SupervisorError):
+        return p.Failure(
+            code=exc.code,
+            message=exc.message,
+            exit_code=int(exc.exit_code),
+            remedy=exc.remedy,
+            backup_id=getattr(exc, "backup_id", None),
+        )
+    traceback.print_exc(file=sys.stderr)
+    return p.Failure(
+        code=ErrorCode.INTERNAL,
+        message=f"internal error in the worker: {type(exc).__name__}: {exc} (a bug; see stderr)",
+        exit_code=int(ExitCode.SOFTWARE),
+    )
+
+
 def main() -> None:
-    """``python -m lssupervisor.worker``: one request on stdin, JSON lines on stdout, then exit."""
-    proto_fd = os.dup(1)
+    """Serve requests until stdin ends; exit status: that of the last failed request, else 0."""
+    proto_fd = os.dup(1)  # non-inheritable: tools a migration starts never get the protocol
     os.dup2(2, 1)  # print() in a migration goes to stderr, never into the protocol
     sys.stdout = sys.stderr
-    proto = _Protocol(proto_fd)
+    channel = _Channel(proto_fd)
     _die_with_parent()
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())
+    root = logging.getLogger()
+    root.handlers[:] = [_LogHandler(channel)]
+    session = ops.Session(channel.send, cancel)
     code = int(ExitCode.OK)
-    try:
+    for raw in sys.stdin.buffer:
+        if not raw.strip():
+            continue
         try:
-            request = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-        except ValueError as exc:
-            raise WorkerError(f"worker request is not JSON: {exc}") from None
-        if not isinstance(request, dict):
-            raise WorkerError("worker request must be a JSON object")
-        handler = _ProtocolLogHandler(proto.send)
-        root = logging.getLogger()
-        root.handlers[:] = [handler]
-        root.setLevel(str(request.get("log_level") or "info").upper())
-        result = run_op(request, proto.send, cancel)
-        proto.send({"type": "result", "ok": True, "op": request.get("op"), **result})
-    except SupervisorError as exc:
-        code = int(exc.exit_code)
-        proto.send({"type": "error", "error": type(exc).__name__, "message": str(exc), "exit_code": code})
-    except Exception as exc:
-        traceback.print_exc(file=sys.stderr)
-        code = int(ExitCode.SOFTWARE)
-        proto.send(
-            {
-                "type": "error",
-                "error": type(exc).__name__,
-                "message": f"internal error in the worker: {type(exc).__name__}: {exc} (a bug; see stderr)",
-                "exit_code": code,
-            }
-        )
+            request_id, request = p.decode_request(raw)
+        except SupervisorError as exc:
+            # Cannot tell which request this was: say so on stderr and stop (a bug in the parent).
+            print(f"lssupervisor worker: {exc}", file=sys.stderr)
+            code = int(ExitCode.SOFTWARE)
+            break
+        channel.request_id, channel.op = request_id, p.OP_OF[type(request)]
+        root.setLevel(request.settings.log_level.upper())
+        cancel.clear()
+        try:
+            channel.send(session.serve(request))
+        except BaseException as exc:
+            failure = _failure(exc)
+            code = failure.exit_code
+            channel.send(failure)
     sys.stderr.flush()
-    # No atexit, no waiting for stray threads a migration may have left: the result is out.
+    # No atexit, no waiting for stray threads a migration may have left: the replies are out.
     os._exit(code)
-
-

@@ -30,9 +30,10 @@ from typing import Any
 import lmdb
 
 from lssupervisor import __version__
-from lssupervisor.errors import MigrationError
+from lssupervisor.errors import MigrationError, Remedy
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.worker import lsheader
+from lssupervisor.worker.protocol import Marker
 
 DEFAULT_MARKER_DBI = "lssupervisor"
 KEY_PREFIX = b"schema_version/"
@@ -58,42 +59,29 @@ def is_synced(dbi: str) -> bool:
     return not dbi.startswith(SYNC_PREFIX)
 
 
-@dataclass(frozen=True, slots=True)
-class Marker:
-    """One instance's schema marker. ``timestamp`` is the LS header timestamp (ns)."""
+def marker_json(marker: Marker) -> bytes:
+    """The marker's value as stored (the timestamp lives in the LS header, not in the JSON)."""
+    data = asdict(marker)
+    del data["timestamp"]
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
-    version: int
-    migration: str  # file stem of the migration that set it, "" for a stamp
-    checksum: str  # sha256 of that file, "" for a stamp
-    time: str  # RFC 3339 UTC of the write
-    tool_version: str
-    instance: str
-    timestamp: int = 0
 
-    def to_json(self) -> bytes:
-        data = asdict(self)
-        del data["timestamp"]  # lives in the LS header, not in the JSON
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, timestamp: int, where: str) -> Marker:
-        try:
-            data: Any = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            return cls(
-                version=int(data["version"]),
-                migration=str(data.get("migration", "")),
-                checksum=str(data.get("checksum", "")),
-                time=str(data.get("time", "")),
-                tool_version=str(data.get("tool_version", "")),
-                instance=str(data["instance"]),
-                timestamp=timestamp,
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MigrationError(
-                f"{where}: unreadable schema marker ({exc}); fix it with lssupervisor stamp N"
-            ) from exc
+def parse_marker(raw: bytes, timestamp: int, where: str) -> Marker:
+    try:
+        data: Any = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return Marker(
+            version=int(data["version"]),
+            migration=str(data.get("migration", "")),
+            checksum=str(data.get("checksum", "")),
+            time=str(data.get("time", "")),
+            tool_version=str(data.get("tool_version", "")),
+            instance=str(data["instance"]),
+            timestamp=timestamp,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MigrationError(f"{where}: unreadable schema marker ({exc})", remedy=Remedy.STAMP) from exc
 
 
 def new_marker(
@@ -178,8 +166,8 @@ def _shadow_timestamp(raw: bytes | memoryview, where: str, marker_dbi: str) -> i
         return lsheader.timestamp_of(raw)
     except lsheader.HeaderError as exc:
         raise MigrationError(
-            f"{where}: its shadow copy in {shadow_name(marker_dbi)!r} has no valid LS header ({exc}); "
-            "fix it: stop lssupervisor, run `lssupervisor stamp N`, then start it"
+            f"{where}: its shadow copy in {shadow_name(marker_dbi)!r} has no valid LS header ({exc})",
+            remedy=Remedy.STAMP,
         ) from exc
 
 
@@ -205,7 +193,7 @@ def _iter_markers(
             shadow_raw = txn.get(key, db=shadow)
             if shadow_raw is not None:
                 ts = _shadow_timestamp(shadow_raw, where, marker_dbi)
-        yield Marker.from_json(value, ts, where)
+        yield parse_marker(value, ts, where)
 
 
 def read_markers(
@@ -242,11 +230,9 @@ def read_marker(
         shadow_raw = None if shadow is None else txn.get(key, db=shadow)
         if shadow_raw is not None:
             ts = _shadow_timestamp(shadow_raw, where, marker_dbi)
-    marker = Marker.from_json(value, ts, where)
+    marker = parse_marker(value, ts, where)
     if marker.instance != instance:
-        raise MigrationError(
-            f"{where}: marker names instance {marker.instance!r}; fix it with lssupervisor stamp N"
-        )
+        raise MigrationError(f"{where}: marker names instance {marker.instance!r}", remedy=Remedy.STAMP)
     return marker
 
 
@@ -311,7 +297,7 @@ def write_marker(
     # Strictly newer than the marker it replaces, so LS never keeps the old one on merge.
     timestamp = max(clock(), previous + 1)
     marker = new_marker(version, instance, timestamp, migration, checksum)
-    payload = marker.to_json()
+    payload = marker_json(marker)
     headed = lsheader.encode(payload, timestamp, txn.id())
     if native:
         txn.put(key, headed, db=db)

@@ -47,7 +47,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lmdb
@@ -57,6 +57,7 @@ from lssupervisor.errors import (
     MapFull,
     MigrationCancelled,
     MigrationError,
+    Remedy,
     SupervisorError,
     UnmarkedDatabase,
     VerificationFailed,
@@ -68,7 +69,6 @@ from lssupervisor.worker.marker import (
     SHADOW_PREFIX,
     SYNC_PREFIX,
     Clock,
-    Marker,
     dbi_names,
     has_user_data,
     open_dbi,
@@ -87,6 +87,7 @@ from lssupervisor.worker.migrations import (
     import_migration,
     plan,
 )
+from lssupervisor.worker.protocol import MigrateResult, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -110,67 +111,11 @@ class Progress:
     migration: str
     done: int
     total: int
+    read: int = 0  # records read through the API so far in this step (to the nearest 1024)
+    written: int = 0  # records written through the API so far in this step
 
 
 ProgressFn = Callable[[Progress], None]
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """What one committed step did."""
-
-    lmdb: str
-    from_version: int
-    to_version: int
-    migration: str  # "" for a marker-only step
-    checksum: str
-    marker: Marker
-    puts: int  # entries written through the API (tombstones included)
-    deletes: int  # entries deleted (tombstoned) through the API
-    copied: int  # entries written by copy_dbi
-    raw_writes: int  # distinct keys touched through m.txn
-    bytes_written: int  # keys + values (headers included) written through the API
-    duration_s: float
-    txn_id: int
-    map_size: int  # the map size the step committed with
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "lmdb": self.lmdb,
-            "from_version": self.from_version,
-            "to_version": self.to_version,
-            "migration": self.migration,
-            "checksum": self.checksum,
-            "marker_time": self.marker.time,
-            "puts": self.puts,
-            "deletes": self.deletes,
-            "copied": self.copied,
-            "raw_writes": self.raw_writes,
-            "bytes_written": self.bytes_written,
-            "duration_s": round(self.duration_s, 6),
-            "txn_id": self.txn_id,
-            "map_size": self.map_size,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class MigrateResult:
-    """What :func:`migrate` did to one LMDB."""
-
-    lmdb: str
-    before: Marker | None
-    after: Marker | None
-    stamped: str  # "" | "empty" (unmarked and empty: stamped target) | "baseline"
-    steps: tuple[StepResult, ...] = field(default=())
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "lmdb": self.lmdb,
-            "before": self.before.version if self.before else None,
-            "after": self.after.version if self.after else None,
-            "stamped": self.stamped,
-            "steps": [s.to_json() for s in self.steps],
-        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,6 +274,17 @@ class MigrationApi:
         self.done = 0
         self.total = 0
         self._ticks = 0
+        # Records read, counted per 1024 in _tick: a heartbeat thread reads it (no per-record cost).
+        self.read = 0
+
+    @property
+    def written(self) -> int:
+        """Records written so far through the API (m.put, m.delete, copy_dbi, raw writes)."""
+        return self.puts + self.deletes + self.copied + len(self._raw_old)
+
+    def snapshot(self) -> Progress:
+        """The API's own counters as a progress report (read by the worker's heartbeat thread)."""
+        return Progress(self.lmdb, self.migration, self.done, self.total, self.read, self.written)
 
     # -- DBIs ---------------------------------------------------------------------------------------
 
@@ -750,6 +706,7 @@ class MigrationApi:
     def _tick(self) -> None:
         """Every 1024 entries: cancellation; every 64k: let go of the pages of the map we touched."""
         self._ticks += 1
+        self.read += _CANCEL_EVERY
         if self._cancel is not None:
             self._check_cancel()
         if not self._ticks & (_RELEASE_EVERY_TICKS - 1):
@@ -772,7 +729,7 @@ class MigrationApi:
         if done < total and now - self._last_progress < 0.25:
             return
         self._last_progress = now
-        self._progress_fn(Progress(self.lmdb, self.migration, done, total))
+        self._progress_fn(self.snapshot())
 
     def run(
         self, argv: Sequence[str], *, timeout: float | None = None, env: dict[str, str] | None = None
@@ -1071,6 +1028,7 @@ def run_step(
     grow_map: bool = False,
     max_map_size: int = 0,
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    on_start: Callable[[MigrationApi], None] | None = None,
 ) -> StepResult:
     """Run one step in ONE write transaction, marker included; commit or leave the LMDB untouched.
 
@@ -1104,6 +1062,8 @@ def run_step(
                 run_timeout=run_timeout,
             )
             api._check_cancel()
+            if on_start is not None:
+                on_start(api)  # the step's transaction is open: it is migrating from here on
             if mig is not None:
                 assert mig.upgrade is not None
                 try:
@@ -1195,8 +1155,8 @@ def _upgrade_error(mig: Migration, exc: Exception) -> MigrationError:
 def unmarked_with_data(spec: LmdbSpec, instance: str) -> UnmarkedDatabase:
     """The refusal for an LMDB with data and no marker (and no ``schema.baseline``)."""
     return UnmarkedDatabase(
-        f"LMDB {spec.name!r} at {spec.path} has data but no schema marker for instance {instance!r}; "
-        "if its data is at schema version N, run: lssupervisor stamp N (or configure schema.baseline)"
+        f"LMDB {spec.name!r} at {spec.path} has data but no schema marker for instance {instance!r}",
+        remedy=Remedy.BASELINE_OR_STAMP,
     )
 
 
@@ -1226,13 +1186,16 @@ def migrate(
     max_map_size: int = 0,
     on_step: Callable[[StepResult], None] | None = None,
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    on_start: Callable[[MigrationApi], None] | None = None,
 ) -> MigrateResult:
     """Bring one LMDB from its marker to ``target`` (default newest), one transaction per step.
 
     Unmarked LMDB: without user data it is stamped ``target``; with data, ``baseline`` is taken as its
     version, else UnmarkedDatabase. A marker whose migration file changed raises ChecksumMismatch; a
     marker above the newest migration raises SchemaTooNew. ``on_step`` is called after each commit
-    (record history there). On failure after k steps, the LMDB is consistently at step k.
+    (record history there); ``on_start`` when each step's transaction is open, with its API object
+    (whose counters a heartbeat may read from another thread). On failure after k steps, the LMDB is
+    consistently at step k.
     """
     with env.begin(write=False) as txn:
         before = read_marker(env, txn, instance, native=spec.native, marker_dbi=marker_dbi)
@@ -1273,6 +1236,7 @@ def migrate(
             grow_map=grow_map,
             max_map_size=max_map_size,
             run_timeout=run_timeout,
+            on_start=on_start,
         )
         results.append(result)
         after = result.marker

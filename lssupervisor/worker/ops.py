@@ -1,4 +1,18 @@
-"""The worker's operations: each serves one request with the LMDBs open in this process."""
+"""The worker's operations: each serves one typed request with the LMDBs open in this process.
+
+:class:`Session` lives as long as the worker process and serves requests in order
+(:mod:`lssupervisor.worker.main` feeds it). Between requests it keeps only what is safe to keep: the
+migrations an ``import`` request loaded (compiled once, executed once), so that a reconcile cycle
+imports them while LS still runs and the ``migrate`` request that follows with LS stopped starts
+writing at once. LMDB environments are opened per request and closed when it ends: an environment left
+open across LS's run would see LS's map resizes and hold reader slots for nothing.
+
+Test knob: with ``LSSUPERVISOR_TEST_OVERLAP_LOCK=/path/record.jsonl`` every LMDB write (migration
+steps, stamp, restore) happens while holding ``flock(LOCK_EX|LOCK_NB)`` on ``/path/record.jsonl.lock``
+and is bracketed by ``write_txn_begin``/``write_txn_end`` lines in the record; the Lightning Stream
+stand-in holds ``LOCK_SH`` on that file for its whole life, so failing to get the lock (recorded as
+``overlap``, and the op fails) proves LS ran during a write.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import lmdb
 
@@ -26,108 +38,118 @@ from lssupervisor.errors import (
     UsageError,
     WorkerError,
 )
-from lssupervisor.lsmodel import LmdbSpec, LsView
+from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.proc import describe_pid
 from lssupervisor.worker import backup, backupdir, history, marker, migrations, migrator
+from lssupervisor.worker import protocol as p
+from lssupervisor.worker.protocol import OVERLAP_ENV
 
-if TYPE_CHECKING:
-    pass
+log = logging.getLogger(__name__)
 
-
-Message = dict[str, Any]
-OnMessage = Callable[[Message], None]
-
-WORKER_MODULE = "lssupervisor.worker"
-OVERLAP_ENV = "LSSUPERVISOR_TEST_OVERLAP_LOCK"
-PARENT_ENV = "LSSUPERVISOR_WORKER_PARENT"
-STDERR_TAIL_LINES = 200
-OPS = ("markers", "readers", "plan", "migrate", "dry_run", "stamp", "backup", "backups", "rollback", "fleet")
-_PR_SET_PDEATHSIG = 1
-_PROGRESS_INTERVAL_S = 0.1
+Send = Callable[[p.Progress | p.LogLine | p.Result | p.Failure], None]
+# Progress of the same kind goes out at most this often (the first of each step always goes out).
+PROGRESS_INTERVAL_S = 0.1
+# The API's own counters give a heartbeat at least this often during a step, with no code in the
+# migration (m.progress refines it).
+HEARTBEAT_S = 2.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# request fields
+class Session:
+    """The worker's state across requests: the reply channel, cancellation, loaded migrations."""
 
+    def __init__(self, send: Send, cancel: threading.Event) -> None:
+        self.send = send
+        self.cancel = cancel
+        self._loaded: dict[tuple[str, tuple[str, ...]], migrations.MigrationSet] = {}
 
-def _field(request: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
-    value = request.get(key)
-    if value is None and optional:
-        return None
-    if kind is int and isinstance(value, bool):
-        raise WorkerError(f"worker request: {key}: expected an integer, got {value!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind):
-        raise WorkerError(f"worker request: {key}: expected {kind.__name__}, got {value!r}")
-    return value
+    def migrations(self, settings: p.Settings, *, load: bool) -> migrations.MigrationSet:
+        """The migration set: discovered (``load`` False: AST only, no code runs) or loaded (compiled
+        and executed once per session; an ``import`` request does it ahead of ``migrate``)."""
+        source = settings.migrations
+        if not source:
+            raise WorkerError(
+                "worker request: settings.migrations: the migrations directory or package is not set"
+            )
+        names = tuple(s.name for s in settings.ls.lmdbs)
+        key = (source, names)
+        if not load:
+            cached = self._loaded.get(key)
+            return cached if cached is not None else migrations.discover(source, names)
+        found = self._loaded.get(key)
+        if found is not None:
+            # Loaded earlier in this session: still the same files? (a file changed in between is
+            # refused by the checksum check, as a file changed after it was applied is.)
+            fresh = migrations.discover(source, names)
+            if [m.checksum for m in fresh.migrations] == [m.checksum for m in found.migrations]:
+                return found
+        found = migrations.load(source, names)
+        self._loaded[key] = found
+        return found
 
-
-@dataclasses.dataclass
-class Job:
-    """One request being served: parsed fields, open environments, cancellation."""
-
-    request: Mapping[str, Any]
-    send: Callable[[Message], None]
-    cancel: threading.Event
-    view: LsView
-    marker_dbi: str
-    history_path: Path | None
-    backup_dir: Path | None
-    backup_keep: int
-    backup_enabled: bool
-    deadline: float | None
-    timeout: float | None
-    envs: dict[str, lmdb.Environment] = dataclasses.field(default_factory=dict)
-    _last_progress: float = 0.0
-
-    @classmethod
-    def parse(
-        cls, request: Mapping[str, Any], send: Callable[[Message], None], cancel: threading.Event
-    ) -> Job:
-        ls = request.get("ls")
-        if not isinstance(ls, dict):
-            raise WorkerError("worker request: ls: expected the LS view object")
+    def serve(self, request: p.Request) -> p.Result:
+        job = Job(self, request.settings)
         try:
-            view = LsView.from_json(ls)
-        except (KeyError, TypeError) as exc:
-            raise WorkerError(f"worker request: ls: bad LS view ({exc})") from None
-        bk = request.get("backup") or {}
-        if not isinstance(bk, dict):
-            raise WorkerError("worker request: backup: expected an object")
-        timeout = _field(request, "timeout", float, optional=True)
-        hist = request.get("history")
-        bdir = bk.get("dir")
-        return cls(
-            request=request,
-            send=send,
-            cancel=cancel,
-            view=view,
-            marker_dbi=str(request.get("marker_dbi") or marker.DEFAULT_MARKER_DBI),
-            history_path=Path(hist) if hist else None,
-            backup_dir=Path(bdir) if bdir else None,
-            backup_keep=int(bk.get("keep", 5)),
-            backup_enabled=bool(bk.get("enabled", True)),
-            deadline=time.monotonic() + timeout if timeout else None,
-            timeout=timeout,
-        )
+            match request:
+                case p.PlanRequest():
+                    return _op_plan(job, request)
+                case p.ImportRequest():
+                    return _op_import(job, request)
+                case p.MarkersRequest():
+                    return _op_markers(job)
+                case p.ReadersRequest():
+                    return _op_readers(job)
+                case p.MigrateRequest():
+                    return _op_migrate(job, request)
+                case p.DryRunRequest():
+                    return _op_dry_run(job, request)
+                case p.StampRequest():
+                    return _op_stamp(job, request)
+                case p.BackupRequest():
+                    return _op_backup(job, request)
+                case p.BackupsRequest():
+                    return _op_backups(job)
+                case p.RollbackRequest():
+                    return _op_rollback(job, request)
+                case p.FleetRequest():
+                    return _op_fleet(job)
+        finally:
+            job.close()
+        raise WorkerError(f"worker: no op serves {type(request).__name__}")
+
+
+class Job:
+    """One request being served: its settings, open environments, cancellation, progress."""
+
+    def __init__(self, session: Session, settings: p.Settings) -> None:
+        self.session = session
+        self.settings = settings
+        self.view = settings.ls
+        self.marker_dbi = settings.marker_dbi
+        self.history_path = Path(settings.history) if settings.history else None
+        self.backup_dir = Path(settings.backup.dir) if settings.backup.dir else None
+        self.timeout = settings.timeout
+        self.deadline = time.monotonic() + settings.timeout if settings.timeout else None
+        self.envs: dict[str, lmdb.Environment] = {}
+        self._last_progress = 0.0
 
     @property
     def instance(self) -> str:
         return self.view.instance
 
     def cancelled(self) -> bool:
-        return self.cancel.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+        return self.session.cancel.is_set() or (
+            self.deadline is not None and time.monotonic() > self.deadline
+        )
 
-    def progress(self, event: Message, *, force: bool = False) -> None:
+    def progress(self, event: p.Progress, *, force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self._last_progress >= _PROGRESS_INTERVAL_S:
+        if force or now - self._last_progress >= PROGRESS_INTERVAL_S:
             self._last_progress = now
-            self.send({"type": "progress", **event})
+            self.session.send(event)
 
     def need_backup_dir(self) -> Path:
         if self.backup_dir is None:
-            raise WorkerError("worker request: backup.dir is required for this op")
+            raise WorkerError("worker request: settings.backup.dir is required for this op")
         return self.backup_dir
 
     def record(self, entry: history.Entry) -> None:
@@ -175,6 +197,10 @@ def _exists(spec: LmdbSpec) -> bool:
     return backupdir.data_file(spec).is_file()
 
 
+def _names(job: Job) -> list[str]:
+    return [s.name for s in job.view.lmdbs]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the overlap test knob
 
@@ -213,217 +239,8 @@ def write_guard(what: str) -> Iterator[None]:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------------------------------
-# planning across LMDBs
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LmdbPlan:
-    spec: LmdbSpec
-    exists: bool
-    marker_version: int | None
-    has_user_data: bool
-    current: int | None  # the version planning starts from (marker, or baseline); None: will be stamped
-    action: str  # none | stamp | migrate | baseline
-    steps: tuple[migrations.Step, ...]
-
-    def to_json(self) -> Message:
-        return {
-            "lmdb": self.spec.name,
-            "exists": self.exists,
-            "marker_version": self.marker_version,
-            "has_user_data": self.has_user_data,
-            "current": self.current,
-            "action": self.action,
-            "steps": [_step_json(s) for s in self.steps],
-        }
-
-
-def _step_json(step: migrations.Step) -> Message:
-    mig = step.migration
-    return {
-        "lmdb": step.lmdb,
-        "from": step.from_version,
-        "to": step.to_version,
-        "migration": mig.name if mig else None,
-        "description": mig.description if mig else "marker only",
-        "strategy": mig.strategy.value if mig else None,
-        "checksum": mig.checksum if mig else None,
-    }
-
-
-def _plan_all(job: Job, migs: migrations.MigrationSet, target: int | None) -> tuple[int, list[LmdbPlan]]:
-    goal = migrations.plan(migs, {}, target).target  # validates the target
-    baseline = _field(job.request, "baseline", int, optional=True)
-    migrations.check_checksums(migs, job.applied_checksums())
-    plans: list[LmdbPlan] = []
-    for spec in job.view.lmdbs:
-        if not _exists(spec):
-            plans.append(LmdbPlan(spec, False, None, False, None, "stamp", ()))
-            continue
-        env = job.open(spec, write=False)
-        state = marker.read_state(env, spec, job.instance, job.marker_dbi)
-        found = state.marker
-        if found is None and not state.has_user_data:
-            plans.append(LmdbPlan(spec, True, None, False, None, "stamp", ()))
-            continue
-        if found is None:
-            if baseline is None:
-                raise migrator.unmarked_with_data(spec, job.instance)
-            current, action = baseline, "baseline"
-        else:
-            current, action = found.version, "migrate"
-            applied = migs.by_name(found.migration) if found.migration else None
-            if applied is not None and found.checksum and applied.checksum != found.checksum:
-                raise migrator.checksum_mismatch(applied, spec, found.checksum)
-        steps = migrations.plan(migs, {spec.name: current}, target).steps
-        if not steps and action == "migrate":
-            action = "none"
-        plans.append(
-            LmdbPlan(
-                spec, True, found.version if found else None, state.has_user_data, current, action, steps
-            )
-        )
-    return goal, plans
-
-
-def _source(job: Job) -> str:
-    source = job.request.get("migrations")
-    if not isinstance(source, str) or not source:
-        raise WorkerError("worker request: migrations: expected the migrations directory or package")
-    return source
-
-
-def _names(job: Job) -> list[str]:
-    return [s.name for s in job.view.lmdbs]
-
-
-# ---------------------------------------------------------------------------------------------------
-# ops
-
-
-def run_op(request: Mapping[str, Any], send: Callable[[Message], None], cancel: threading.Event) -> Message:
-    """Serve one request in this process (the worker's core; tests may call it directly). Returns the
-    result fields; raises SupervisorError for expected failures. Every environment opened is closed."""
-    op = request.get("op")
-    if request.get("dry_run") and op == "migrate":
-        op = "dry_run"
-    job = Job.parse(request, send, cancel)
-    try:
-        match op:
-            case "markers":
-                return _op_markers(job)
-            case "readers":
-                return _op_readers(job)
-            case "plan":
-                return _op_plan(job)
-            case "migrate":
-                return _op_migrate(job)
-            case "dry_run":
-                return _op_dry_run(job)
-            case "stamp":
-                return _op_stamp(job)
-            case "backup":
-                return _op_backup(job)
-            case "backups":
-                return _op_backups(job)
-            case "rollback":
-                return _op_rollback(job)
-            case "fleet":
-                return _op_fleet(job)
-            case _:
-                raise WorkerError(f"worker request: op: unknown op {op!r} (known: {', '.join(OPS)})")
-    finally:
-        job.close()
-
-
-def _op_markers(job: Job) -> Message:
-    out: list[Message] = []
-    for spec in job.view.lmdbs:
-        if not _exists(spec):
-            out.append(
-                {
-                    "lmdb": spec.name,
-                    "path": spec.path,
-                    "exists": False,
-                    "version": None,
-                    "marker": None,
-                    "has_user_data": False,
-                    "empty": True,
-                    "last_txnid": 0,
-                    "map_size": 0,
-                    "used_bytes": 0,
-                }
-            )
-            continue
-        env = job.open(spec, write=False)
-        state = marker.read_state(env, spec, job.instance, job.marker_dbi)
-        info = env.info()
-        out.append(
-            {
-                "lmdb": spec.name,
-                "path": spec.path,
-                "exists": True,
-                "version": state.marker.version if state.marker else None,
-                "marker": asdict(state.marker) if state.marker else None,
-                "has_user_data": state.has_user_data,
-                "empty": not state.has_user_data,
-                "last_txnid": int(info["last_txnid"]),
-                "map_size": int(info["map_size"]),
-                "used_bytes": backup.env_used_bytes(env),
-            }
-        )
-    return {"instance": job.instance, "lmdbs": out}
-
-
-def parse_readers(text: str) -> list[tuple[int, str, int | None]]:
-    """Parse py-lmdb's ``Environment.readers()`` (mdb_reader_list) text: (pid, thread, txnid|None)."""
-    found: list[tuple[int, str, int | None]] = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) != 3 or not parts[0].isdigit():
-            continue  # the header line, or "(no active readers)"
-        pid, thread, txnid = parts
-        found.append((int(pid), thread, None if txnid == "-" else int(txnid)))
-    return found
-
-
-def _op_readers(job: Job) -> Message:
-    out: list[Message] = []
-    me = os.getpid()
-    for spec in job.view.lmdbs:
-        if not _exists(spec):
-            out.append({"lmdb": spec.name, "exists": False, "open_by_pid": None, "readers": []})
-            continue
-        # Ask the kernel who holds LMDB's lock-file lock BEFORE we open the environment ourselves:
-        # closing a second descriptor of lock.mdb later would drop our own LMDB locks.
-        holder = backup.lock_holder(spec)
-        env = job.open(spec, write=False)
-        with contextlib.suppress(lmdb.Error):
-            env.reader_check()  # clear slots of dead processes first
-        readers = []
-        for pid, thread, txnid in parse_readers(env.readers()):
-            if pid == me:
-                continue
-            readers.append({"pid": pid, "thread": thread, "txnid": txnid, **describe_pid(pid)})
-        out.append({"lmdb": spec.name, "exists": True, "open_by_pid": holder, "readers": readers})
-    return {"lmdbs": out}
-
-
-def _op_plan(job: Job) -> Message:
-    migs = migrations.discover(_source(job), _names(job))
-    target = _field(job.request, "target", int, optional=True)
-    goal, plans = _plan_all(job, migs, target)
-    return {
-        "target": goal,
-        "newest": migs.newest,
-        "lmdbs": [p.to_json() for p in plans],
-        "steps": [_step_json(s) for p in plans for s in p.steps],
-    }
-
-
 def _history_step(
-    job: Job, result: migrator.StepResult, step: migrations.Step, backup_id: str | None
+    job: Job, result: p.StepResult, step: migrations.Step, backup_id: str | None
 ) -> history.Entry:
     end = history.now_iso()
     return history.Entry(
@@ -452,23 +269,211 @@ def _iso_before(seconds: float) -> str:
     return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-class _StepTracker:
-    """Maps the migrator's progress and step callbacks onto the global plan for progress events."""
+def _failed_step(
+    plans: Sequence[_Planned], envs: Mapping[str, lmdb.Environment], job: Job
+) -> migrations.Step | None:
+    """The step that was running when a migration failed: the first planned step whose target the
+    marker has not reached (read back after the abort)."""
+    for pl in plans:
+        env = envs.get(pl.spec.name)
+        if env is None:
+            continue
+        try:
+            version = job.read_marker_version(env, pl.spec)
+        except (lmdb.Error, MigrationError):
+            version = None
+        for step in pl.steps:
+            if version is None or version < step.to_version:
+                return step
+    return None
 
-    def __init__(self, job: Job, steps: Sequence[migrations.Step], phase: str) -> None:
+
+def _file_identity(path: Path) -> str:
+    """Size, mtime and inode of a file: any write through LMDB changes the mtime (hashing a sparse,
+    map-sized data file would cost seconds)."""
+    st = path.stat()
+    return f"size={st.st_size} mtime_ns={st.st_mtime_ns} ino={st.st_ino}"
+
+
+def parse_readers(text: str) -> list[tuple[int, str, int | None]]:
+    """Parse py-lmdb's ``Environment.readers()`` (mdb_reader_list) text: (pid, thread, txnid|None)."""
+    found: list[tuple[int, str, int | None]] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue  # the header line, or "(no active readers)"
+        pid, thread, txnid = parts
+        found.append((int(pid), thread, None if txnid == "-" else int(txnid)))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning across LMDBs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Planned:
+    """One LMDB's plan, with the parts the worker needs beyond what goes on the wire."""
+
+    spec: LmdbSpec
+    info: p.LmdbPlan
+    steps: tuple[migrations.Step, ...]
+
+    @property
+    def exists(self) -> bool:
+        return self.info.exists
+
+
+def step_info(step: migrations.Step) -> p.StepInfo:
+    mig = step.migration
+    return p.StepInfo(
+        lmdb=step.lmdb,
+        from_version=step.from_version,
+        to_version=step.to_version,
+        migration=mig.name if mig else None,
+        description=mig.description if mig else "marker only",
+        strategy=mig.strategy.value if mig else None,
+        checksum=mig.checksum if mig else None,
+    )
+
+
+def _plan_all(job: Job, migs: migrations.MigrationSet, target: int | None) -> tuple[int, list[_Planned]]:
+    goal = migrations.plan(migs, {}, target).target  # validates the target
+    baseline = job.settings.baseline
+    migrations.check_checksums(migs, job.applied_checksums())
+    plans: list[_Planned] = []
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            info = p.LmdbPlan(spec.name, False, None, False, None, p.PlanAction.STAMP)
+            plans.append(_Planned(spec, info, ()))
+            continue
+        env = job.open(spec, write=False)
+        state = marker.read_state(env, spec, job.instance, job.marker_dbi)
+        found = state.marker
+        if found is None and not state.has_user_data:
+            plans.append(
+                _Planned(spec, p.LmdbPlan(spec.name, True, None, False, None, p.PlanAction.STAMP), ())
+            )
+            continue
+        if found is None:
+            if baseline is None:
+                raise migrator.unmarked_with_data(spec, job.instance)
+            current, action = baseline, p.PlanAction.BASELINE
+        else:
+            current, action = found.version, p.PlanAction.MIGRATE
+            applied = migs.by_name(found.migration) if found.migration else None
+            if applied is not None and found.checksum and applied.checksum != found.checksum:
+                raise migrator.checksum_mismatch(applied, spec, found.checksum)
+        steps = migrations.plan(migs, {spec.name: current}, target).steps
+        if not steps and action is p.PlanAction.MIGRATE:
+            action = p.PlanAction.NONE
+        info = p.LmdbPlan(
+            lmdb=spec.name,
+            exists=True,
+            marker_version=found.version if found else None,
+            has_user_data=state.has_user_data,
+            current=current,
+            action=action,
+            steps=tuple(step_info(s) for s in steps),
+        )
+        plans.append(_Planned(spec, info, steps))
+    return goal, plans
+
+
+# ---------------------------------------------------------------------------------------------------
+# ops
+
+
+def _op_plan(job: Job, request: p.PlanRequest) -> p.PlanResult:
+    migs = job.session.migrations(job.settings, load=False)
+    goal, plans = _plan_all(job, migs, request.target)
+    return p.PlanResult(
+        target=goal,
+        newest=migs.newest,
+        lmdbs=tuple(pl.info for pl in plans),
+        steps=tuple(s for pl in plans for s in pl.info.steps),
+    )
+
+
+def _op_import(job: Job, request: p.ImportRequest) -> p.ImportResult:
+    """Compile and execute the migration files (module-level code runs; ``upgrade`` does not)."""
+    started = time.monotonic()
+    job.progress(p.Progress(p.Phase.IMPORT), force=True)
+    migs = job.session.migrations(job.settings, load=True)
+    return p.ImportResult(
+        migrations=tuple(m.name for m in migs.migrations), duration_s=round(time.monotonic() - started, 6)
+    )
+
+
+def _op_markers(job: Job) -> p.MarkersResult:
+    out: list[p.LmdbState] = []
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            out.append(p.LmdbState(spec.name, spec.path, False, None, None, False, 0, 0, 0))
+            continue
+        env = job.open(spec, write=False)
+        state = marker.read_state(env, spec, job.instance, job.marker_dbi)
+        info = env.info()
+        out.append(
+            p.LmdbState(
+                lmdb=spec.name,
+                path=spec.path,
+                exists=True,
+                version=state.marker.version if state.marker else None,
+                marker=state.marker,
+                has_user_data=state.has_user_data,
+                last_txnid=int(info["last_txnid"]),
+                map_size=int(info["map_size"]),
+                used_bytes=backup.env_used_bytes(env),
+            )
+        )
+    return p.MarkersResult(instance=job.instance, lmdbs=tuple(out))
+
+
+def _op_readers(job: Job) -> p.ReadersResult:
+    out: list[p.LmdbReaders] = []
+    me = os.getpid()
+    for spec in job.view.lmdbs:
+        if not _exists(spec):
+            out.append(p.LmdbReaders(spec.name, False, None))
+            continue
+        # Ask the kernel who holds LMDB's lock-file lock BEFORE we open the environment ourselves:
+        # closing a second descriptor of lock.mdb later would drop our own LMDB locks.
+        holder = backup.lock_holder(spec)
+        env = job.open(spec, write=False)
+        with contextlib.suppress(lmdb.Error):
+            env.reader_check()  # clear slots of dead processes first
+        readers = []
+        for pid, thread, txnid in parse_readers(env.readers()):
+            if pid == me:
+                continue
+            who = describe_pid(pid)
+            readers.append(
+                p.Reader(pid, thread, txnid, bool(who["alive"]), str(who["name"]), tuple(who["cmdline"]))
+            )
+        out.append(p.LmdbReaders(spec.name, True, holder, tuple(readers)))
+    return p.ReadersResult(tuple(out))
+
+
+class _StepTracker:
+    """Maps the migrator's progress and step callbacks onto the global plan for progress replies."""
+
+    def __init__(self, job: Job, steps: Sequence[migrations.Step], phase: p.Phase) -> None:
         self.job = job
         self.steps = list(steps)
         self.phase = phase
         self.index = 0
         self.reported = -1  # index of the last step that reported progress
-        self.started = time.monotonic()
+        self.step_started = time.monotonic()
         # Wall-clock start of each step, for the history entry of a step that fails or is cancelled
         # (a committed step knows its own duration). Steps run back to back: one starts when the
         # previous one committed, the first when the phase starts.
         self._step_starts: dict[tuple[str, int], str] = {}
+        self._api: migrator.MigrationApi | None = None
         self._mark_current_started()
 
     def _mark_current_started(self) -> None:
+        self.step_started = time.monotonic()
         step = self.current
         if step is not None:
             self._step_starts[(step.lmdb, step.to_version)] = history.now_iso()
@@ -481,79 +486,132 @@ class _StepTracker:
     def current(self) -> migrations.Step | None:
         return self.steps[self.index] if self.index < len(self.steps) else None
 
-    def on_progress(self, p: migrator.Progress) -> None:
+    def _event(self, lmdb_name: str, migration: str, **fields: int | float | None) -> p.Progress:
         step = self.current
-        percent = round(100.0 * p.done / p.total, 1) if p.total else 100.0
+        return p.Progress(
+            phase=self.phase,
+            lmdb=lmdb_name,
+            migration=migration or (step.migration.name if step and step.migration else ""),
+            from_version=step.from_version if step else None,
+            to_version=step.to_version if step else None,
+            index=self.index,
+            steps=len(self.steps),
+            elapsed_s=round(time.monotonic() - self.step_started, 3),
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def on_progress(self, pr: migrator.Progress) -> None:
         # The first report of each step always goes out: "step k's transaction is open" is what a
         # watcher (the daemon's status, the crash test) needs to see, throttling or not.
         first = self.reported != self.index
         self.reported = self.index
+        event = self._event(
+            pr.lmdb, pr.migration, done=pr.done, total=pr.total, read=pr.read, written=pr.written
+        )
+        self.job.progress(event, force=first or pr.done >= pr.total)
+
+    def on_start(self, api: migrator.MigrationApi) -> None:
+        """A step's transaction is open: say so at once (the daemon shows MIGRATING from here)."""
+        self._api = api
+        self.reported = self.index
+        self.job.progress(self._event(api.lmdb, api.migration), force=True)
+
+    def heartbeat(self) -> None:
+        """Every HEARTBEAT_S from the heartbeat thread: the API's own counters, no code in the
+        migration needed (m.progress refines it with done/total)."""
+        api = self._api
+        if api is None or self.current is None:
+            return
+        pr = api.snapshot()
+        done = pr.done if pr.total else None
+        total = pr.total or None
         self.job.progress(
-            {
-                "phase": self.phase,
-                "lmdb": p.lmdb,
-                "step": p.migration or (step.migration.name if step and step.migration else None),
-                "from": step.from_version if step else None,
-                "to": step.to_version if step else None,
-                "done": p.done,
-                "total": p.total,
-                "percent": percent,
-                "index": self.index,
-                "steps": len(self.steps),
-            },
-            force=first or p.done >= p.total,
+            self._event(pr.lmdb, pr.migration, read=pr.read, written=pr.written, done=done, total=total),
+            force=True,
         )
 
-    def on_step(self, result: migrator.StepResult) -> migrations.Step:
+    @contextlib.contextmanager
+    def beating(self) -> Iterator[None]:
+        """Run the heartbeat thread while the steps run."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                self.heartbeat()
+
+        thread = threading.Thread(target=beat, name="lssupervisor-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def on_step(self, result: p.StepResult) -> migrations.Step:
         step = self.current
         assert step is not None and step.lmdb == result.lmdb and step.to_version == result.to_version, (
             f"migrator ran {result.lmdb} {result.from_version}->{result.to_version}, "
             f"planned {step.describe() if step else 'nothing'}"
         )
-        self.index += 1
-        self._mark_current_started()
-        self.job.progress(
-            {
-                "phase": "step_committed",
-                "lmdb": result.lmdb,
-                "step": result.migration or None,
-                "from": result.from_version,
-                "to": result.to_version,
-                "index": self.index,
-                "steps": len(self.steps),
-                "duration_s": round(result.duration_s, 6),
-            },
-            force=True,
+        event = p.Progress(
+            phase=p.Phase.STEP_COMMITTED,
+            lmdb=result.lmdb,
+            migration=result.migration,
+            from_version=result.from_version,
+            to_version=result.to_version,
+            index=self.index,
+            steps=len(self.steps),
+            elapsed_s=round(result.duration_s, 6),
         )
+        self.index += 1
+        self._api = None
+        self._mark_current_started()
+        self.job.progress(event, force=True)
         return step
 
 
 def _migrate_envs(
     job: Job,
     migs: migrations.MigrationSet,
-    plans: Sequence[LmdbPlan],
+    plans: Sequence[_Planned],
     envs: Mapping[str, lmdb.Environment],
     specs: Mapping[str, LmdbSpec],
     *,
     target: int | None,
-    phase: str,
-    on_step: Callable[[migrator.StepResult, migrations.Step], None],
+    tracker: _StepTracker,
+    on_step: Callable[[p.StepResult, migrations.Step], None],
     guard: bool,
-    tracker: _StepTracker | None = None,
-) -> list[migrator.MigrateResult]:
-    """Run every plan's steps; ``tracker`` (default: a new one) when the caller needs step start times."""
-    if tracker is None:
-        tracker = _StepTracker(job, [s for p in plans for s in p.steps], phase)
-    baseline = _field(job.request, "baseline", int, optional=True)
-    grow_map = bool(job.request.get("grow_map", False))
-    results: list[migrator.MigrateResult] = []
-    for p in plans:
-        spec = specs[p.spec.name]
+) -> list[p.MigrateResult]:
+    results: list[p.MigrateResult] = []
+    with tracker.beating():
+        results.extend(
+            _migrate_each(
+                job, migs, plans, envs, specs, target=target, tracker=tracker, on_step=on_step, guard=guard
+            )
+        )
+    return results
 
-        def step_done(result: migrator.StepResult) -> None:
+
+def _migrate_each(
+    job: Job,
+    migs: migrations.MigrationSet,
+    plans: Sequence[_Planned],
+    envs: Mapping[str, lmdb.Environment],
+    specs: Mapping[str, LmdbSpec],
+    *,
+    target: int | None,
+    tracker: _StepTracker,
+    on_step: Callable[[p.StepResult, migrations.Step], None],
+    guard: bool,
+) -> list[p.MigrateResult]:
+    results: list[p.MigrateResult] = []
+    for pl in plans:
+        spec = specs[pl.spec.name]
+
+        def step_done(result: p.StepResult) -> None:
             on_step(result, tracker.on_step(result))
 
-        with write_guard(f"{phase} of LMDB {spec.name}") if guard else contextlib.nullcontext():
+        with write_guard(f"{tracker.phase.value} of LMDB {spec.name}") if guard else contextlib.nullcontext():
             results.append(
                 migrator.migrate(
                     envs[spec.name],
@@ -561,12 +619,13 @@ def _migrate_envs(
                     migs,
                     instance=job.instance,
                     target=target,
-                    baseline=baseline,
+                    baseline=job.settings.baseline,
                     marker_dbi=job.marker_dbi,
                     cancel=job.cancelled,
                     progress=tracker.on_progress,
+                    on_start=tracker.on_start,
                     logger=logging.getLogger("lssupervisor.migration"),
-                    grow_map=grow_map,
+                    grow_map=job.settings.grow_map,
                     on_step=step_done,
                 )
             )
@@ -574,35 +633,65 @@ def _migrate_envs(
 
 
 def _cancel_message(job: Job, exc: MigrationCancelled) -> MigrationCancelled:
-    if job.deadline is not None and time.monotonic() > job.deadline and not job.cancel.is_set():
+    if job.deadline is not None and time.monotonic() > job.deadline and not job.session.cancel.is_set():
         return MigrationCancelled(f"{exc} (migrations.timeout of {job.timeout:g}s expired)")
     return exc
 
 
-def _op_migrate(job: Job) -> Message:
+class _Failed(MigrationError):
+    """A migrate that failed after taking its backup: the failure carries the backup's id."""
+
+    def __init__(self, exc: SupervisorError, backup_id: str | None) -> None:
+        super().__init__(exc.message, remedy=exc.remedy)
+        self.code = exc.code
+        self.exit_code = exc.exit_code
+        self.backup_id = backup_id
+
+
+def _op_migrate(job: Job, request: p.MigrateRequest) -> p.MigrateDone:
     started = time.monotonic()
-    target = _field(job.request, "target", int, optional=True)
-    migs = migrations.load(_source(job), _names(job))
-    goal, plans = _plan_all(job, migs, target)
+    migs = job.session.migrations(job.settings, load=True)
+    goal, plans = _plan_all(job, migs, request.target)
     job.close()  # planning opened read-only; reopen for writing
     backup_id: str | None = None
-    if any(p.steps for p in plans):
-        existing = [p.spec for p in plans if p.exists]
-        if job.backup_enabled and existing:
-            backup_id = _take_backup(job, existing, reason=f"before migrating to {goal}").id
-        elif not job.backup_enabled:
-            logging.getLogger(__name__).warning("backup disabled: migrating without a backup")
-    envs = {p.spec.name: job.open(p.spec, write=True, create=not p.exists) for p in plans}
-    specs = {p.spec.name: p.spec for p in plans}
+    try:
+        if any(pl.steps for pl in plans):
+            existing = [pl.spec for pl in plans if pl.exists]
+            if job.settings.backup.enabled and existing:
+                backup_id = _take_backup(job, existing, reason=f"before migrating to {goal}").id
+            elif not job.settings.backup.enabled:
+                log.warning("backup disabled: migrating without a backup")
+        results = _run_steps(job, migs, plans, request.target, backup_id)
+    except SupervisorError as exc:
+        if isinstance(exc, MigrationCancelled):
+            exc = _cancel_message(job, exc)
+        raise _Failed(exc, backup_id) from None
+    return p.MigrateDone(
+        target=goal,
+        backup_id=backup_id,
+        lmdbs=tuple(results),
+        steps=sum(len(r.steps) for r in results),
+        duration_s=round(time.monotonic() - started, 6),
+    )
 
-    def record(result: migrator.StepResult, step: migrations.Step) -> None:
+
+def _run_steps(
+    job: Job,
+    migs: migrations.MigrationSet,
+    plans: Sequence[_Planned],
+    target: int | None,
+    backup_id: str | None,
+) -> list[p.MigrateResult]:
+    envs = {pl.spec.name: job.open(pl.spec, write=True, create=not pl.exists) for pl in plans}
+    specs = {pl.spec.name: pl.spec for pl in plans}
+
+    def record(result: p.StepResult, step: migrations.Step) -> None:
         job.record(_history_step(job, result, step, backup_id))
 
-    tracker = _StepTracker(job, [s for p in plans for s in p.steps], "migrate")
+    tracker = _StepTracker(job, [s for pl in plans for s in pl.steps], p.Phase.MIGRATE)
     try:
         results = _migrate_envs(
-            job, migs, plans, envs, specs,
-            target=target, phase="migrate", on_step=record, guard=True, tracker=tracker,
+            job, migs, plans, envs, specs, target=target, tracker=tracker, on_step=record, guard=True
         )
     except SupervisorError as exc:
         failed = _failed_step(plans, envs, job)
@@ -627,8 +716,6 @@ def _op_migrate(job: Job) -> Message:
                     message=str(exc),
                 )
             )
-        if isinstance(exc, MigrationCancelled):
-            raise _cancel_message(job, exc) from None
         raise
     for r in results:
         if r.stamped == "empty" or (r.stamped == "baseline" and not r.steps):
@@ -647,32 +734,7 @@ def _op_migrate(job: Job) -> Message:
                     else "unmarked LMDB stamped with schema.baseline",
                 )
             )
-    return {
-        "target": goal,
-        "backup_id": backup_id,
-        "lmdbs": [r.to_json() for r in results],
-        "steps": sum(len(r.steps) for r in results),
-        "duration_s": round(time.monotonic() - started, 6),
-    }
-
-
-def _failed_step(
-    plans: Sequence[LmdbPlan], envs: Mapping[str, lmdb.Environment], job: Job
-) -> migrations.Step | None:
-    """The step that was running when a migration failed: the first planned step whose target the
-    marker has not reached (read back after the abort)."""
-    for p in plans:
-        env = envs.get(p.spec.name)
-        if env is None:
-            continue
-        try:
-            version = job.read_marker_version(env, p.spec)
-        except (lmdb.Error, MigrationError):
-            version = None
-        for step in p.steps:
-            if version is None or version < step.to_version:
-                return step
-    return None
+    return results
 
 
 def _take_backup(
@@ -681,16 +743,18 @@ def _take_backup(
     directory = job.need_backup_dir()
     envs = {s.name: job.open(s, write=False) for s in specs}
     started = time.monotonic()
-    job.progress({"phase": "backup", "event": "start", "lmdbs": [s.name for s in specs]}, force=True)
+    job.progress(p.Progress(p.Phase.BACKUP, lmdb=", ".join(s.name for s in specs)), force=True)
     manifest = backup.create(
         envs,
         specs,
         directory,
         job.instance,
         job.read_marker_version,
-        keep=job.backup_keep,
+        keep=job.settings.backup.keep,
         reason=reason,
-        progress=lambda event: job.progress(event, force=True),
+        progress=lambda event: job.progress(
+            p.Progress(p.Phase.BACKUP_DONE, lmdb=str(event["lmdb"]), bytes=int(event["bytes"])), force=True
+        ),
         protect=protect,
     )
     duration = time.monotonic() - started
@@ -713,16 +777,16 @@ def _take_backup(
     return manifest
 
 
-def _op_dry_run(job: Job) -> Message:
+def _op_dry_run(job: Job, request: p.DryRunRequest) -> p.DryRunResult:
     started = time.monotonic()
-    target = _field(job.request, "target", int, optional=True)
-    migs = migrations.load(_source(job), _names(job))
+    target = request.target
+    migs = job.session.migrations(job.settings, load=True)
     goal, plans = _plan_all(job, migs, target)
     directory = job.need_backup_dir()
     directory.mkdir(parents=True, exist_ok=True)
     backupdir.clean_stale_partials(directory, prefix=".dryrun-")
-    existing = [p for p in plans if p.exists]
-    used = sum(backup.env_used_bytes(job.open(p.spec, write=False)) for p in existing)
+    existing = [pl for pl in plans if pl.exists]
+    used = sum(backup.env_used_bytes(job.open(pl.spec, write=False)) for pl in existing)
     backupdir.check_free_space(
         directory,
         backupdir.space_needed(2 * used),
@@ -732,32 +796,35 @@ def _op_dry_run(job: Job) -> Message:
     work = directory / f".dryrun-{backupdir.new_backup_id(None)}{backupdir.PARTIAL_SUFFIX}"
     work.mkdir()
     backupdir.claim(work)
-    out: list[Message] = []
+    out: list[p.DryRunLmdb] = []
     copies: dict[str, lmdb.Environment] = {}
     try:
         copy_specs: dict[str, LmdbSpec] = {}
         before: dict[str, tuple[int, str | None]] = {}  # last txn id, file identity
-        for p in plans:
-            copy_dir = work / p.spec.name
+        for pl in plans:
+            copy_dir = work / pl.spec.name
             copy_dir.mkdir()
-            if p.exists:
-                live = job.open(p.spec, write=False)
+            if pl.exists:
+                live = job.open(pl.spec, write=False)
                 info = live.info()
-                before[p.spec.name] = (int(info["last_txnid"]), _file_identity(backupdir.data_file(p.spec)))
-                live.copy(str(copy_dir / backupdir.DATA_FILE if p.spec.no_subdir else copy_dir), compact=True)
-                map_size = max(p.spec.map_size, int(info["map_size"]))
+                before[pl.spec.name] = (int(info["last_txnid"]), _file_identity(backupdir.data_file(pl.spec)))
+                live.copy(
+                    str(copy_dir / backupdir.DATA_FILE if pl.spec.no_subdir else copy_dir), compact=True
+                )
+                map_size = max(pl.spec.map_size, int(info["map_size"]))
             else:
-                before[p.spec.name] = (0, None)
-                map_size = p.spec.map_size
-            copy_specs[p.spec.name] = dataclasses.replace(
-                p.spec, path=str(copy_dir), no_subdir=False, map_size=map_size
+                before[pl.spec.name] = (0, None)
+                map_size = pl.spec.map_size
+            copy_specs[pl.spec.name] = dataclasses.replace(
+                pl.spec, path=str(copy_dir), no_subdir=False, map_size=map_size
             )
-            copies[p.spec.name] = open_lmdb(copy_specs[p.spec.name], write=True, create=True)
-        per_lmdb: dict[str, list[migrator.StepResult]] = {p.spec.name: [] for p in plans}
+            copies[pl.spec.name] = open_lmdb(copy_specs[pl.spec.name], write=True, create=True)
+        per_lmdb: dict[str, list[p.StepResult]] = {pl.spec.name: [] for pl in plans}
 
-        def collect(result: migrator.StepResult, step: migrations.Step) -> None:
+        def collect(result: p.StepResult, step: migrations.Step) -> None:
             per_lmdb[result.lmdb].append(result)
 
+        tracker = _StepTracker(job, [s for pl in plans for s in pl.steps], p.Phase.DRY_RUN)
         try:
             _migrate_envs(
                 job,
@@ -766,70 +833,61 @@ def _op_dry_run(job: Job) -> Message:
                 copies,
                 copy_specs,
                 target=target,
-                phase="dry_run",
+                tracker=tracker,
                 on_step=collect,
                 guard=False,
             )
         except MigrationCancelled as exc:
             raise _cancel_message(job, exc) from None
-        for p in plans:
-            name = p.spec.name
+        for pl in plans:
+            name = pl.spec.name
             results = per_lmdb[name]
-            after_txnid, after_sha = 0, None
-            if p.exists:
+            after_txnid, after_identity = 0, None
+            if pl.exists:
                 after_txnid = int(job.envs[name].info()["last_txnid"])
-                after_sha = _file_identity(backupdir.data_file(p.spec))
+                after_identity = _file_identity(backupdir.data_file(pl.spec))
             out.append(
-                {
-                    "lmdb": name,
-                    "steps": [r.to_json() for r in results],
-                    "keys": sum(r.puts + r.deletes + r.copied + r.raw_writes for r in results),
-                    "bytes": sum(r.bytes_written for r in results),
-                    "duration_s": round(sum(r.duration_s for r in results), 6),
-                    "live_last_txnid_before": before[name][0],
-                    "live_last_txnid_after": after_txnid,
-                    "live_file_before": before[name][1],
-                    "live_file_after": after_sha,
-                }
+                p.DryRunLmdb(
+                    lmdb=name,
+                    steps=tuple(results),
+                    keys=sum(r.puts + r.deletes + r.copied + r.raw_writes for r in results),
+                    bytes=sum(r.bytes_written for r in results),
+                    duration_s=round(sum(r.duration_s for r in results), 6),
+                    live_last_txnid_before=before[name][0],
+                    live_last_txnid_after=after_txnid,
+                    live_file_before=before[name][1],
+                    live_file_after=after_identity,
+                )
             )
     finally:
         for env in copies.values():
             env.close()
         shutil.rmtree(work, ignore_errors=True)
-    changed = [
-        o["lmdb"]
+    changed = tuple(
+        o.lmdb
         for o in out
-        if (o["live_file_before"], o["live_last_txnid_before"])
-        != (o["live_file_after"], o["live_last_txnid_after"])
-    ]
+        if (o.live_file_before, o.live_last_txnid_before) != (o.live_file_after, o.live_last_txnid_after)
+    )
     if changed:
         # The live envs were opened read-only (MDB_RDONLY): LMDB itself forbids a write by us, so a
         # change here was made by LS or the application while we copied. Say so; it is no failure.
-        logging.getLogger(__name__).warning(
+        log.warning(
             "dry run: live LMDB(s) %s changed during the dry run (written by another process: "
             "our environment was read-only)",
             ", ".join(changed),
         )
-    return {
-        "target": goal,
-        "live_changed_by_others": changed,
-        "plan": [p.to_json() for p in plans],
-        "lmdbs": out,
-        "duration_s": round(time.monotonic() - started, 6),
-    }
+    return p.DryRunResult(
+        target=goal,
+        live_changed_by_others=changed,
+        plan=tuple(pl.info for pl in plans),
+        lmdbs=tuple(out),
+        duration_s=round(time.monotonic() - started, 6),
+    )
 
 
-def _file_identity(path: Path) -> str:
-    """Size, mtime and inode of a file: any write through LMDB changes the mtime (hashing a sparse,
-    map-sized data file would cost seconds)."""
-    st = path.stat()
-    return f"size={st.st_size} mtime_ns={st.st_mtime_ns} ino={st.st_ino}"
-
-
-def _op_stamp(job: Job) -> Message:
-    version = _field(job.request, "version", int)
-    only = _field(job.request, "lmdb", str, optional=True)
-    migs = migrations.discover(_source(job), _names(job))
+def _op_stamp(job: Job, request: p.StampRequest) -> p.StampResult:
+    version, only = request.version, request.lmdb
+    migs = job.session.migrations(job.settings, load=False)
     if not 0 <= version <= migs.newest:
         raise MigrationError(
             f"cannot stamp version {version}: the migrations in {migs.directory} know versions "
@@ -840,12 +898,12 @@ def _op_stamp(job: Job) -> Message:
         raise UsageError(
             f"stamp --lmdb {only}: no such LMDB in the LS config (known: {', '.join(_names(job))})"
         )
-    out: list[Message] = []
+    out: list[p.Stamped] = []
     for spec in specs:
         env = job.open(spec, write=True, create=not _exists(spec))
         old = job.read_marker_version(env, spec)
         if old is not None and old > version:
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "stamping LMDB %s DOWN from %d to %d: the data is not migrated back", spec.name, old, version
             )
         with write_guard(f"stamp of LMDB {spec.name}"):
@@ -863,34 +921,32 @@ def _op_stamp(job: Job) -> Message:
                 message="lssupervisor stamp",
             )
         )
-        out.append({"lmdb": spec.name, "from": old, "to": version})
-    return {"lmdbs": out}
+        out.append(p.Stamped(spec.name, old, version))
+    return p.StampResult(tuple(out))
 
 
-def _op_backup(job: Job) -> Message:
+def _op_backup(job: Job, request: p.BackupRequest) -> p.BackupResult:
     specs = [s for s in job.view.lmdbs if _exists(s)]
     if not specs:
         raise BackupError(f"no LMDB of instance {job.instance!r} exists yet; nothing to back up")
     started = time.monotonic()
-    reason = str(job.request.get("reason") or "manual")
-    manifest = _take_backup(job, specs, reason=reason)
+    manifest = _take_backup(job, specs, reason=request.reason or "manual")
     duration = time.monotonic() - started
-    return {
-        "backup": manifest.to_json(),
-        "duration_s": round(duration, 6),
-        "bytes_per_s": int(manifest.size / duration) if duration > 0 else None,
-    }
+    return p.BackupResult(
+        backup=manifest,
+        duration_s=round(duration, 6),
+        bytes_per_s=int(manifest.size / duration) if duration > 0 else None,
+    )
 
 
-def _op_backups(job: Job) -> Message:
+def _op_backups(job: Job) -> p.BackupsResult:
     directory = job.need_backup_dir()
-    return {"backups": [b.manifest.to_json() for b in backupdir.list_backups(directory)]}
+    return p.BackupsResult(tuple(b.manifest for b in backupdir.list_backups(directory)))
 
 
-def _op_rollback(job: Job) -> Message:
+def _op_rollback(job: Job, request: p.RollbackRequest) -> p.RollbackResult:
     directory = job.need_backup_dir()
-    wanted = _field(job.request, "backup_id", str, optional=True)
-    info = backupdir.find_backup(directory, wanted)
+    info = backupdir.find_backup(directory, request.backup_id)
     manifest = info.manifest
     by_name = {s.name: s for s in job.view.lmdbs}
     # Versions before the restore, and whether anything would change at all.
@@ -908,7 +964,7 @@ def _op_rollback(job: Job) -> Message:
             before[entry.name] = None
             differs = True
     pre_backup: str | None = None
-    if differs and job.backup_enabled:
+    if differs and job.settings.backup.enabled:
         live = [by_name[e.name] for e in manifest.lmdbs if e.name in by_name and _exists(by_name[e.name])]
         if live:
             pre_backup = _take_backup(
@@ -919,7 +975,7 @@ def _op_rollback(job: Job) -> Message:
     started = history.now_iso()
     with write_guard(f"rollback to {manifest.id}"):
         manifest, restored = backup.restore(directory, manifest.id, job.view.lmdbs, job.read_marker_version)
-    out: list[Message] = []
+    out: list[p.Restored] = []
     for r in restored:
         job.record(
             history.Entry(
@@ -935,25 +991,23 @@ def _op_rollback(job: Job) -> Message:
                 message=None if r.restored else "already in place",
             )
         )
-        out.append(
-            {"lmdb": r.name, "restored": r.restored, "from": before.get(r.name), "to": r.schema_version}
-        )
-    return {
-        "backup_id": manifest.id,
-        "schema_version": manifest.schema_version,
-        "lmdbs": out,
-        "pre_rollback_backup": pre_backup,
-    }
+        out.append(p.Restored(r.name, r.restored, before.get(r.name), r.schema_version))
+    return p.RollbackResult(
+        backup_id=manifest.id,
+        schema_version=manifest.schema_version,
+        lmdbs=tuple(out),
+        pre_rollback_backup=pre_backup,
+    )
 
 
-def _op_fleet(job: Job) -> Message:
-    out: list[Message] = []
+def _op_fleet(job: Job) -> p.FleetResult:
+    out: list[p.FleetLmdb] = []
     for spec in job.view.lmdbs:
         if not _exists(spec):
-            out.append({"lmdb": spec.name, "exists": False, "markers": []})
+            out.append(p.FleetLmdb(spec.name, False))
             continue
         env = job.open(spec, write=False)
         with env.begin(write=False) as txn:
             found = marker.read_markers(env, txn, native=spec.native, marker_dbi=job.marker_dbi)
-        out.append({"lmdb": spec.name, "exists": True, "markers": [asdict(m) for m in found]})
-    return {"instance": job.instance, "lmdbs": out}
+        out.append(p.FleetLmdb(spec.name, True, tuple(found)))
+    return p.FleetResult(instance=job.instance, lmdbs=tuple(out))
