@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lssupervisor.core import tables
 from lssupervisor.core.actions import (
     Action,
     AnnounceState,
@@ -42,6 +43,7 @@ from lssupervisor.core.events import (
     ShutdownRequested,
     SpawnFailed,
     StatusRequested,
+    TaskFailed,
     Tick,
 )
 from lssupervisor.core.lifecycle import Lifecycle, LifecycleError, Timeouts
@@ -55,8 +57,9 @@ from lssupervisor.core.states import (
     StopPurpose,
     Substep,
     SupervisorState,
+    Task,
 )
-from lssupervisor.errors import ExitCode
+from lssupervisor.errors import ErrorCode, ExitCode
 
 NOW = 100.0
 LATE = 1000.0
@@ -1013,3 +1016,83 @@ def test_a_long_history_visits_every_state() -> None:
     # Guards the simulator above: a history generator stuck in boot would prove nothing.
     script = [7, 2, 1, 8, 5, 1, 8, 2, 2, 2, 2, 5, 4, 1, 8, 9, 4, 2, 3, 2, 8, 0, 5, 9, 8, 3, 2, 4, 6, 8]
     assert simulate(script, 0.5) == set(State)
+
+
+# -- the rules as data (core/tables.py) ------------------------------------------------------------
+
+
+def test_every_state_and_every_event_type_is_in_the_tables() -> None:
+    from lssupervisor.core import events as ev_mod
+
+    assert set(tables.ACCEPTS) == set(State)
+    event_types = {t for t in vars(ev_mod).values() if isinstance(t, type) and t in ev_mod.Event.__args__}  # type: ignore[attr-defined]
+    accepted_somewhere = set().union(*tables.ACCEPTS.values())
+    assert event_types == accepted_somewhere
+    for state, accepted in tables.ACCEPTS.items():
+        assert accepted >= tables.ALWAYS, state
+        assert accepted >= tables.RESULTS, state  # a cancelled job's late result may come in any state
+    assert set(tables.CYCLE) == set(Substep) and len(tables.CYCLE) == len(Substep)
+    assert set(tables.TASK_OF) == set(Substep)
+
+
+@pytest.mark.parametrize("situation", sorted(SITUATIONS))
+def test_handle_applies_the_tables_before_any_handler(situation: str) -> None:
+    """What the tables refuse raises, and a result nobody waits for is ignored, in every situation."""
+    before = SITUATIONS[situation]
+    for name, (ev, now) in EVENTS.items():
+        if not tables.accepts(before.state, ev):
+            with pytest.raises(LifecycleError):
+                core().handle(before, ev, now)
+        elif tables.is_stale(before.task, before.state, ev):
+            assert core().handle(before, ev, now) == (before, []), name
+
+
+def test_the_literal_table_agrees_with_the_tables() -> None:
+    """Every row of TABLE that does not raise is structurally legal (the raises that remain are data
+    checks: a spawn result without a spawn, an exit of a pid that is not ours)."""
+    for situation, event, result, _kinds in ROWS:
+        st = SITUATIONS[situation]
+        ev, _now = EVENTS[event]
+        if result != "raise":
+            assert tables.accepts(st.state, ev), (situation, event)
+
+
+# -- reloads keep what runs, in every state (a bad config never exits a running daemon) ---------------
+
+
+@pytest.mark.parametrize("situation", ["running", "backoff", "paused", "parked"])
+def test_a_bad_config_on_reload_keeps_the_state(situation: str) -> None:
+    before = SITUATIONS[situation]
+    c = core()
+    st, acts = c.handle(before, ReloadRequested(paused=before.desired.goal is Goal.PAUSE), NOW)
+    assert st.state is State.RECONCILING and PrepareConfig(reload=True) in acts
+    st, acts = c.handle(st, ConfigFailed("lss.yaml: restart.burst_limit: expected an integer"), NOW + 0.1)
+    assert not any(isinstance(a, Exit) for a in acts)
+    assert st.state is before.state, (situation, st.state)
+    assert any(isinstance(a, LogLine) and "restart.burst_limit" in a.msg for a in acts)
+
+
+def test_a_bad_config_on_reload_of_a_daemon_parked_at_boot_stays_parked() -> None:
+    """Parked by its boot reconcile (nothing was ever rendered): a bad config later is one error line,
+    not an exit (systemd would not restart it: 78 is fail-closed)."""
+    c = core()
+    st, _ = c.handle(SupervisorState(), Booted(), 0.0)
+    st, _ = c.handle(st, TaskFailed(Task.PLAN, ErrorCode.UNMARKED, "LMDB 'main' has data, no marker"), 0.1)
+    assert st.state is State.PARKED and st.digest is None
+    reason = st.park_reason
+    st, _ = c.handle(st, ReloadRequested(), 10.0)
+    st, acts = c.handle(st, ConfigFailed("lss.yaml: bogus: unknown option"), 10.1)
+    assert not any(isinstance(a, Exit) for a in acts)
+    assert st.state is State.PARKED and st.park_reason == reason and st.park_exit is ExitCode.PARKED
+    assert any(isinstance(a, LogLine) and "reload failed, keeping the previous config" in a.msg for a in acts)
+
+
+def test_a_bad_config_requested_during_a_cycle_keeps_the_state_the_cycle_reached() -> None:
+    c = core()
+    st = SITUATIONS["reconciling_running"]
+    st, acts = c.handle(st, ReloadRequested(), NOW)  # busy: pending
+    assert st.pending is not None and st.pending.reload
+    st, acts = c.handle(st, ConfigPrepared(digest="d1", version=1, wait_for_health=True), NOW + 0.1)
+    assert st.state is State.RECONCILING and PrepareConfig(reload=True) in acts  # the pending reload
+    st, acts = c.handle(st, ConfigFailed("lss.yaml: bogus: unknown option"), NOW + 0.2)
+    assert st.state is State.RUNNING and st.pid == 10 and not any(isinstance(a, Exit) for a in acts)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 from lssupervisor.config import OnFailure
+from lssupervisor.core import tables
 from lssupervisor.core.actions import (
     Action,
     AnnounceState,
@@ -819,3 +820,87 @@ def test_cycle_description_names_where_the_lmdbs_start() -> None:
     assert Cycle(from_version=None, target=3, steps=()).describe() == "unmarked→3 (stamp)"
     mixed = Cycle(from_version=None, target=3, steps=("main 2→3 (0003_x)", "shard 1→3 (marker only)"))
     assert mixed.describe().startswith("mixed→3 (")
+
+
+# -- importing while LS runs, and the time limits (I10) ------------------------------------------------
+
+
+def test_a_failed_import_leaves_ls_running_and_touches_nothing() -> None:
+    c = Cycler()
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    assert c.st.substep is Substep.IMPORTING and c.st.pid == 10
+    c(TaskFailed(Task.IMPORT, ErrorCode.MIGRATION_LOAD, "0002_users_json.py:3: NameError: x"), 10.2)
+    assert c.state() is State.RUNNING and c.st.pid == 10  # LS was never stopped
+    assert not c.of(SignalGroup) and not c.of(StartMigration)
+    assert "cannot import the migrations: 0002_users_json.py:3" in c.logged()
+
+
+def test_an_import_over_its_time_limit_is_cancelled_and_ls_keeps_running() -> None:
+    c = Cycler(import_timeout=60.0)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    assert c.core.next_deadline(c.st) == pytest.approx(70.1)
+    assert c(Tick(), 70.0) == []
+    acts = c(Tick(), 70.1)
+    assert CancelTask("migrations.import_timeout (60s) expired") in acts
+    c(TaskFailed(Task.IMPORT, ErrorCode.CANCELLED, "worker killed by SIGKILL (...)"), 70.2)
+    assert c.state() is State.RUNNING and c.st.pid == 10
+    assert "migrations.import_timeout (60s) expired: worker killed by SIGKILL" in c.logged()
+
+
+def test_each_step_and_the_backup_get_their_own_time_limit() -> None:
+    c = Cycler(step_timeout=100.0)
+    running(c)
+    to_migrating(c)  # StartMigration at 10.4: the backup's limit runs
+    assert c.st.task_limit == "migrations.step_timeout (100s)"
+    assert c.core.next_deadline(c.st) == pytest.approx(110.4)
+    c(MigrationProgress(Stage.BACKUP, "backing up main"), 50.0)
+    assert c.core.next_deadline(c.st) == pytest.approx(110.4)  # backup progress does not re-arm it
+    c(MigrationProgress(Stage.MIGRATE, "migrating main 1→2", step=0), 60.0)
+    assert c.core.next_deadline(c.st) == pytest.approx(160.0)  # the step's own limit from its start
+    c(MigrationProgress(Stage.MIGRATE, "migrating main 1→2: 50%", step=0), 100.0)
+    assert c.core.next_deadline(c.st) == pytest.approx(160.0)  # progress within the step does not
+    assert c(Tick(), 159.9) == []
+    acts = c(Tick(), 160.0)
+    assert CancelTask("migrations.step_timeout (100s) expired") in acts
+    c(TaskFailed(Task.MIGRATE, ErrorCode.CANCELLED, "worker killed by SIGKILL (...); aborted"), 160.1)
+    c(MarkersRead((("main", 1),)), 160.2)
+    assert c.state() is State.PARKED and c.st.reason is not None
+    assert "migrations.step_timeout (100s) expired: worker killed by SIGKILL" in c.st.reason
+    assert "consistently at version 1" in c.st.reason and not c.of(SpawnChild)
+
+
+def test_a_new_step_rearms_the_limit() -> None:
+    c = Cycler(step_timeout=100.0)
+    running(c)
+    to_migrating(c, MIGRATE_1_3)
+    c(MigrationProgress(Stage.MIGRATE, "step 1", step=0), 20.0)
+    c(MigrationProgress(Stage.COMMITTED, "committed step 1", step=0), 90.0)
+    c(MigrationProgress(Stage.MIGRATE, "step 2", step=1), 90.5)
+    assert c.core.next_deadline(c.st) == pytest.approx(190.5)
+    assert c(Tick(), 120.0) == []  # step 1's limit (120.0) no longer applies
+
+
+def test_the_substeps_follow_the_cycle_table() -> None:
+    c = Cycler(drain=True, pre_hooks=1, post_hooks=1)
+    running(c)
+    c(ReconcileRequested(), 10.0)
+    c(MIGRATE_1_2, 10.1)
+    c(Imported(), 10.2)
+    c(EXITED_TERM, 10.3)
+    c(GoneProven(), 10.4)
+    c(DrainFinished(0, "exit 0"), 11.0)
+    c(GoneProven(), 11.1)
+    c(HookFinished("pre", 0, ok=True), 11.2)
+    c(MigrationProgress(Stage.MIGRATE, "migrating", step=0), 11.3)
+    c(Migrated(steps=1), 11.4)
+    c(MarkersRead((("main", 2),)), 11.5)
+    c(HookFinished("post", 0, ok=True), 11.6)
+    seen = [Substep(s) for s in c.substeps()]
+    # The order is the table's; the only step back is PROVING after DRAINING (the drain LS had the
+    # LMDB open too).
+    assert seen == [*tables.CYCLE[:4], Substep.PROVING, *tables.CYCLE[4:]]
+    assert all(c.st.task is not tables.TASK_OF[s] or s is seen[-1] for s in seen)

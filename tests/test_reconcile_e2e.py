@@ -533,3 +533,180 @@ def test_an_unmarked_lmdb_parks_and_the_advice_in_the_reason_works(
     assert out.returncode == 0, out.stderr
     wait_running_on(d, 1)
     assert markers(cs) == {"main": 1}
+
+
+# -- a reload never kills a daemon, in any state (issue: a PARKED daemon exited 78) ---------------------
+
+def break_config(cs: ConfigSet) -> str:
+    """One bad value (the error line must name its key); returns the good text."""
+    text = cs.config.read_text()
+    assert "  stop_timeout: 3s\n" in text
+    cs.config.write_text(text.replace("  stop_timeout: 3s\n", "  stop_timeout: ten\n"))
+    return text
+
+
+BROKEN = r"reload failed, keeping the previous config: .*lightningstream\.stop_timeout: expected a duration"
+
+
+def reload_with_a_broken_config(d: Daemon, cs: ConfigSet) -> None:
+    good = break_config(cs)
+    d.send(signal.SIGHUP)
+    d.wait_log(BROKEN)
+    cs.config.write_text(good)
+
+
+def test_a_bad_config_on_hup_keeps_a_daemon_parked_at_boot_parked(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    build_lmdb(cs.lmdb, {"users": {"alice": ("x", 1_700_000_000_000_000_000)}})  # data, no marker
+    d = start(daemons, cs)
+    reason = d.wait_state("PARKED")["reason"]
+    reload_with_a_broken_config(d, cs)
+    doc = d.wait_state("PARKED")
+    assert doc["reason"] == reason and d.proc.poll() is None
+    assert not d.lines("state PARKED -> STOPPED")
+
+
+def test_a_bad_config_on_hup_keeps_a_paused_daemon_paused(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    out = subprocess.run(
+        [sys.executable, "-m", "lssupervisor", "pause", "-c", str(cs.config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    d.wait_state("PAUSED")
+    reload_with_a_broken_config(d, cs)
+    assert d.wait_state("PAUSED") and d.proc.poll() is None
+
+
+def test_a_bad_config_on_hup_keeps_a_daemon_in_backoff(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    # LS crashes 1 s after each start; a long backoff keeps the daemon in BACKOFF for the reload.
+    cs.write(
+        ls_env={"LSSTANDIN_CRASH_AFTER_MS": "1000"},
+        restart={"initial_delay": "60s", "max_delay": "60s", "burst_limit": "10"},
+    )
+    d = start(daemons, cs)
+    d.wait_state("BACKOFF")
+    reload_with_a_broken_config(d, cs)
+    doc = d.wait_state("BACKOFF")
+    assert doc["lightningstream"]["retry_at"] and d.proc.poll() is None
+
+
+def test_a_bad_config_saved_mid_cycle_is_refused_after_the_cycle(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    flag = cs.root / "go"
+    ship(cs, "0002_slow.py", SLOW.replace("{flag}", str(flag)))
+    wait_for(lambda: doc_of(d).get("substate") == "MIGRATING", timeout=30, what="MIGRATING")
+    break_config(cs)  # the watcher sees it while the migration runs
+    flag.touch()
+    d.wait_log(BROKEN)
+    wait_running_on(d, 2)
+    assert d.proc.poll() is None
+
+
+# -- nothing keeps LS down without a deadline (I10) ------------------------------------------------------
+
+HANGS_AT_IMPORT = '''"""Step 2: its module-level code never returns."""
+
+import time
+
+time.sleep(3600)
+
+VERSION = 2
+
+
+def upgrade(m):
+    pass
+'''
+
+HANGS_IN_STEP = '''"""Step 2: its upgrade never returns (and never checks cancellation)."""
+
+import time
+
+VERSION = 2
+
+
+def upgrade(m):
+    m.db("users", create=True)
+    m.put("users", b"half", b"written")
+    time.sleep(3600)
+'''
+
+
+def limit(cs: ConfigSet, line: str) -> None:
+    """Add ``line`` to the config's ``migrations:`` block."""
+    block = "migrations:\n  path: migrations\n"
+    cs.config.write_text(cs.config.read_text().replace(block, f"{block}  {line}\n"))
+
+
+def test_an_import_that_hangs_is_cut_off_and_ls_keeps_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
+    cs.write(extra=WATCH)
+    limit(cs, "import_timeout: 1s")
+    d = start(daemons, cs)
+    pid = wait_running_on(d, 1)["lightningstream"]["pid"]
+    ship(cs, "0002_hangs.py", HANGS_AT_IMPORT)
+    wait_for(lambda: doc_of(d).get("substate") == "IMPORTING", timeout=30, what="IMPORTING in status")
+    d.wait_log(
+        r"reconcile failed, LS keeps running: cannot import the migrations: "
+        r"migrations\.import_timeout \(1s\) expired"
+    )
+    doc = d.wait_state("RUNNING")
+    assert doc["lightningstream"]["pid"] == pid  # LS was never stopped
+    assert markers(cs) == {"main": 1}
+    wait_for(lambda: not own_workers(cs), timeout=10, what="the hung worker to be gone")
+
+
+def test_a_step_that_hangs_is_cut_off_rolled_back_and_parks_naming_the_limit(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    cs.write(extra=WATCH)
+    limit(cs, "step_timeout: 1s")
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    ship(cs, "0002_hangs.py", HANGS_IN_STEP)
+    doc = d.wait_state("PARKED", timeout=40)
+    assert "migrations.step_timeout (1s) expired" in doc["reason"], doc["reason"]
+    assert "consistently at version 1" in doc["reason"]
+    assert markers(cs) == {"main": 1} and not own_workers(cs)
+    assert doc["lightningstream"]["pid"] is None
+
+
+LEAVES_A_STRAY = '''"""Step 2: double-forks a sleeper that would hold the worker's pipes forever."""
+
+import os
+import time
+
+VERSION = 2
+
+
+def upgrade(m):
+    m.db("users", create=True)
+    m.put("users", b"step-2", b"done")
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            with open("{pidfile}", "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(3600)
+        os._exit(0)
+    os.wait()
+'''
+
+
+def test_a_stray_left_by_a_migration_is_killed_and_named_after_the_cycle(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    pidfile = cs.root / "stray.pid"
+    ship(cs, "0002_stray.py", LEAVES_A_STRAY.replace("{pidfile}", str(pidfile)))
+    wait_running_on(d, 2)
+    stray = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the stray's pid"))
+    d.wait_log(rf"killing a process the worker left behind.*pid={stray}")
+    wait_for(lambda: not pid_alive(stray), timeout=10, what="the stray to be gone")

@@ -81,8 +81,8 @@ ACCEPTS: Mapping[State, frozenset[EventType]] = {
     State.STOPPING: _COMMON | SPAWN_RESULTS | {ChildExited},
     State.STARTING: _COMMON | {ChildExited},
     State.RUNNING: _COMMON | {ChildExited},
-    State.PAUSED: _COMMON,
-    # An LS that survived SIGKILL may finally exit while we are parked.
+    # An LS that survived SIGKILL may finally exit while we are parked (or paused while parked).
+    State.PAUSED: _COMMON | {ChildExited},
     State.PARKED: _COMMON | {ChildExited},
 }
 
