@@ -30,6 +30,8 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 import yaml
 
 from lssupervisor.core.states import OnFailure  # the core's vocabulary; re-exported for config users
+from lssupervisor.durations import human as format_duration
+from lssupervisor.durations import parse_seconds as parse_duration
 from lssupervisor.errors import ConfigError, UsageError
 
 T = TypeVar("T")
@@ -41,43 +43,6 @@ class Duration(float):
 
 class PathOpt(str):
     """A filesystem path; relative values are resolved against the config file's directory."""
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Parse a Go-style duration (``1m30s``) into seconds. Raises ValueError."""
-    s = text.strip()
-    if s == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    if not s:
-        raise ValueError(text)
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if m is None:
-            raise ValueError(text)
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds.is_integer():
-        s = int(seconds)
-        if s % 3600 == 0:
-            return f"{s // 3600}h"
-        if s % 60 == 0:
-            return f"{s // 60}m"
-        return f"{s}s"
-    return f"{seconds}s"
 
 
 def opt(default: Any, doc: str, *, example: str | None = None) -> Any:

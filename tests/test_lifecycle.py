@@ -498,7 +498,7 @@ def test_burst_limit_parks_with_the_reason() -> None:
     after, acts = core().handle(st, EVENTS["exited"][0], NOW)
     assert after.state is State.PARKED
     assert after.reason is not None
-    assert "5 failures within 300s" in after.reason and "lssupervisor resume" in after.reason
+    assert "5 failures within 5m" in after.reason and "lssupervisor resume" in after.reason
     # One grep-able `parked:` line, like every other park (it used to show only as `-> PARKED`).
     assert [type(a) for a in acts] == [LogLine, AnnounceState, Notify]
     assert acts[0] == LogLine(Level.ERROR, f"parked: {after.reason}")

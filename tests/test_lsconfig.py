@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from lssupervisor.cli import render as render_cmd
 from lssupervisor.config import parse_config
+from lssupervisor.durations import parse_ns as parse_go_duration
 from lssupervisor.errors import ConfigError, TemplateError, UsageError
 from lssupervisor.fsutil import write_atomic
 from lssupervisor.lsconfig import binary as lsbinary
@@ -31,7 +32,7 @@ from lssupervisor.lsconfig.render import (
     ls_environment,
     render,
 )
-from lssupervisor.lsconfig.values import parse_bytesize, parse_go_duration
+from lssupervisor.lsconfig.values import parse_bytesize
 
 VAR = "APP_SCHEMA_VERSION"
 

@@ -57,12 +57,14 @@ def test_importing_the_core_loads_no_plane_and_no_io_library() -> None:
     ours = {m for m in loaded if m.startswith("lssupervisor.")}
     assert ours <= {
         "lssupervisor.errors",
+        "lssupervisor.durations",
         *{m for m in ours if m.startswith("lssupervisor.core")},
     }, sorted(ours)
     assert not loaded & {"lmdb", "psutil", "yaml", "watchdog", "prometheus_client", "subprocess", "socket"}
 
 
-# Standard-library modules the pure core may import: values, typing, enums, dataclasses, randomness
+# Besides itself, the core uses two pure modules of ours: the errors (and exit codes) and the Go
+# durations it words time limits with. Standard-library modules the pure core may import: values, typing, enums, dataclasses, randomness
 # (the default jitter source; tests inject their own). Anything else (os, time, subprocess, socket,
 # pathlib, threading, logging...) would give the core a way to do I/O or read a clock.
 CORE_MAY_IMPORT = {
@@ -91,7 +93,9 @@ def test_the_core_imports_only_pure_stdlib_modules_and_itself() -> None:
     wrong = []
     for path in sorted((PACKAGE / "core").glob("*.py")):
         for line, module in imports_of(path):
-            ours = module == "lssupervisor.errors" or module.startswith("lssupervisor.core")
+            ours = module in ("lssupervisor.errors", "lssupervisor.durations") or module.startswith(
+                "lssupervisor.core"
+            )
             if not ours and module not in CORE_MAY_IMPORT:
                 wrong.append(f"{path.relative_to(ROOT)}:{line}: {module}")
     assert not wrong, wrong

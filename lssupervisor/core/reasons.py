@@ -8,6 +8,7 @@ with 75). docs/operations.md quotes these texts in its PARKED table.
 
 from __future__ import annotations
 
+from lssupervisor.durations import human
 from lssupervisor.errors import Remedy
 
 UNMARKED_ADVICE = (
@@ -31,6 +32,4 @@ def with_advice(message: str, remedy: Remedy | None) -> str:
     return message if remedy is None else f"{message}; {daemon_advice(remedy)}"
 
 
-def secs(value: float) -> str:
-    """Seconds for people: 5s, 2.5s, 0.1s."""
-    return f"{value:g}s" if value >= 0.1 or value == 0 else f"{value:.3f}s"
+secs = human  # seconds for people, in reasons and log lines (a Go duration)

@@ -27,13 +27,13 @@ from typing import Any
 
 import psutil
 
-from lssupervisor.config import format_duration
 from lssupervisor.core.actions import RunHook
 from lssupervisor.core.events import DrainFinished, Event, HookFinished, TaskFailed
 from lssupervisor.core.states import Task
 from lssupervisor.daemon import child
 from lssupervisor.daemon.logs import fields
 from lssupervisor.daemon.prepare import Loaded, Prepared
+from lssupervisor.durations import human as format_duration
 from lssupervisor.errors import ErrorCode, SupervisorError
 from lssupervisor.fsutil import write_atomic
 from lssupervisor.proc import child_env

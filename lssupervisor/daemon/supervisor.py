@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, assert_never
 
-from lssupervisor import __version__, fsutil
+from lssupervisor import __version__, durations, fsutil
 from lssupervisor.config import Config, load_config, parse_address
 from lssupervisor.core.actions import (
     Action,
@@ -123,11 +123,6 @@ def needs_worker(st: SupervisorState) -> bool:
     return (
         st.state in (State.RECONCILING, State.STOPPING) and st.cycle is not None and st.cycle.version is None
     )
-
-
-def go_duration(seconds: float) -> str:
-    """A Go duration string for LS flags (``60s``, ``1.5s``): LS reads a bare number as nanoseconds."""
-    return f"{seconds:g}s"
 
 
 def planned_event(result: p.PlanResult) -> Planned:
@@ -450,7 +445,7 @@ class Supervisor:
         except SupervisorError as exc:
             return [TaskFailed(Task.DRAIN, exc.code, str(exc))]
         return self.jobs.start_drain(
-            loaded, old, go_duration(float(loaded.cfg.lightningstream.drain_timeout))
+            loaded, old, durations.for_go(float(loaded.cfg.lightningstream.drain_timeout))
         )
 
     # -- RENDERING, spawning -----------------------------------------------------------------------
@@ -609,4 +604,4 @@ class Supervisor:
         self.publisher.close()
 
 
-__all__ = ["Supervisor", "go_duration", "needs_worker", "planned_event"]
+__all__ = ["Supervisor", "needs_worker", "planned_event"]

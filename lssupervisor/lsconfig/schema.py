@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lssupervisor.lsconfig.values import parse_bytesize, parse_go_duration
+from lssupervisor.durations import parse_ns as parse_go_duration
+from lssupervisor.lsconfig.values import parse_bytesize
 
 if TYPE_CHECKING:
     pass

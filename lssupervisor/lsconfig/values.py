@@ -13,37 +13,6 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------------
 # Go value syntaxes LS uses in its config
 
-_GO_UNITS_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9,
-                "m": 60 * 10**9, "h": 3600 * 10**9}
-_GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)([a-zµμ]+)")
-
-
-def parse_go_duration(text: str) -> int:
-    """Go ``time.ParseDuration`` into nanoseconds. Raises ValueError."""
-    s = text
-    sign = 1
-    if s[:1] in ("+", "-"):
-        sign = -1 if s[0] == "-" else 1
-        s = s[1:]
-    if s == "0":
-        return 0
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    total = 0
-    pos = 0
-    while pos < len(s):
-        m = _GO_DURATION.match(s, pos)
-        if m is None or m.group(1) in ("", "."):
-            raise ValueError(f"invalid duration {text!r} (expected a number and a unit like 5s)")
-        unit = _GO_UNITS_NS.get(m.group(2))
-        if unit is None:
-            raise ValueError(f"unknown unit {m.group(2)!r} in duration {text!r}")
-        whole, _, frac = m.group(1).partition(".")
-        total += int(whole or "0") * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
-        pos = m.end()
-    return sign * total
-
-
 _BYTE_UNITS: dict[str, int] = {"": 1, "b": 1, "byte": 1}
 for _power, _names in enumerate(
     (
