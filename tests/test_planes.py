@@ -60,13 +60,14 @@ def test_importing_the_core_loads_no_plane_and_no_io_library() -> None:
         "lssupervisor.durations",
         *{m for m in ours if m.startswith("lssupervisor.core")},
     }, sorted(ours)
-    assert not loaded & {"lmdb", "psutil", "yaml", "watchdog", "prometheus_client", "subprocess", "socket"}
+    io_libraries = {"lmdb", "psutil", "yaml", "watchdog", "prometheus_client", "subprocess", "socket"}
+    assert not loaded & io_libraries
 
 
 # Besides itself, the core uses two pure modules of ours: the errors (and exit codes) and the Go
-# durations it words time limits with. Standard-library modules the pure core may import: values, typing, enums, dataclasses, randomness
-# (the default jitter source; tests inject their own). Anything else (os, time, subprocess, socket,
-# pathlib, threading, logging...) would give the core a way to do I/O or read a clock.
+# durations it words time limits with. Standard-library modules it may import: values, typing, enums,
+# dataclasses, randomness (the default jitter source; tests inject their own). Anything else (os, time,
+# subprocess, socket, pathlib, threading, logging...) would give the core a way to do I/O or a clock.
 CORE_MAY_IMPORT = {
     "__future__",
     "abc",
