@@ -641,3 +641,73 @@ def test_releasing_map_pages_mid_transaction_keeps_every_write(tmp_path: Path) -
         env.close()
     users = read_lmdb(spec)["users"]
     assert len(users) == 20000 and users[b"k019999"] == (b"v19999", 20000)
+
+
+# --------------------------------------------------------------------------------------- m.rewrite
+
+
+@pytest.mark.parametrize("native", MODES)
+@pytest.mark.parametrize(("strategy", "fresh"), [("prefix", False), ("in-place", True)])
+def test_rewrite_is_an_items_put_loop_in_one_call(
+    tmp_path: Path, native: bool, strategy: str, fresh: bool
+) -> None:
+    """m.rewrite(dbi, fn) gives exactly what the items/put loop gives: same values, same timestamp
+    rule, unchanged entries and tombstones left alone, a prefix honoured."""
+    data = {"users": {"a": ("alice", OLD), "b": ("bob", OLD + 1), "c": ("carol", OLD + 2), "x": ("x", OLD)}}
+    loop = build_lmdb(tmp_path / "loop", data, native=native, marker=0)
+    batch = build_lmdb(tmp_path / "batch", data, native=native, marker=0)
+    (tmp_path / "l").mkdir()
+    (tmp_path / "r").mkdir()
+    by_loop = migrations(
+        tmp_path / "l",
+        """
+        for key, value in m.items("users"):
+            if key != b"c":
+                m.put("users", key, value.upper())
+        """,
+        strategies=(strategy,),
+    )
+    by_rewrite = migrations(
+        tmp_path / "r",
+        """
+        n = m.rewrite("users", lambda key, value: None if key == b"c" else value.upper())
+        assert n == 3, n  # a, b, x written; c left alone
+        """,
+        strategies=(strategy,),
+    )
+    run_migrations(loop, by_loop, clock=clock)
+    result = run_migrations(batch, by_rewrite, clock=clock)
+    # Everything but the markers (they name their migration file's checksum) is byte for byte equal.
+    def data_of(spec: LmdbSpec) -> dict[str, Any]:
+        return {n: d for n, d in read_lmdb(spec, include_sync=True).items() if "lssupervisor" not in n}
+
+    assert data_of(batch) == data_of(loop)
+    users = read_lmdb(batch)["users"]
+    assert users[b"c"] == (b"carol", OLD + 2)  # untouched, timestamp kept whatever the strategy
+    assert users[b"a"] == (b"ALICE", NOW if fresh else OLD)
+    assert result.steps[0].puts == 3
+
+
+def test_rewrite_honours_a_prefix_and_skips_tombstones(tmp_path: Path) -> None:
+    data = {"users": {"a:1": ("one", OLD), "a:2": ("two", OLD), "b:1": ("bee", OLD)}}
+    spec = build_lmdb(tmp_path / "db", data, marker=0)
+    mdir = migrations(
+        tmp_path,
+        """
+        m.delete("users", b"a:2")
+        assert m.rewrite("users", lambda key, value: value + b"!", prefix=b"a:") == 1
+        """,
+    )
+    run_migrations(spec, mdir, clock=clock)
+    dump = read_lmdb(spec, tombstones=True)["users"]
+    assert dump[b"a:1"] == (b"one!", OLD) and dump[b"b:1"] == (b"bee", OLD)
+    assert dump[b"a:2"] == (None, OLD)  # the tombstone stays a tombstone
+
+
+def test_rewrite_of_an_existing_dbi_is_refused_under_new_dbi(tmp_path: Path) -> None:
+    spec = build_lmdb(tmp_path / "db", USERS, marker=0)
+    before = raw_dump(spec)
+    mdir = migrations(tmp_path, 'm.rewrite("users", lambda k, v: v + b"!")', strategies=("new-dbi",))
+    with pytest.raises(VerificationFailed, match="may only write DBIs that did not exist"):
+        run_migrations(spec, mdir, clock=clock)
+    assert raw_dump(spec) == before
