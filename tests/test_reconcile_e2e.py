@@ -710,3 +710,46 @@ def test_a_stray_left_by_a_migration_is_killed_and_named_after_the_cycle(
     stray = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the stray's pid"))
     d.wait_log(rf"killing a process the worker left behind.*pid={stray}")
     wait_for(lambda: not pid_alive(stray), timeout=10, what="the stray to be gone")
+
+
+QUIET_SLOW = '''"""Step 2: rewrites every record slowly and never calls m.progress."""
+
+import time
+
+VERSION = 2
+
+
+def upgrade(m):
+    m.db("users", create=True)
+    for i in range(400):
+        m.put("users", b"k%05d" % i, b"v")
+        time.sleep(0.01)
+'''
+
+
+def test_a_step_that_never_reports_shows_a_heartbeat_in_status_log_and_metrics(
+    cs: ConfigSet, daemons: list[Daemon]
+) -> None:
+    from prometheus_client import generate_latest
+
+    from lssupervisor.daemon.metrics import build_registry
+
+    cs.write(extra=WATCH)
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    ship(cs, "0002_quiet.py", QUIET_SLOW)
+
+    def beating() -> dict[str, Any]:
+        doc = doc_of(d)
+        step = (doc.get("migration") or {}).get("step") or {}
+        return doc if doc.get("substate") == "MIGRATING" and step.get("written", 0) > 0 else {}
+
+    doc = wait_for(beating, timeout=30, interval=0.05, what="a heartbeat with written records in status")
+    step = doc["migration"]["step"]
+    assert step["migration"] == "0002_quiet" and step["index"] == 0 and step["elapsed_s"] > 0
+    assert "written" in doc["migration"]["progress"]
+    text = generate_latest(build_registry(lambda: doc, process_metrics=False)).decode()
+    assert "lssupervisor_migration_step_records_written " in text
+    d.wait_log(r"progress: migrating main 1→2 \(0002_quiet\).*written")
+    wait_running_on(d, 2)
+    assert doc_of(d)["migration"]["step"] is None

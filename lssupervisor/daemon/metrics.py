@@ -196,6 +196,30 @@ class SnapshotCollector(Collector):
                 MIGRATION_RESULTS,
                 mig.get("last_result"),
             )
+        step = mig.get("step")
+        if isinstance(step, Mapping):
+            # The running step's heartbeat: the API's own counters (no code in the migration needed).
+            for key, name, doc in (
+                ("written", "lssupervisor_migration_step_records_written", "Records the running step wrote."),
+                ("read", "lssupervisor_migration_step_records_read", "Records the running step read."),
+                (
+                    "elapsed_s",
+                    "lssupervisor_migration_step_elapsed_seconds",
+                    "Seconds the running step has run.",
+                ),
+                ("index", "lssupervisor_migration_step_index", "0-based position of the running step."),
+                ("steps", "lssupervisor_migration_steps", "Steps in the running migration."),
+            ):
+                value = _number(step.get(key))
+                if value is not None:
+                    yield GaugeMetricFamily(name, doc, value=value)
+            ratio = _number(step.get("percent"))
+            if ratio is not None:
+                yield GaugeMetricFamily(
+                    "lssupervisor_migration_step_progress_ratio",
+                    "The running step's own estimate of its progress (m.progress), 0 to 1.",
+                    value=ratio / 100.0,
+                )
         last_ok = iso_to_epoch(mig.get("last_success_at"))
         if last_ok is not None:
             yield GaugeMetricFamily(

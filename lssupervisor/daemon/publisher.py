@@ -27,6 +27,7 @@ from lssupervisor.daemon.prepare import Loaded, Prepared
 from lssupervisor.daemon.statefile import write_state
 from lssupervisor.errors import ConfigError, SupervisorError
 from lssupervisor.worker import backupdir
+from lssupervisor.worker import protocol as p
 
 log = logging.getLogger("lssupervisor.supervisor")
 
@@ -34,6 +35,7 @@ log = logging.getLogger("lssupervisor.supervisor")
 # EXTEND_RESEND_S while a job runs, so a long migration is not killed as a hung start.
 EXTEND_TIMEOUT_S = 30.0
 EXTEND_RESEND_S = 10.0
+PROGRESS_LOG_S = 2.0  # a migration's progress reaches the log at most this often (a new step at once)
 
 
 def iso(wall: float | None) -> str | None:
@@ -74,6 +76,9 @@ class StatusPublisher:
             "last_backup": None,
         }
     )
+    step: dict[str, Any] | None = None  # the running step's counters (the heartbeat), for /status and metrics
+    next_progress_log: float = 0.0
+    logged_step: tuple[Any, ...] | None = None
     # `backups` in the status document (metrics read it): listed from the manifests at start and after
     # each migrate result, never per loop iteration and never by opening an LMDB.
     backups: dict[str, Any] = field(default_factory=lambda: {"count": 0, "last": None})
@@ -139,8 +144,34 @@ class StatusPublisher:
             case _:
                 assert_never(kind)
 
+    def step_progress(self, pr: p.Progress) -> None:
+        """Keep the numbers of a migration progress report (the text reaches us through the core)."""
+        if pr.phase in (p.Phase.MIGRATE, p.Phase.DRY_RUN):
+            self.step = {
+                "lmdb": pr.lmdb,
+                "migration": pr.migration,
+                "from_version": pr.from_version,
+                "to_version": pr.to_version,
+                "index": pr.index,
+                "steps": pr.steps,
+                "read": pr.read,
+                "written": pr.written,
+                "rate": round(pr.rate, 1) if pr.rate is not None else None,
+                "elapsed_s": pr.elapsed_s,
+                "percent": pr.percent,
+            }
+        elif pr.phase is p.Phase.STEP_COMMITTED:
+            self.step = None
+
     def progress(self, text: str, startup: bool, facts: Facts) -> None:
         self.migration["progress"] = text
+        now = self.clock()
+        key = None if self.step is None else (self.step["lmdb"], self.step["index"])
+        if now >= self.next_progress_log or key != self.logged_step:
+            # A heartbeat in the log too, every few seconds, whether the migration reports or not.
+            log.info("progress: %s", text)
+            self.next_progress_log = now + PROGRESS_LOG_S
+            self.logged_step = key
         self.publish(facts)
         if self.notifier is not None:
             self.notifier.status(text[:200])
@@ -180,6 +211,7 @@ class StatusPublisher:
             last_success_at=iso(self.wall()),
             last_backup=backup_id or self.migration["last_backup"],
         )
+        self.step = None
 
     def migration_failed(self, cancelled: bool, message: str, duration: float, backup_id: str | None) -> None:
         self.migration.update(
@@ -189,6 +221,7 @@ class StatusPublisher:
             last_duration_s=round(duration, 3),
             last_backup=backup_id or self.migration["last_backup"],
         )
+        self.step = None
 
     def refresh_backups(self, cfg: Config) -> None:
         """``backups: {count, last: {id, created_at, size_bytes, version}}`` from the backup dir's
@@ -264,6 +297,7 @@ class StatusPublisher:
                 **self.migration,
                 "progress": st.progress,
                 "task": st.task.value if st.task is not None else None,
+                "step": self.step if st.task is not None else None,
                 "time_limit": st.task_limit,
                 "time_limit_at": wall_of(st.task_deadline),
                 "plan": list(cycle.steps) if cycle is not None else None,

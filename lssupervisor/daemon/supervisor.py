@@ -396,7 +396,10 @@ class Supervisor:
     def _outcome(self, job: Job, body: p.Progress | p.Result | p.Failure) -> Event | None:
         """A worker's reply for the job in flight as the core's event."""
         if isinstance(body, p.Progress):
-            return progress_event(body) if job.task is Task.MIGRATE else None
+            if job.task is not Task.MIGRATE:
+                return None
+            self.publisher.step_progress(body)
+            return progress_event(body)
         if isinstance(body, p.Failure):
             return self._failed(job, body)
         try:
