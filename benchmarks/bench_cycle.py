@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -47,6 +46,8 @@ import lmdb
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from lssupervisor.testing.ports import free_port  # noqa: E402 (outside the ephemeral range: no races)
 
 HDR = struct.Struct(">QQBB4xH")
 TS0 = 1_700_000_000_000_000_000
@@ -106,12 +107,6 @@ VERSION = {version}
 def upgrade(m):
     m.put("users", b"user:000000000", b"step {version}")
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_ls(explicit: str | None) -> tuple[str, str]:

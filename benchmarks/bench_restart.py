@@ -27,9 +27,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_cycle import TEMPLATE, Poller, build_lmdb, find_ls, free_port, parse_time, wait  # noqa: E402
+from bench_cycle import TEMPLATE, Poller, build_lmdb, find_ls, parse_time, wait  # noqa: E402
 
 from lssupervisor.durations import parse_seconds  # noqa: E402
+from lssupervisor.testing.ports import free_port  # noqa: E402
 
 CONFIG = """\
 state_dir: state
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--ls", help="LS binary (default: as the demo finds it)")
     parser.add_argument("--tree", help="the lssupervisor checkout to run (default: this one)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     binary, why = find_ls(args.ls)
     tree = Path(args.tree).resolve() if args.tree else HERE.parent
@@ -131,7 +133,10 @@ def main() -> None:
     finally:
         daemon.terminate()
         daemon.wait(30)
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     for name, values in (("crash -> new LS, beyond the delay", overheads), ("readiness lag", lags)):
         ms = sorted(1000 * v for v in values)
         print(
