@@ -328,6 +328,19 @@ def render(template: Template, version: int, ls_env: Mapping[str, str]) -> Rende
     return Rendered(text=text, view=view, warnings=tuple(warnings))
 
 
+def storage_options(template: Template, version: int, ls_env: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """``(storage.type, storage.options)`` of the config rendered for ``version`` and expanded with
+    ``ls_env`` as LS would expand it (credentials included: keep the result in memory only). The
+    config is checked by :func:`render` first, so what comes back is what LS would use."""
+    rendered = render(template, version, ls_env)
+    doc = yaml.safe_load(go_expand_env(rendered.text, ls_env)) or {}
+    storage = doc.get("storage") or {}
+    options = dict(storage.get("options") or {})
+    if storage.get("root_path"):
+        options.setdefault("root_path", storage["root_path"])  # LS's deprecated spelling
+    return rendered.view.storage_type, options
+
+
 # Two versions that differ in every digit, so any use of our variable shows up in the views.
 _PROBE_VERSIONS = (1, 2)
 
