@@ -35,6 +35,7 @@ class Layout:
     head: str
     tail: str
     options: Mapping[str, Any] = field(repr=False)
+    poll_interval_s: float = 1.0  # LS's storage_poll_interval
 
     def location(self, version: int) -> str:
         return f"{self.head}{version}{self.tail}"
@@ -43,8 +44,9 @@ class Layout:
 def layout_of(template: lsconfig.Template, ls_env: Mapping[str, str]) -> Layout:
     """The storage layout of ``template`` with ``ls_env`` (the environment LS gets). ConfigError when
     the storage location does not carry the version, or something else in it does."""
-    st_type, options = lsconfig.storage_options(template, SENTINEL, ls_env)
-    _, other = lsconfig.storage_options(template, _OTHER, ls_env)
+    settings = lsconfig.storage_settings(template, SENTINEL, ls_env)
+    st_type, options = settings.type, settings.options
+    other = lsconfig.storage_settings(template, _OTHER, ls_env).options
     var = template.variable
     match st_type:
         case "s3":
@@ -71,7 +73,10 @@ def layout_of(template: lsconfig.Template, ls_env: Mapping[str, str]) -> Layout:
                 f"{template.path}: storage.options.{name} depends on ${{{var}}}: lssupervisor can only "
                 f"see a fleet whose versions differ in {key} alone"
             )
-    return Layout(storage_type=st_type, key=key, head=head, tail=tail, options=dict(options))
+    return Layout(
+        storage_type=st_type, key=key, head=head, tail=tail, options=dict(options),
+        poll_interval_s=settings.poll_interval_s,
+    )
 
 
 def open_backend(layout: Layout, *, timeout: float = 10.0) -> Backend:
@@ -89,3 +94,38 @@ def layout_for(cfg: Config, base_env: Mapping[str, str]) -> Layout:
     """The layout of ``cfg``'s template in the environment LS would get from ``base_env``."""
     template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     return layout_of(template, lsconfig.ls_environment(cfg, 0, base_env))
+
+
+def probe(settings: lsconfig.StorageSettings, *, timeout: float = 10.0) -> str:
+    """Read-only access check of the storage one rendered config names (``check``): s3 — the bucket
+    exists, the credentials are accepted, listing the prefix is allowed; fs — ``root_path`` is a
+    writable directory, or one LS can create. Returns what was checked; StorageError otherwise."""
+    options = settings.options
+    if settings.type == "s3":
+        from lssupervisor.storage.s3 import S3Backend
+
+        backend = S3Backend(options, str(options.get("global_prefix") or ""), "", timeout=timeout)
+        try:
+            return backend.probe()
+        finally:
+            backend.close()
+    if settings.type == "fs":
+        import os
+
+        from lssupervisor.errors import StorageError
+
+        root = Path(str(options.get("root_path") or ""))
+        existing = root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"storage fs {root}: {existing} is not a directory; fix storage.options.root_path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"storage fs {root}: {existing} is not writable by this user (uid {os.getuid()}); LS writes "
+                "there: fix its owner or mode"
+            )
+        if existing == root:
+            return f"fs {root} exists and is writable"
+        return f"fs {root} does not exist yet; LS creates it in {existing} (writable)"
+    return f"storage.type {settings.type}: not probed (lssupervisor reads s3 and fs only)"
