@@ -29,11 +29,16 @@ from lssupervisor.testing.scenario import (
     iter_lines,
     rolling_migration,
 )
+from tests.conftest import Bucket
 
 
-def _run(workdir: Path, ls_binary: str | None = None) -> tuple[RollingResult, Timeline]:
+def _run(
+    workdir: Path, ls_binary: str | None = None, bucket: Bucket | None = None
+) -> tuple[RollingResult, Timeline]:
     timeline = Timeline()
-    with Cluster(workdir, ls_binary) as cluster:
+    storage = None if bucket is None else f"s3://{bucket.name}/fleet?endpoint={bucket.endpoint}"
+    env = None if bucket is None else bucket.environ()
+    with Cluster(workdir, ls_binary, storage=storage, storage_env=env) as cluster:
         result = rolling_migration(cluster, timeline.say)
     return result, timeline
 
@@ -51,6 +56,16 @@ def _assert_passed(result: RollingResult, timeline: Timeline) -> None:
 def test_rolling_migration_driven_by_the_daemon(tmp_path: Path) -> None:
     result, timeline = _run(tmp_path / "work")
     _assert_passed(result, timeline)
+
+
+def test_rolling_migration_over_s3(tmp_path: Path, s3_bucket: Bucket) -> None:
+    """The same acceptance run with the instances syncing through an S3 bucket (``lssupervisor init
+    s3://...``, credentials only in the daemons' environment)."""
+    result, timeline = _run(tmp_path / "work", bucket=s3_bucket)
+    _assert_passed(result, timeline)
+    keys = s3_bucket.keys()
+    assert any(k.startswith("fleet/v1/main__") for k in keys)
+    assert any(k.startswith("fleet/v2/main__") for k in keys)
 
 
 @pytest.mark.real_ls

@@ -190,7 +190,9 @@ def _check_environment(cfg: Config, report: Report) -> None:
         report.error(f"state_dir {state}: {existing} is not writable by this user")
 
 
-def _check_storage(cfg: Config, template: Template, version: int, env: dict[str, str], report: Report) -> None:
+def _check_storage(
+    cfg: Config, template: Template, version: int, env: dict[str, str], report: Report
+) -> None:
     """Step 7: can this instance (and so LS, with the same credentials) reach the storage?"""
     from lssupervisor.storage import location
 

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate config, LS template and migrations; non-zero on any error")
     _add_config(p)
-    p.add_argument("--offline", action="store_true", help="do not probe the storage (no network, no fs access)")
+    p.add_argument("--offline", action="store_true", help="do not probe the storage (no network access)")
 
     p = sub.add_parser("render-config", help="print the LS config rendered for a schema version")
     _add_config(p)
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup", nargs="?", metavar="BACKUP")
 
     p = sub.add_parser(
-        "fleet", help="schema markers seen in the local LMDB; with --storage: what the storage holds per version"
+        "fleet", help="schema markers seen in the local LMDB; --storage: what the storage holds per version"
     )
     _add_config(p)
     p.add_argument("--json", action="store_true")

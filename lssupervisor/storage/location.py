@@ -119,7 +119,7 @@ def probe(settings: lsconfig.StorageSettings, *, timeout: float = 10.0) -> str:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
-            raise StorageError(f"storage fs {root}: {existing} is not a directory; fix storage.options.root_path")
+            raise StorageError(f"storage fs {root}: {existing} is not a directory; fix the root_path")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StorageError(
                 f"storage fs {root}: {existing} is not writable by this user (uid {os.getuid()}); LS writes "
