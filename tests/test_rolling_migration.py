@@ -38,8 +38,11 @@ def _run(
     timeline = Timeline()
     storage = None if bucket is None else f"s3://{bucket.name}/fleet?endpoint={bucket.endpoint}"
     env = None if bucket is None else bucket.environ()
-    with Cluster(workdir, ls_binary, storage=storage, storage_env=env) as cluster:
+    with Cluster(workdir, ls_binary, storage=storage, storage_env=env, drain=bucket is not None) as cluster:
         result = rolling_migration(cluster, timeline.say)
+        logs = {n: cluster.instances[n].log_path.read_text(errors="replace") for n in cluster.instances}
+    timeline.lines.extend(f"[log {n}] {line}" for n, text in logs.items() for line in text.splitlines()
+                          if "DRAINING" in line)
     return result, timeline
 
 
@@ -63,6 +66,9 @@ def test_rolling_migration_over_s3(tmp_path: Path, s3_bucket: Bucket) -> None:
     s3://...``, credentials only in the daemons' environment)."""
     result, timeline = _run(tmp_path / "work", bucket=s3_bucket)
     _assert_passed(result, timeline)
+    # Each migration drained first: `sync --only-once` on the old config, over S3 too.
+    drained = [line for line in timeline.lines if line.startswith("[log ") and "DRAINING" in line]
+    assert {line.split("]")[0] for line in drained} == {"[log alpha", "[log beta"}, timeline.lines
     keys = s3_bucket.keys()
     assert any(k.startswith("fleet/v1/main__") for k in keys)
     assert any(k.startswith("fleet/v2/main__") for k in keys)

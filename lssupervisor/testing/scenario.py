@@ -430,6 +430,7 @@ class Cluster:
         poll_interval: str = "200ms",
         storage: str | None = None,
         storage_env: Mapping[str, str] | None = None,
+        drain: bool = False,
     ) -> None:
         """``storage``: None for ``<workdir>/storage`` (fs), or an ``s3://`` URL as ``lssupervisor init``
         takes it; ``storage_env``: what the daemons (and so LS) get on top of our environment (the S3
@@ -438,6 +439,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage = self.workdir / "storage"  # the fs storage (unused with s3)
         self.storage_env = dict(storage_env or {})
+        self.drain = drain  # lightningstream.drain: `sync --only-once` on the old config before migrating
         self.store: FsStore | S3Store
         if storage is None or storage.startswith("fs://"):
             if storage is not None:
@@ -514,7 +516,7 @@ class Cluster:
             "  # Added by the demo: the LS stand-in evaluates /healthz every 100ms (LS: every second).\n"
             "  env:\n"
             '    LSSTANDIN_HEALTH_INTERVAL_MS: "100"\n'
-            "  stop_timeout: 5s\n",
+            "  stop_timeout: 5s\n" + ("  drain: true\n  drain_timeout: 20s\n" if self.drain else ""),
             1,
         )
         if tuned == config:
