@@ -306,3 +306,21 @@ def test_prune_plan_is_pure_and_refuses_without_a_marker() -> None:
         pruning.plan(listing, below=2, lmdb_version=None, now=NOW, grace=0, describe=str)
     rep = fleet.report(listing, NOW, 3600)
     assert rep.stale == ("a",) and rep.counts() == {1: 1}
+
+
+def test_check_reports_replaces_and_refuses_the_marker_dbi(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = config_set(tmp_path, f"fs://{tmp_path}/snapshots", versions=1)
+    mig = cfg.parent / "migrations" / "0002_users_v2.py"
+    mig.write_text('"""New DBI."""\nVERSION = 2\nSTRATEGY = "new-dbi"\nREPLACES = ["users"]\n\n\n'
+                   "def upgrade(m):\n    pass\n")
+    assert main(["check", "-c", str(cfg), "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "0002_users_v2 replaces DBI users (LMDB main): `lssupervisor prune --below 2`" in out
+    mig.write_text(mig.read_text().replace('"users"', '"lssupervisor"'))
+    assert main(["check", "-c", str(cfg), "--offline"]) == ExitCode.CONFIG
+    assert "is lssupervisor's marker DBI" in capsys.readouterr().out
+    mig.write_text(mig.read_text().replace('STRATEGY = "new-dbi"', 'STRATEGY = "prefix"'))
+    assert main(["check", "-c", str(cfg), "--offline"]) == ExitCode.CONFIG
+    assert "REPLACES is for STRATEGY 'new-dbi'" in capsys.readouterr().out

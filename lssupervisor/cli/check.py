@@ -107,6 +107,14 @@ def _check_migrations(
             report.warning(f"{exc} [no migration uses prefix yet; it is the default strategy]")
     newest = int(found.newest)
     report.ok(f"{len(found.migrations)} migration(s) in {found.directory}, newest version {newest}")
+    for mig in found.migrations:
+        for dbi in mig.replaces:
+            if dbi == cfg.schema.marker_dbi:
+                report.error(f"{mig.path}: REPLACES {dbi!r} is lssupervisor's marker DBI "
+                             "(schema.marker_dbi); it can never be retired: remove it from REPLACES")
+            else:
+                report.ok(f"{mig.name} replaces DBI {dbi} (LMDB {mig.lmdb}): `lssupervisor prune --below "
+                          f"{mig.version}` retires it once every instance runs version {mig.version}")
     return newest
 
 
