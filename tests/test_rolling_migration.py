@@ -118,6 +118,19 @@ def test_demo_command_exits_0_and_tells_the_story(tmp_path: Path) -> None:
         assert (workdir / path).exists(), path
 
 
+def test_demo_over_s3(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lssupervisor", "demo", "--storage", "s3", "--dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    for line in ("S3-API server (moto) on http://127.0.0.1:", "prefix now s3://lssupervisor-demo/app/v2/",
+                 "fleet --storage (s3 bucket lssupervisor-demo", "stragglers: none", "all checks passed"):
+        assert line in out, out
+    assert not (tmp_path / "demo" / "storage" / "v1").exists()  # nothing went to the fs
+
+
 def test_demo_refuses_a_non_empty_dir(tmp_path: Path) -> None:
     (tmp_path / "something").write_text("x")
     done = subprocess.run(

@@ -140,8 +140,14 @@ def test_fleet_storage_refuses_an_unversioned_location(
 def test_check_probes_s3(tmp_path: Path, s3_env: Bucket, capsys: pytest.CaptureFixture[str],
                          monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config_set(tmp_path, s3_url(s3_env))
+    capsys.readouterr()
+    assert main(["render-config", "-c", str(cfg), "--version", "2"]) == 0
+    text = capsys.readouterr().out
+    assert 'global_prefix: "app/v2/"' in text and '"${AWS_SECRET_ACCESS_KEY}"' in text
+    assert s3_env.server.secret_key not in text
     assert main(["check", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
+    assert "accepts the rendered config" in out
     assert f"ok: s3 bucket {s3_env.name} at {s3_env.endpoint}: exists, credentials accepted" in out
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
     assert main(["check", "-c", str(cfg)]) == ExitCode.CONFIG

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="narrated demo of a rolling migration with two instances")
     p.add_argument("--dir", metavar="DIR", help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--storage", choices=["fs", "s3"], default="fs",
+                   help="fs (a directory) or s3 (a bucket on a local S3-API server; needs moto[server])")
     return parser
 
 
