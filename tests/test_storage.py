@@ -27,6 +27,13 @@ MIGRATION = '"""Step {v}."""\nVERSION = {v}\n\n\ndef upgrade(m):\n    pass\n'
 NOW = time.time()
 
 
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    """Names and ages are relative to the start of each test (the module is imported long before)."""
+    global NOW
+    NOW = time.time()
+
+
 def config_set(tmp_path: Path, storage: str, *, versions: int = 3, stamp: int | None = None) -> Path:
     """`lssupervisor init` + migrations 1..versions (prefix strategy) + the LMDB stamped at ``stamp``."""
     d = tmp_path / "set"
