@@ -239,6 +239,28 @@ class WatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    watch: bool = opt(
+        True,
+        "The daemon lists the shared storage in the background (never in its main loop) and serves what "
+        "it found at `/fleet` and as `lssupervisor_fleet_*` metrics. Needs read access to the storage "
+        "(s3: `s3:ListBucket`), with LS's own credentials.",
+    )
+    interval: Duration = opt(
+        Duration(60),
+        "How often the daemon lists the storage; never more often than LS's `storage_poll_interval`.",
+    )
+    stale_after: Duration = opt(
+        Duration(12 * 3600),
+        "An instance whose newest snapshot is older than this is stale (`fleet --storage`, `/fleet`). "
+        "LS uploads at least every `storage_force_snapshot_interval` (4h by default) while it runs.",
+    )
+    timeout: Duration = opt(
+        Duration(10), "Time limit of each storage request (`check`'s probe, fleet, prune)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: LogFormat = opt(LogFormat.TEXT, "`text` (stable key=value lines) or `json`.")
     level: str = opt("info", "debug, info, warning or error.")
@@ -267,6 +289,9 @@ class Config:
     hooks: HooksConfig = field(default_factory=HooksConfig, metadata={"doc": "Migration hooks."})
     http: HttpConfig = field(default_factory=HttpConfig, metadata={"doc": "Status HTTP server."})
     watch: WatchConfig = field(default_factory=WatchConfig, metadata={"doc": "File watching."})
+    fleet: FleetConfig = field(
+        default_factory=FleetConfig, metadata={"doc": "The fleet as the shared storage shows it."}
+    )
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "Logging."})
     # Not an option: where this config was loaded from (for messages and watching).
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
@@ -530,6 +555,10 @@ def _validate(cfg: Config, where: str) -> None:
         for i, argv in enumerate(hooks):
             if not argv:
                 raise bad(f"{hook_key}[{i}]", "expected a non-empty argv list")
+    for key, value in (("fleet.interval", cfg.fleet.interval), ("fleet.timeout", cfg.fleet.timeout),
+                       ("fleet.stale_after", cfg.fleet.stale_after)):
+        if value <= 0:
+            raise bad(key, "must be greater than 0")
     if cfg.http.address:
         parse_address(cfg.http.address, f"{where}: http.address")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):

@@ -20,6 +20,10 @@ Exception tree::
     ├── SchemaTooNew                the LMDB is newer than the newest migration we know (EX_TOO_NEW)
     ├── BackupError                 backup or restore failed; nothing was written (EX_MIGRATION)
     ├── LightningStreamRunning      LS still runs where it must not (EX_LS_RUNNING)
+    ├── StorageError                the shared storage (s3 bucket, fs root) cannot be read or written
+    │                                                                              (STORAGE)
+    ├── Refused                     `prune` refuses: the fleet is not done with what it would delete
+    │                                                                              (REFUSED)
     ├── NotRunning                  a control command found no daemon to talk to  (NOT_RUNNING)
     ├── NotConfirmed                the daemon got the request but did not confirm it in time
     │                                                                              (UNCONFIRMED)
@@ -55,6 +59,12 @@ class ExitCode(enum.IntEnum):
     # report PAUSED in time; the outcome is unknown, not a bug. Never from `run`, so the units'
     # RestartPreventExitStatus= does not list it.
     UNCONFIRMED = 69
+    # EX_IOERR: the shared storage (bucket, fs root) could not be listed, read or written: `check`'s
+    # probe, `fleet --storage`, `prune`. Never from `run` (the daemon's fleet view only logs it).
+    STORAGE = 74
+    # EX_NOPERM: `prune` refused because an instance still needs what it would delete (a straggler, a
+    # young object, a marker below N). Never from `run`.
+    REFUSED = 77
 
 
 class ErrorCode(enum.Enum):
@@ -76,6 +86,8 @@ class ErrorCode(enum.Enum):
     BACKUP = "backup"
     LS_RUNNING = "ls-running"
     NOT_RUNNING = "not-running"
+    STORAGE = "storage"
+    REFUSED = "refused"
     NOT_CONFIRMED = "not-confirmed"
     WORKER = "worker"  # a worker died or spoke nonsense
     INTERNAL = "internal"  # an unexpected exception in the worker: a bug
@@ -188,6 +200,16 @@ class BackupError(SupervisorError):
 class LightningStreamRunning(SupervisorError):
     code = ErrorCode.LS_RUNNING
     exit_code = ExitCode.LS_RUNNING
+
+
+class StorageError(SupervisorError):
+    code = ErrorCode.STORAGE
+    exit_code = ExitCode.STORAGE
+
+
+class Refused(SupervisorError):
+    code = ErrorCode.REFUSED
+    exit_code = ExitCode.REFUSED
 
 
 class NotRunning(SupervisorError):

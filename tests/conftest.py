@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import psutil
 import pytest
+
+from lssupervisor.testing.s3server import S3Server
 
 LEAK_GRACE_S = 5.0
 
@@ -67,3 +71,56 @@ def _cmd(p: psutil.Process) -> str:
         return " ".join(p.cmdline())[:120]
     except psutil.Error:
         return "?"
+
+
+# --- a real S3-API server (moto's server mode) on loopback, one per test session (xdist worker) ---
+# Started before any test's leak snapshot is taken (session fixtures set up first), stopped at the end.
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A fresh bucket on the session's S3 server, and the credentials LS gets from its environment."""
+
+    server: S3Server
+    name: str
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def environ(self) -> dict[str, str]:
+        return self.server.environ()
+
+    def keys(self, prefix: str = "") -> list[str]:
+        s3 = self.server.s3()
+        out: list[str] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def storage_options(self, global_prefix: str) -> str:
+        """The LS ``storage:`` block (credentials as references LS expands)."""
+        return (
+            "storage:\n  type: s3\n  options:\n"
+            f"    bucket: {self.name}\n"
+            f"    endpoint_url: {self.endpoint}\n"
+            f'    global_prefix: "{global_prefix}"\n'
+            '    access_key: "${AWS_ACCESS_KEY_ID}"\n'
+            '    secret_key: "${AWS_SECRET_ACCESS_KEY}"\n'
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Bucket:
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    s3_server.create_bucket(name)
+    return Bucket(s3_server, name)

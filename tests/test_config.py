@@ -128,7 +128,7 @@ log: {format: json, level: DEBUG}
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("bogus: 1", "lss.yaml: bogus: unknown option (known here: backup, hooks, http"),
+        ("bogus: 1", "lss.yaml: bogus: unknown option (known here: backup, fleet, hooks, http"),
         ("lightningstream:\n  binar: x", "lightningstream.binar: unknown option (known here: args, binary"),
         ("restart:\n  wait_max: 1s", "restart.wait_max: unknown option"),
         ("lightningstream: [1]", "lightningstream: expected a mapping, got [1]"),

@@ -160,7 +160,7 @@ def layout_rows() -> dict[str, set[str]]:
         if len(cells) < 3 or not cells[0].startswith("`"):
             continue
         package = cells[0].strip("`")
-        rows[package] = set(re.findall(r"`([a-z_]+)`", cells[1]))
+        rows[package] = set(re.findall(r"`([a-z_][a-z0-9_]*)`", cells[1]))
     return rows
 
 

@@ -29,12 +29,20 @@ from lssupervisor.testing.scenario import (
     iter_lines,
     rolling_migration,
 )
+from tests.conftest import Bucket
 
 
-def _run(workdir: Path, ls_binary: str | None = None) -> tuple[RollingResult, Timeline]:
+def _run(
+    workdir: Path, ls_binary: str | None = None, bucket: Bucket | None = None
+) -> tuple[RollingResult, Timeline]:
     timeline = Timeline()
-    with Cluster(workdir, ls_binary) as cluster:
+    storage = None if bucket is None else f"s3://{bucket.name}/fleet?endpoint={bucket.endpoint}"
+    env = None if bucket is None else bucket.environ()
+    with Cluster(workdir, ls_binary, storage=storage, storage_env=env, drain=bucket is not None) as cluster:
         result = rolling_migration(cluster, timeline.say)
+        logs = {n: cluster.instances[n].log_path.read_text(errors="replace") for n in cluster.instances}
+    timeline.lines.extend(f"[log {n}] {line}" for n, text in logs.items() for line in text.splitlines()
+                          if "DRAINING" in line)
     return result, timeline
 
 
@@ -51,6 +59,19 @@ def _assert_passed(result: RollingResult, timeline: Timeline) -> None:
 def test_rolling_migration_driven_by_the_daemon(tmp_path: Path) -> None:
     result, timeline = _run(tmp_path / "work")
     _assert_passed(result, timeline)
+
+
+def test_rolling_migration_over_s3(tmp_path: Path, s3_bucket: Bucket) -> None:
+    """The same acceptance run with the instances syncing through an S3 bucket (``lssupervisor init
+    s3://...``, credentials only in the daemons' environment)."""
+    result, timeline = _run(tmp_path / "work", bucket=s3_bucket)
+    _assert_passed(result, timeline)
+    # Each migration drained first: `sync --only-once` on the old config, over S3 too.
+    drained = [line for line in timeline.lines if line.startswith("[log ") and "DRAINING" in line]
+    assert {line.split("]")[0] for line in drained} == {"[log alpha", "[log beta"}, timeline.lines
+    keys = s3_bucket.keys()
+    assert any(k.startswith("fleet/v1/main__") for k in keys)
+    assert any(k.startswith("fleet/v2/main__") for k in keys)
 
 
 @pytest.mark.real_ls
@@ -95,6 +116,19 @@ def test_demo_command_exits_0_and_tells_the_story(tmp_path: Path) -> None:
     # --dir keeps the files for inspection: both configs, both LMDBs, both storage prefixes.
     for path in ("alpha/lssupervisor.yaml", "beta/lmdb/data.mdb", "storage/v1", "storage/v2"):
         assert (workdir / path).exists(), path
+
+
+def test_demo_over_s3(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lssupervisor", "demo", "--storage", "s3", "--dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    for line in ("S3-API server (moto) on http://127.0.0.1:", "prefix now s3://lssupervisor-demo/app/v2/",
+                 "fleet --storage (s3 bucket lssupervisor-demo", "stragglers: none", "all checks passed"):
+        assert line in out, out
+    assert not (tmp_path / "demo" / "storage" / "v1").exists()  # nothing went to the fs
 
 
 def test_demo_refuses_a_non_empty_dir(tmp_path: Path) -> None:

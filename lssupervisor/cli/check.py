@@ -12,7 +12,10 @@ Checked, in order (a failure of an early step skips the steps that depend on it)
    LS's own rules;
 5. the LS binary exists, and accepts the rendered config (``lightningstream -c FILE``);
 6. the environment: ``setpriv`` present when ``pdeathsig`` is on, no secret-looking values in
-   ``lightningstream.env``, the state directory usable.
+   ``lightningstream.env``, the state directory usable;
+7. the storage the rendered config names, read-only and within ``fleet.timeout`` (skipped with
+   ``--offline``): s3 — the bucket exists, the credentials are accepted, listing is allowed; fs — the
+   root is a writable directory (or LS can create it). And each ``new-dbi`` migration's ``REPLACES``.
 
 Exit status: ExitCode.CONFIG when there is any error, 0 otherwise (warnings included).
 """
@@ -41,6 +44,7 @@ from lssupervisor.lsconfig.render import (
     load_template,
     ls_environment,
     render,
+    storage_settings,
 )
 from lssupervisor.lsmodel import LsView
 from lssupervisor.worker import migrations
@@ -103,6 +107,14 @@ def _check_migrations(
             report.warning(f"{exc} [no migration uses prefix yet; it is the default strategy]")
     newest = int(found.newest)
     report.ok(f"{len(found.migrations)} migration(s) in {found.directory}, newest version {newest}")
+    for mig in found.migrations:
+        for dbi in mig.replaces:
+            if dbi == cfg.schema.marker_dbi:
+                report.error(f"{mig.path}: REPLACES {dbi!r} is lssupervisor's marker DBI "
+                             "(schema.marker_dbi); it can never be retired: remove it from REPLACES")
+            else:
+                report.ok(f"{mig.name} replaces DBI {dbi} (LMDB {mig.lmdb}): `lssupervisor prune --below "
+                          f"{mig.version}` retires it once every instance runs version {mig.version}")
     return newest
 
 
@@ -186,7 +198,20 @@ def _check_environment(cfg: Config, report: Report) -> None:
         report.error(f"state_dir {state}: {existing} is not writable by this user")
 
 
-def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Report:
+def _check_storage(
+    cfg: Config, template: Template, version: int, env: dict[str, str], report: Report
+) -> None:
+    """Step 7: can this instance (and so LS, with the same credentials) reach the storage?"""
+    from lssupervisor.storage import location
+
+    try:
+        settings = storage_settings(template, version, env)
+        report.ok(location.probe(settings, timeout=float(cfg.fleet.timeout)))
+    except SupervisorError as exc:
+        report.error(str(exc))
+
+
+def run_checks(config_path: str, environ: dict[str, str] | None = None, *, offline: bool = False) -> Report:
     report = Report()
     base = dict(os.environ if environ is None else environ)
     try:
@@ -233,11 +258,13 @@ def run_checks(config_path: str, environ: dict[str, str] | None = None) -> Repor
         report.warning(warning)
     report.ok(f"template renders for version {version}: storage {rendered.view.storage_location}")
     _check_binary(cfg, rendered.text, env, report)
+    if not offline:
+        _check_storage(cfg, template, version, env, report)
     return report
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    report = run_checks(args.config)
+    report = run_checks(args.config, offline=bool(getattr(args, "offline", False)))
     # The findings are this command's output: all on stdout, one line each, in check order.
     for finding in report.findings:
         print(finding.line())

@@ -15,6 +15,12 @@ What it does (docs/demo.md walks through the output):
    value JSON, every write present (or superseded by a later one), the later write won on keys both
    wrote, no ``v2/`` snapshot ever held a text record, each instance on ``v2/`` only after it migrated.
 
+7. Prints the fleet as the storage shows it (``lssupervisor fleet --storage``).
+
+``--storage s3`` runs the same over an S3 bucket on a local S3-API server (moto's server mode, the dev
+extras' ``moto[server]``), started for the demo on loopback and stopped at the end; the daemons get
+the credentials in their environment only.
+
 Exit 0 only if every check passed. Every process is stopped on the way out (Ctrl-C and SIGTERM too).
 """
 
@@ -71,9 +77,45 @@ def _uninterruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run(workdir: Path, out: TextIO) -> int:
+def _fleet_lines(cluster: Cluster, env: dict[str, str]) -> list[str]:
+    """``fleet --storage`` as alpha's config sees it (its view of the shared storage)."""
+    import os
+
+    from lssupervisor.config import load_config
+    from lssupervisor.storage import fleet, location
+
+    cfg = load_config(cluster.instances["alpha"].config)
+    backend = location.open_backend(location.layout_for(cfg, {**os.environ, **env}), timeout=10)
+    try:
+        rep = fleet.report(backend.list_versions(), time.time(), float(cfg.fleet.stale_after))
+        return [f"fleet --storage ({backend.describe()}):", *fleet.table(rep).splitlines()]
+    finally:
+        backend.close()
+
+
+def run(workdir: Path, out: TextIO, storage: str = "fs") -> int:
     timeline = Timeline(out)
-    cluster = Cluster(workdir)
+    with contextlib.ExitStack() as stack:
+        url: str | None = None
+        env: dict[str, str] = {}
+        if storage == "s3":
+            from lssupervisor.testing import s3server
+
+            if not s3server.available():
+                raise UsageError(
+                    "demo --storage s3 needs a local S3-API server: pip install 'moto[server]' (dev extras)"
+                )
+            server = stack.enter_context(s3server.S3Server.start())
+            server.create_bucket("lssupervisor-demo")
+            url = f"s3://lssupervisor-demo/app?endpoint={server.endpoint}"
+            env = server.environ()
+            print(f"S3-API server (moto) on {server.endpoint}, bucket lssupervisor-demo", file=out)
+        return _run(workdir, out, timeline, Cluster(workdir, storage=url, storage_env=env), env)
+    return int(ExitCode.SOFTWARE)  # unreachable; mypy cannot see that ExitStack does not swallow
+
+
+def _run(workdir: Path, out: TextIO, timeline: Timeline, cluster: Cluster, env: dict[str, str]) -> int:
+    fleet_lines: list[str] = []
     try:
         print(f"lssupervisor demo in {workdir}", file=out)
         print(f"  Lightning Stream: {cluster.ls.kind} {cluster.ls.path} ({cluster.ls.why})", file=out)
@@ -82,6 +124,8 @@ def run(workdir: Path, out: TextIO) -> int:
         try:
             with StateWatcher(cluster, timeline):
                 result = rolling_migration(cluster, timeline.say)
+            with contextlib.suppress(SupervisorError):
+                fleet_lines = _fleet_lines(cluster, env)
         except ScenarioError as exc:
             print(f"\ndemo failed: {exc}", file=out)
             for name in cluster.instances:
@@ -97,6 +141,10 @@ def run(workdir: Path, out: TextIO) -> int:
     print("", file=out)
     for line in iter_lines(summary):
         print(line, file=out)
+    if fleet_lines:
+        print("", file=out)
+        for line in fleet_lines:
+            print(f"  {line}", file=out)
     t = result.timings
     print(f"\ntook {t['total']:.1f}s (alpha's migration cycle {t.get('alpha_migration', 0):.1f}s, "
           f"beta's {t.get('beta_migration', 0):.1f}s, final sync {t.get('settle', 0):.1f}s)", file=out)
@@ -115,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = int(ExitCode.SOFTWARE)
     started = time.monotonic()
     try:
-        code = run(workdir, sys.stdout)
+        code = run(workdir, sys.stdout, getattr(args, "storage", "fs") or "fs")
     except KeyboardInterrupt:
         print(f"\ninterrupted after {time.monotonic() - started:.1f}s; every process the demo started "
               "is stopped", file=sys.stderr)

@@ -39,7 +39,8 @@ HANDLERS: dict[str, str] = {
     "history": "lssupervisor.cli.offline:cmd_history",
     "backups": "lssupervisor.cli.offline:cmd_backups",
     "rollback": "lssupervisor.cli.offline:cmd_rollback",
-    "fleet": "lssupervisor.cli.offline:cmd_fleet",
+    "fleet": "lssupervisor.cli.storage:cmd_fleet",
+    "prune": "lssupervisor.cli.storage:cmd_prune",
     "demo": "lssupervisor.cli.demo:cmd_demo",
 }
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate config, LS template and migrations; non-zero on any error")
     _add_config(p)
+    p.add_argument("--offline", action="store_true", help="do not probe the storage (no network access)")
 
     p = sub.add_parser("render-config", help="print the LS config rendered for a schema version")
     _add_config(p)
@@ -146,14 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("backup", nargs="?", metavar="BACKUP")
 
-    p = sub.add_parser("fleet", help="schema markers of every instance seen in the local LMDB")
+    p = sub.add_parser(
+        "fleet", help="schema markers seen in the local LMDB; --storage: what the storage holds per version"
+    )
     _add_config(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--storage", action="store_true",
+                   help="list the shared storage: per version, per instance, snapshots and their age")
+    p.add_argument("--stale-after", metavar="DURATION",
+                   help="with --storage: an instance silent this long is stale (default: fleet.stale_after)")
+
+    p = sub.add_parser("prune", help="delete the storage of schema versions below N (dry run without --yes)")
+    _add_config(p)
+    p.add_argument("--below", type=int, required=True, metavar="N", help="retire every version below N")
+    p.add_argument("--grace", default="24h", metavar="DURATION",
+                   help="refuse while any object to delete is younger than this (default 24h)")
+    p.add_argument("--ignore-instance", action="append", default=[], metavar="NAME",
+                   help="an instance that is gone for good: it does not hold prune back (repeatable)")
+    p.add_argument("--yes", action="store_true", help="delete (without it: print what would be deleted)")
     p.add_argument("--json", action="store_true")
 
     # --- demo ---------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="narrated demo of a rolling migration with two instances")
     p.add_argument("--dir", metavar="DIR", help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--storage", choices=["fs", "s3"], default="fs",
+                   help="fs (a directory) or s3 (a bucket on a local S3-API server; needs moto[server])")
     return parser
 
 

@@ -24,6 +24,9 @@ Endpoints (GET and HEAD; anything else is 405)
 ``/status``  The published snapshot as JSON: byte-for-byte what :func:`encode_status` returns, which is
              also what ``lssupervisor status --json`` prints. 503 before the first publish.
 ``/metrics`` Prometheus text (or OpenMetrics when asked), see :mod:`lssupervisor.daemon.metrics`.
+``/fleet``   The fleet as the shared storage shows it (:mod:`lssupervisor.daemon.fleetwatch`): the
+             document ``lssupervisor fleet --storage --json`` prints; 503 before the first listing,
+             404 when no fleet view is attached.
 
 Status snapshot keys read here (all optional; missing keys are tolerated)::
 
@@ -48,10 +51,11 @@ import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from lssupervisor.daemon.metrics import Snapshot, build_registry
 from lssupervisor.errors import ConfigError
@@ -65,6 +69,12 @@ SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|key_id|access_key|priv
 _URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 DEFAULT_LIVENESS_TIMEOUT = 30.0
+
+
+class FleetSource(Protocol):
+    def http_document(self) -> tuple[int, bytes]: ...
+
+
 DEFAULT_REQUEST_TIMEOUT = 5.0
 
 
@@ -178,6 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 body = encoder(owner.registry)
                 self._send(HTTPStatus.OK, body, send_body, content_type=content_type)
+            case "/fleet" if owner.fleet is not None:
+                fleet_code, fleet_doc = owner.fleet.http_document()
+                self._send(HTTPStatus(fleet_code), fleet_doc, send_body)
             case _:
                 self._send(HTTPStatus.NOT_FOUND, _json({"error": f"no such endpoint {path}"}), send_body)
 
@@ -241,6 +254,13 @@ class StatusServer:
         )
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.fleet: FleetSource | None = None
+
+    def attach_fleet(self, source: FleetSource, collector: Collector | None = None) -> None:
+        """Serve ``source`` at ``/fleet`` (and its metrics, when given)."""
+        self.fleet = source
+        if collector is not None:
+            self.registry.register(collector)
 
     # -- called by the main loop -------------------------------------------------------------------
 

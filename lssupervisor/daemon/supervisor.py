@@ -86,7 +86,7 @@ from lssupervisor.core.events import (
     Tick,
 )
 from lssupervisor.core.states import State, SupervisorState, Task
-from lssupervisor.daemon import child, lock, policy, reaper, watch
+from lssupervisor.daemon import child, fleetwatch, lock, policy, reaper, watch
 from lssupervisor.daemon import signals as sigs
 from lssupervisor.daemon.jobs import Job, JobRunner, WorkerReply
 from lssupervisor.daemon.logs import fields
@@ -179,6 +179,7 @@ class Supervisor:
         pass_fds = (held.fileno(),) if held is not None else ()
         self.jobs = JobRunner(self.queue, clock, wall, self.environ, pass_fds, ours=self._own_pids)
         self.publisher = StatusPublisher(clock, wall)
+        self.fleet = fleetwatch.FleetWatch(self.environ, wall)  # the storage, listed off the main loop
         self.exit_code: ExitCode | None = None
         self.watcher: watch.Watcher | None = None
         self.watched: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
@@ -361,6 +362,7 @@ class Supervisor:
             self.core = policy.lifecycle_for(cfg, self.rng)
         self.loaded = loaded
         self._update_watcher()
+        self.fleet.configure(loaded.cfg, loaded.template)
         if loaded.newest is None:
             # No migration source: nothing can be planned; the version is the marker (a worker read).
             return [
@@ -589,6 +591,8 @@ class Supervisor:
             return
         host, port = parse_address(address, f"{self.cfg.name}: http.address")
         self.publisher.start_http(self.cfg, host, port)
+        if self.publisher.http is not None:
+            self.publisher.http.attach_fleet(self.fleet, self.fleet.collector())
 
     # -- leaving -----------------------------------------------------------------------------------
 
@@ -602,6 +606,7 @@ class Supervisor:
     def _cleanup(self) -> None:
         self.ls.stop_poller(join=True)
         self._stop_watcher()
+        self.fleet.close()
         # Jobs die with us anyway (pdeathsig); end and collect them so nothing is left half-done.
         self.jobs.close()
         self.publisher.close()

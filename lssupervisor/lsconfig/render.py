@@ -36,12 +36,13 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lssupervisor.durations import parse_ns as parse_go_duration
 from lssupervisor.errors import ConfigError, TemplateError
 from lssupervisor.lsconfig.goenv import (
     IDENTIFIER,
@@ -326,6 +327,34 @@ def render(template: Template, version: int, ls_env: Mapping[str, str]) -> Rende
     expanded = go_expand_env(text, ls_env)
     view = _validate(expanded, f"{template.path} (rendered for version {version})", warnings)
     return Rendered(text=text, view=view, warnings=tuple(warnings))
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """The storage part of a rendered, expanded LS config (credentials included: memory only)."""
+
+    type: str
+    options: dict[str, Any] = field(repr=False)
+    poll_interval_s: float  # storage_poll_interval
+
+
+def storage_settings(template: Template, version: int, ls_env: Mapping[str, str]) -> StorageSettings:
+    """The storage LS would use with the config rendered for ``version`` and expanded with ``ls_env``
+    (the environment LS gets). The config is checked by :func:`render` first."""
+    rendered = render(template, version, ls_env)
+    doc = yaml.safe_load(go_expand_env(rendered.text, ls_env)) or {}
+    storage = doc.get("storage") or {}
+    options = dict(storage.get("options") or {})
+    if storage.get("root_path"):
+        options.setdefault("root_path", storage["root_path"])  # LS's deprecated spelling
+    poll = doc.get("storage_poll_interval")
+    if isinstance(poll, str):
+        poll_s = parse_go_duration(poll) / 1e9
+    elif isinstance(poll, int | float) and not isinstance(poll, bool):
+        poll_s = poll / 1e9  # a bare number is nanoseconds
+    else:
+        poll_s = 1.0  # LS's default
+    return StorageSettings(type=rendered.view.storage_type, options=options, poll_interval_s=poll_s)
 
 
 # Two versions that differ in every digit, so any use of our variable shows up in the views.

@@ -1,9 +1,10 @@
-"""Multi-instance scenarios: several lssupervisor instances syncing through one fs storage.
+"""Multi-instance scenarios: several lssupervisor instances syncing through one storage.
 
 Theory of operation
 -------------------
-A :class:`Cluster` owns a work directory with one shared storage directory (``storage/``, the fs
-backend's bucket) and one directory per instance, set up exactly as a user would: ``lssupervisor
+A :class:`Cluster` owns a work directory with one shared storage (by default ``storage/``, the fs
+backend's bucket; or an S3 bucket given as ``s3://BUCKET/PREFIX?endpoint=URL``, with the credentials
+in ``storage_env``) and one directory per instance, set up exactly as a user would: ``lssupervisor
 init`` writes the config set, the demo application's baseline migration is copied into the instance's
 ``migrations/``, and a few intervals are tuned so that a scenario takes seconds, not minutes.
 
@@ -299,6 +300,75 @@ class SnapshotFile:
 
 
 # ===================================================================================================
+# The shared storage: a directory, or an S3 bucket (read with MinIO's client, as lssupervisor does)
+
+
+class FsStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = f"fs://{root}"
+
+    def location(self, version: int) -> str:
+        return str(self.root / f"v{version}")
+
+    def location_of(self, rendered: Mapping[str, Any]) -> str | None:
+        root = nested(rendered, "storage", "options", "root_path")
+        return root if isinstance(root, str) else None
+
+    def names(self, version: int) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.root / f"v{version}")
+                          if not n.startswith(".") and not n.endswith(".tmp"))
+        except FileNotFoundError:
+            return []
+
+    def read(self, version: int, name: str) -> bytes:
+        return (self.root / f"v{version}" / name).read_bytes()
+
+
+class S3Store:
+    """``s3://BUCKET/PREFIX?endpoint=URL&region=R`` as ``lssupervisor init`` lays it out:
+    ``PREFIX/v<N>/<snapshot>``. Credentials: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` of ``env``."""
+
+    def __init__(self, url: str, env: Mapping[str, str]) -> None:
+        import urllib.parse
+
+        from minio import Minio
+
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        endpoint = urllib.parse.urlsplit(query.get("endpoint", ["https://s3.amazonaws.com"])[0])
+        self.client = Minio(
+            endpoint.netloc, access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+            secure=endpoint.scheme == "https", region=query.get("region", ["us-east-1"])[0],
+        )
+
+    def location(self, version: int) -> str:
+        return f"{self.prefix}/v{version}/" if self.prefix else f"v{version}/"
+
+    def location_of(self, rendered: Mapping[str, Any]) -> str | None:
+        prefix = nested(rendered, "storage", "options", "global_prefix")
+        return prefix if isinstance(prefix, str) else None
+
+    def names(self, version: int) -> list[str]:
+        loc = self.location(version)
+        return sorted((o.object_name or "")[len(loc):]
+                      for o in self.client.list_objects(self.bucket, prefix=loc, recursive=True)
+                      if not (o.object_name or "").endswith("update-marker"))
+
+    def read(self, version: int, name: str) -> bytes:
+        resp = self.client.get_object(self.bucket, self.location(version) + name)
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+
+# ===================================================================================================
 # Instances and the cluster
 
 
@@ -358,18 +428,33 @@ class Cluster:
         ls_binary: str | None = None,
         *,
         poll_interval: str = "200ms",
+        storage: str | None = None,
+        storage_env: Mapping[str, str] | None = None,
+        drain: bool = False,
     ) -> None:
+        """``storage``: None for ``<workdir>/storage`` (fs), or an ``s3://`` URL as ``lssupervisor init``
+        takes it; ``storage_env``: what the daemons (and so LS) get on top of our environment (the S3
+        credentials)."""
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage = self.workdir / "storage"
-        self.storage.mkdir(exist_ok=True)
+        self.storage = self.workdir / "storage"  # the fs storage (unused with s3)
+        self.storage_env = dict(storage_env or {})
+        self.drain = drain  # lightningstream.drain: `sync --only-once` on the old config before migrating
+        self.store: FsStore | S3Store
+        if storage is None or storage.startswith("fs://"):
+            if storage is not None:
+                self.storage = Path(storage[len("fs://"):])
+            self.storage.mkdir(exist_ok=True)
+            self.store = FsStore(self.storage)
+        else:
+            self.store = S3Store(storage, {**os.environ, **self.storage_env})
         self.ls = find_ls_binary(ls_binary, self.workdir)
         self.poll_interval = poll_interval
         self.instances: dict[str, Instance] = {}
         self._envs: dict[str, lmdb.Environment] = {}
         self._dbi_locks: dict[str, threading.Lock] = {}
         self._env_lock = threading.Lock()
-        self._snap_cache: dict[Path, SnapshotFile | None] = {}
+        self._snap_cache: dict[tuple[int, str], SnapshotFile | None] = {}
         self.started = time.monotonic()
 
     # -- context manager ----------------------------------------------------------------------------
@@ -393,7 +478,7 @@ class Cluster:
         argv = [
             sys.executable, "-m", "lssupervisor", "init", str(idir),
             "--lmdb", str(idir / "lmdb"),
-            "--storage", f"fs://{self.storage}",
+            "--storage", self.store.url,
             "--instance", name,
             "--lightningstream", self.ls.path,
             "--http", http,
@@ -431,7 +516,7 @@ class Cluster:
             "  # Added by the demo: the LS stand-in evaluates /healthz every 100ms (LS: every second).\n"
             "  env:\n"
             '    LSSTANDIN_HEALTH_INTERVAL_MS: "100"\n'
-            "  stop_timeout: 5s\n",
+            "  stop_timeout: 5s\n" + ("  drain: true\n  drain_timeout: 20s\n" if self.drain else ""),
             1,
         )
         if tuned == config:
@@ -456,7 +541,7 @@ class Cluster:
         inst.daemon = subprocess.Popen(
             [sys.executable, "-m", "lssupervisor", "run", "-c", str(inst.config)],
             stdin=subprocess.DEVNULL, stdout=inst.log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=inst.dir,
+            start_new_session=True, cwd=inst.dir, env={**os.environ, **self.storage_env},
         )
 
     def stop(self, name: str, timeout: float = DAEMON_STOP_TIMEOUT) -> None:
@@ -546,7 +631,7 @@ class Cluster:
             doc.get("state") == "RUNNING"
             and nested(doc, "lmdbs", LMDB_NAME, "schema_version") == version
             and isinstance(nested(doc, "lightningstream", "pid"), int)
-            and self.prefix(name) == self.storage / f"v{version}"
+            and self.location(name) == self.store.location(version)
         ):
             return doc
         return None
@@ -593,6 +678,14 @@ class Cluster:
             return None
         root = nested(doc, "storage", "options", "root_path")
         return Path(root) if isinstance(root, str) else None
+
+    def location(self, name: str) -> str | None:
+        """Where the instance's rendered LS config syncs: fs ``root_path`` or s3 ``global_prefix``."""
+        try:
+            doc = yaml.safe_load(self.instances[name].rendered_config.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return self.store.location_of(doc) if isinstance(doc, dict) else None
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """``history.jsonl`` entries (written by the worker: migrations, stamps, backups)."""
@@ -687,11 +780,7 @@ class Cluster:
     # -- storage ------------------------------------------------------------------------------------
 
     def snapshot_names(self, version: int) -> list[str]:
-        root = self.storage / f"v{version}"
-        try:
-            return sorted(n for n in os.listdir(root) if not n.startswith(".") and not n.endswith(".tmp"))
-        except FileNotFoundError:
-            return []
+        return self.store.names(version)
 
     def snapshot_counts(self, version: int) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -702,34 +791,34 @@ class Cluster:
         return counts
 
     def snapshots(self, version: int) -> list[SnapshotFile]:
-        """Every snapshot under ``storage/v<version>/``, decoded (files are immutable: cached)."""
+        """Every snapshot under version ``version``'s location, decoded (objects are immutable: cached)."""
         out: list[SnapshotFile] = []
         for n in self.snapshot_names(version):
-            path = self.storage / f"v{version}" / n
-            if path not in self._snap_cache:
-                self._snap_cache[path] = _decode_snapshot(path, version)
-            snap = self._snap_cache[path]
+            key = (version, n)
+            if key not in self._snap_cache:
+                self._snap_cache[key] = _decode_snapshot(self.store, version, n)
+            snap = self._snap_cache[key]
             if snap is not None:
                 out.append(snap)
         return out
 
 
-def _decode_snapshot(path: Path, version: int) -> SnapshotFile | None:
+def _decode_snapshot(store: FsStore | S3Store, version: int, name: str) -> SnapshotFile | None:
     try:
-        info = parse_name(path.name)
+        info = parse_name(name)
     except ValueError:
         return None
     try:
-        snap = load_data(path.read_bytes())
+        snap = load_data(store.read(version, name))
     except (OSError, SnapshotError) as exc:
-        raise ScenarioError(f"{path}: snapshot does not decode ({exc})") from exc
+        raise ScenarioError(f"{store.location(version)}{name}: snapshot does not decode ({exc})") from exc
     entries: dict[str, dict[bytes, tuple[bytes | None, int]]] = {}
     for dbi in snap.databases:
         entries[dbi.name] = {
             kv.key: (None if kv.flags & lsheader.FLAG_DELETED else kv.value, kv.timestamp_ns)
             for kv in dbi.entries
         }
-    return SnapshotFile(path.name, version, info.instance_id, info.syncer_name, info.timestamp_ns, entries)
+    return SnapshotFile(name, version, info.instance_id, info.syncer_name, info.timestamp_ns, entries)
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -987,8 +1076,11 @@ def rolling_migration(
 
     for n in names:
         cluster.add_instance(n)
+        store = cluster.store
+        where = ("storage/v<version>" if isinstance(store, FsStore)
+                 else f"s3://{store.bucket}/{store.location(0).replace('v0/', 'v<version>/')}")
         say(n, f"lssupervisor init {cluster.instances[n].dir.name}/ (LMDB {n}/lmdb, storage "
-               f"storage/v<version>, migrations: {BASELINE.name})")
+               f"{where}, migrations: {BASELINE.name})")
     for n in names:
         cluster.start(n)
         doc = _wait_running(cluster, n, 1, step_timeout)
@@ -1078,6 +1170,9 @@ def _wait_running(cluster: Cluster, name: str, version: int, timeout: float) -> 
 
 
 def _rel_prefix(cluster: Cluster, name: str) -> str:
+    if isinstance(cluster.store, S3Store):
+        loc = cluster.location(name)
+        return "(no rendered LS config)" if loc is None else f"s3://{cluster.store.bucket}/{loc}"
     prefix = cluster.prefix(name)
     if prefix is None:
         return "(no rendered LS config)"

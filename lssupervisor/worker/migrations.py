@@ -11,6 +11,7 @@ A migration source is a directory, or an importable package (its directory is us
     VERSION = 3                # contiguous from 1, equal to the number in the file name
     LMDB = "main"              # optional; required when the LS config has several lmdbs
     STRATEGY = "prefix"        # "prefix" (default) | "new-dbi" | "in-place"
+    REPLACES = ["users"]       # new-dbi only: DBIs this step makes obsolete (``prune`` retires them)
 
     def upgrade(m): ...        # m is a lssupervisor.worker.migrator.MigrationApi
 
@@ -77,6 +78,8 @@ class Migration:
     strategy: Strategy
     checksum: str  # sha256 hex of the file bytes
     upgrade: UpgradeFn | None = field(default=None, compare=False, repr=False)
+    # new-dbi: the DBIs this step replaces; once every instance is past it, `prune` tombstones them.
+    replaces: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -216,7 +219,7 @@ def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]]
     def record(target: ast.expr, value: ast.expr, lineno: int) -> None:
         # "VERSION = 3" and "VERSION: int = 3" are the same assignment: a second one of either form is
         # refused, or which value we read would depend on which form came last.
-        if isinstance(target, ast.Name) and target.id in ("VERSION", "LMDB", "STRATEGY"):
+        if isinstance(target, ast.Name) and target.id in ("VERSION", "LMDB", "STRATEGY", "REPLACES"):
             if target.id in assigned:
                 raise MigrationLoadError(f"{path}:{lineno}: {target.id} assigned twice")
             assigned[target.id] = (_literal(value, path, target.id), lineno)
@@ -284,6 +287,22 @@ def _discover_file(path: Path, number: int, slug: str, lmdb_names: Sequence[str]
         raise MigrationLoadError(
             f'{path}: LMDB = "..." is required because the LS config has {len(lmdb_names)} lmdbs ({known})'
         )
+    replaces: tuple[str, ...] = ()
+    if "REPLACES" in assigned:
+        value, line = assigned["REPLACES"]
+        if not isinstance(value, list | tuple) or not all(isinstance(d, str) and d for d in value):
+            raise MigrationLoadError(f'{path}:{line}: REPLACES must be a list of DBI names, e.g. ["users"]')
+        if strategy is not Strategy.NEW_DBI:
+            raise MigrationLoadError(
+                f"{path}:{line}: REPLACES is for STRATEGY 'new-dbi' (the step writes new DBIs and the ones "
+                f"it names become obsolete); this migration is {strategy.value!r}"
+            )
+        for dbi in value:
+            if dbi.startswith("_sync"):
+                raise MigrationLoadError(f"{path}:{line}: REPLACES {dbi!r}: LS's _sync* DBIs are not data")
+        if len(set(value)) != len(value):
+            raise MigrationLoadError(f"{path}:{line}: REPLACES names a DBI twice")
+        replaces = tuple(value)
     return Migration(
         version=version,
         slug=slug,
@@ -292,6 +311,7 @@ def _discover_file(path: Path, number: int, slug: str, lmdb_names: Sequence[str]
         lmdb=lmdb,
         strategy=strategy,
         checksum=checksum,
+        replaces=replaces,
     )
 
 
@@ -326,6 +346,16 @@ def discover(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> Migra
             raise MigrationLoadError(
                 f"{directory}: gap in migration versions: {index} is missing before {mig.path.name}"
             )
+    replaced: dict[tuple[str, str], str] = {}
+    for mig in ordered:
+        for dbi in mig.replaces:
+            earlier = replaced.get((mig.lmdb, dbi))
+            if earlier is not None:
+                raise MigrationLoadError(
+                    f"{mig.path}: REPLACES {dbi!r}, already replaced by {earlier}: a retired DBI is dead for "
+                    "good (prune tombstones every entry of it), never write it again"
+                )
+            replaced[(mig.lmdb, dbi)] = mig.name
     return MigrationSet(source=os.fspath(source), directory=directory, migrations=ordered)
 
 

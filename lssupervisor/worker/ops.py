@@ -40,7 +40,7 @@ from lssupervisor.errors import (
 )
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.proc import describe_pid
-from lssupervisor.worker import backup, backupdir, history, marker, migrations, migrator
+from lssupervisor.worker import backup, backupdir, history, marker, migrations, migrator, retire
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.protocol import OVERLAP_ENV
 
@@ -112,6 +112,8 @@ class Session:
                     return _op_rollback(job, request)
                 case p.FleetRequest():
                     return _op_fleet(job)
+                case p.RetireRequest():
+                    return retire.run(job, request, write_guard)
         finally:
             job.close()
         raise WorkerError(f"worker: no op serves {type(request).__name__}")

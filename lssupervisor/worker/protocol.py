@@ -56,6 +56,7 @@ class Op(enum.Enum):
     BACKUPS = "backups"
     ROLLBACK = "rollback"
     FLEET = "fleet"  # every instance's marker seen in our LMDB
+    RETIRE = "retire"  # tombstone every entry of DBIs that new-dbi migrations replaced (prune)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,6 +232,24 @@ class FleetRequest:
     settings: Settings
 
 
+@dataclass(frozen=True, slots=True)
+class RetireDbi:
+    lmdb: str
+    dbi: str
+    replaced_by: str  # the migration whose REPLACES names it
+
+
+@dataclass(frozen=True, slots=True)
+class RetireRequest:
+    """Count (``dry_run``) or tombstone, ``batch`` entries per write transaction, every live entry of
+    ``dbis`` (see :mod:`lssupervisor.worker.retire`)."""
+
+    settings: Settings
+    dbis: tuple[RetireDbi, ...]
+    dry_run: bool = True
+    batch: int = 10_000
+
+
 Request = (
     PlanRequest
     | ImportRequest
@@ -243,6 +262,7 @@ Request = (
     | BackupsRequest
     | RollbackRequest
     | FleetRequest
+    | RetireRequest
 )
 
 REQUEST_TYPES: dict[Op, type[Any]] = {
@@ -257,6 +277,7 @@ REQUEST_TYPES: dict[Op, type[Any]] = {
     Op.BACKUPS: BackupsRequest,
     Op.ROLLBACK: RollbackRequest,
     Op.FLEET: FleetRequest,
+    Op.RETIRE: RetireRequest,
 }
 OP_OF: dict[type[Any], Op] = {cls: op for op, cls in REQUEST_TYPES.items()}
 
@@ -419,6 +440,27 @@ class FleetResult:
     lmdbs: tuple[FleetLmdb, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RetiredDbi:
+    """One DBI: ``entries``/``bytes`` (key + value) live before, ``tombstoned`` written now (0 in a dry
+    run), ``tombstones`` already there before."""
+
+    lmdb: str
+    dbi: str
+    replaced_by: str
+    exists: bool
+    entries: int = 0
+    bytes: int = 0
+    tombstoned: int = 0
+    tombstones: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RetireResult:
+    dry_run: bool
+    dbis: tuple[RetiredDbi, ...]
+
+
 RESULT_TYPES: dict[Op, type[Any]] = {
     Op.PLAN: PlanResult,
     Op.IMPORT: ImportResult,
@@ -431,6 +473,7 @@ RESULT_TYPES: dict[Op, type[Any]] = {
     Op.BACKUPS: BackupsResult,
     Op.ROLLBACK: RollbackResult,
     Op.FLEET: FleetResult,
+    Op.RETIRE: RetireResult,
 }
 
 Result = (
@@ -445,6 +488,7 @@ Result = (
     | BackupsResult
     | RollbackResult
     | FleetResult
+    | RetireResult
 )
 
 
