@@ -6,15 +6,16 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
 
 
-
-# ---------------------------------------------------------------------------------------------------
-
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and missing parents) so that the directory itself is 0700 whatever the umask.
+    An existing directory is left as it is (an operator's or systemd's ``StateDirectoryMode=``)."""
+    p = Path(path)
+    if not p.is_dir():
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(p, 0o700)  # mkdir's mode is filtered by the umask; this one is not
+    return p
 
 
 def _fsync_dir(directory: Path) -> None:

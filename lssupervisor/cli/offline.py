@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from lssupervisor import fsutil
+from lssupervisor import fsutil, trust
 from lssupervisor.config import Config, load_config, resolve_target
 from lssupervisor.errors import (
     LightningStreamRunning,
@@ -49,6 +49,8 @@ def _load(args: argparse.Namespace) -> tuple[Config, LsView]:
     from lssupervisor.lsconfig import render as lsconfig
 
     cfg = load_config(args.config)
+    # What these commands run (migrations, as root perhaps) is decided by these files: trust first (I8).
+    trust.require(trust.check_inputs(cfg, os.environ))
     template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = lsconfig.inspect_template(template, lsconfig.ls_environment(cfg, 0, os.environ))
     return cfg, view

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lssupervisor import trust
 from lssupervisor.config import Config
 from lssupervisor.errors import ErrorCode, ExitCode, MigrationError, WorkerError, error_for
 from lssupervisor.lsmodel import LsView
@@ -54,6 +55,7 @@ def settings(cfg: Config, view: LsView, *, backup_enabled: bool | None = None) -
         grow_map=cfg.migrations.grow_map,
         timeout=float(cfg.migrations.timeout) if cfg.migrations.timeout is not None else None,
         log_level=cfg.log.level,
+        trusted_gid=trust.Policy.for_config(cfg).trusted_gid,
     )
 
 

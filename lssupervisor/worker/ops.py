@@ -30,6 +30,7 @@ from pathlib import Path
 
 import lmdb
 
+from lssupervisor import trust
 from lssupervisor.errors import (
     BackupError,
     MigrationCancelled,
@@ -72,17 +73,19 @@ class Session:
             )
         names = tuple(s.name for s in settings.ls.lmdbs)
         key = (source, names)
+        policy = trust.Policy.current(settings.trusted_gid)
         if not load:
             cached = self._loaded.get(key)
-            return cached if cached is not None else migrations.discover(source, names)
+            return cached if cached is not None else migrations.discover(source, names, policy)
         found = self._loaded.get(key)
         if found is not None:
             # Loaded earlier in this session: still the same files? (a file changed in between is
             # refused by the checksum check, as a file changed after it was applied is.)
-            fresh = migrations.discover(source, names)
+            fresh = migrations.discover(source, names, policy)
             if [m.checksum for m in fresh.migrations] == [m.checksum for m in found.migrations]:
                 return found
-        found = migrations.load(source, names)
+        # One read per file: discovery hashes the bytes, and exactly those bytes are compiled (I8).
+        found = migrations.load(source, names, policy)
         self._loaded[key] = found
         return found
 
