@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import threading
 import time
@@ -59,14 +58,11 @@ from prometheus_client.registry import Collector
 
 from lssupervisor.daemon.metrics import Snapshot, build_registry
 from lssupervisor.errors import ConfigError
+from lssupervisor.redaction import REDACTED, SECRET_KEY_RE, redact
+
+__all__ = ["REDACTED", "SECRET_KEY_RE", "StatusServer", "encode_status", "readiness", "redact"]
 
 log = logging.getLogger(__name__)
-
-REDACTED = "<redacted>"
-# Key names whose values are credentials wherever they appear (env maps, storage options, hooks...).
-SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|key_id|access_key|private_key|credential", re.I)
-# user:password@ in URLs (an S3 endpoint or hook argument written with credentials).
-_URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 DEFAULT_LIVENESS_TIMEOUT = 30.0
 
@@ -76,28 +72,6 @@ class FleetSource(Protocol):
 
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
-
-
-def redact(value: Any) -> Any:
-    """A deep copy of ``value`` with secret-named keys' values masked and URL credentials removed.
-
-    Masks the value of every mapping key matching :data:`SECRET_KEY_RE` (the whole subtree, whatever
-    its type), except None and "" which carry no secret and show that the setting is unset.
-    """
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            key = str(k)
-            if SECRET_KEY_RE.search(key) and v is not None and v != "":
-                out[key] = REDACTED
-            else:
-                out[key] = redact(v)
-        return out
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USERINFO_RE.sub(r"\g<scheme>" + REDACTED + "@", value)
-    return value
 
 
 def encode_status(snapshot: Snapshot) -> bytes:

@@ -64,6 +64,7 @@ from lssupervisor.errors import (
     VerificationFailed,
 )
 from lssupervisor.lsmodel import LmdbSpec
+from lssupervisor.redaction import credential_values, redact_argv
 from lssupervisor.worker import lsheader
 from lssupervisor.worker.marker import (
     DEFAULT_MARKER_DBI,
@@ -812,7 +813,7 @@ class MigrationApi:
         child_env = dict(os.environ if env is None else env)
         child_env["LSSUPERVISOR_LMDB_PATH"] = self.lmdb_path
         child_env["LSSUPERVISOR_WRITE_TXN_OPEN"] = "1"
-        self.log.info("running %s", " ".join(argv))
+        self.log.info("running %s", " ".join(redact_argv(argv, credential_values(child_env))))
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
@@ -844,7 +845,8 @@ class MigrationApi:
             self.log.info("%s: %s", argv[0], line)
         if proc.returncode != 0:
             raise MigrationError(
-                f"migration {self.migration}: {' '.join(argv)} exited {proc.returncode}: "
+                f"migration {self.migration}: {' '.join(redact_argv(argv, credential_values(child_env)))} "
+                f"exited {proc.returncode}: "
                 f"{(err.strip().splitlines() or [''])[-1]}"
             )
         return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
