@@ -205,7 +205,11 @@ class BackupConfig:
         True, "Take a verified compact backup of every LMDB before the first write of a migration."
     )
     dir: PathOpt | None = opt(None, "Backup directory. Default: `<state_dir>/backups`.")
-    keep: int = opt(5, "How many backups to keep (oldest are removed after a new one is verified).")
+    keep: int = opt(
+        5,
+        "How many backups to keep (oldest are removed after a new one is verified), never counting "
+        "out a restore point: the newest backup of each schema version is always kept.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
