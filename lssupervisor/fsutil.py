@@ -1,10 +1,12 @@
-"""Durable file writes shared by every plane: temp file, fsync, rename, fsync the directory."""
+"""Files shared by every plane: durable writes (temp file, fsync, rename, fsync the directory), private
+directories, and which filesystem is full when a memory-mapped write dies."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -62,3 +64,55 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o600, keep_previous: boo
         _replace_file(p.with_name(p.name + ".prev"), old, mode)
     _replace_file(p, data, mode)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which filesystem is full (a worker killed by SIGBUS)
+
+# Below this many free bytes a filesystem counts as full: a write through a memory map (LMDB with
+# writemap) that finds no block for a page gets SIGBUS, not ENOSPC, and dies on the spot.
+NEARLY_FULL_BYTES = 4 * 1024 * 1024
+
+
+def mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """(mount point, filesystem type, source) of the filesystem holding ``path`` (the longest mount
+    point in /proc/self/mountinfo that contains its real path); ("?", "?", "?") when unknown."""
+    real = os.path.realpath(path)
+    best: tuple[str, str, str] = ("?", "?", "?")
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) < 5 or len(tail) < 2:
+                    continue
+                point = fields[4].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best[0].replace("?", "")):
+                    best = (point, tail[0], tail[1])
+    except OSError:
+        pass
+    return best
+
+
+def explain_sigbus(paths: Sequence[str]) -> str | None:
+    """Why a process writing ``paths`` through a memory map got SIGBUS, when a full filesystem explains
+    it: "no space left on <mount point> (<type> <source>, <free> free) holding <path>". None when every
+    filesystem there has room (then it was something else)."""
+    for path in paths:
+        existing = Path(path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            st = os.statvfs(existing)
+        except OSError:
+            continue
+        free = st.f_bavail * st.f_frsize
+        if free < NEARLY_FULL_BYTES:
+            point, fstype, source = mount_of(existing)
+            return (
+                f"no space left on {point} ({fstype} {source}, {free // 1024} KiB free) holding {path}: a "
+                "write through LMDB's memory map found no free block (SIGBUS); the step was rolled back, "
+                "free space or grow that filesystem, then retry"
+            )
+    return None
