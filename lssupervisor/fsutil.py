@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -74,25 +76,54 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o600, keep_previous: boo
 NEARLY_FULL_BYTES = 4 * 1024 * 1024
 
 
-def mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str]:
-    """(mount point, filesystem type, source) of the filesystem holding ``path`` (the longest mount
-    point in /proc/self/mountinfo that contains its real path); ("?", "?", "?") when unknown."""
-    real = os.path.realpath(path)
-    best: tuple[str, str, str] = ("?", "?", "?")
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where, with which per-mount options, of what."""
+
+    point: str
+    options: tuple[str, ...]  # per-mount: "ro"/"rw", "nosuid"...
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[Mount]:
+    """This process's mounts, in mountinfo order (a later mount on the same point hides earlier ones)."""
+    out: list[Mount] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields, tail = left.split(), right.split()
-                if len(fields) < 5 or len(tail) < 2:
+                if len(fields) < 6 or len(tail) < 2:
                     continue
-                point = fields[4].replace("\\040", " ")
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best[0].replace("?", "")):
-                    best = (point, tail[0], tail[1])
+                options = tuple(fields[5].split(","))
+                out.append(Mount(_unescape(fields[4]), options, tail[0], _unescape(tail[1])))
     except OSError:
         pass
-    return best
+    return out
+
+
+def mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """(mount point, filesystem type, source) of the filesystem holding ``path`` (the longest mount
+    point containing its real path); ("?", "?", "?") when unknown."""
+    real = os.path.realpath(path)
+    best: Mount | None = None
+    for m in mounts():
+        inside = real == m.point or real.startswith(m.point.rstrip("/") + "/")
+        if inside and (best is None or len(m.point) >= len(best.point)):
+            best = m
+    return (best.point, best.fstype, best.source) if best is not None else ("?", "?", "?")
+
+
+def is_read_only_mount_point(path: str) -> bool:
+    """Is ``path`` (a real path) itself the mount point of a read-only mount?"""
+    found = [m for m in mounts() if m.point == path]
+    return bool(found) and "ro" in found[-1].options
 
 
 def explain_sigbus(paths: Sequence[str]) -> str | None:

@@ -23,10 +23,11 @@ code as our user, which is root in many containers. So, as sshd's ``StrictModes`
      through: others can add entries there but cannot rename or remove ours (sshd itself refuses even
      that; we allow it because ``tmp_path``-style setups and ``/tmp/...`` configs are common and the
      sticky bit gives the same guarantee for the entry under it, which is checked);
-  2. a path on a **read-only mount** cannot be written through it by anyone in this mount namespace, so
-     its mode bits are not held against it (Kubernetes mounts ConfigMap, Secret and projected volumes
-     read-only, with a world-writable top directory and ``fsGroup`` group bits; whoever can write the
-     same files through another mount, the kubelet or a container of the pod spec, is trusted);
+  2. the **root directory of a read-only mount** cannot be written through it by anyone in this mount
+     namespace (Kubernetes mounts ConfigMap, Secret, projected and ``readOnly`` volumes that way, their
+     directory world-writable with ``fsGroup`` bits, while its host side sits under the kubelet's
+     root-only directories). Only the mount point: any path below it must pass on its own, since a
+     read-only *view* (systemd's ``ProtectSystem=``) does not stop the host's other users;
   3. ``security.trusted_group``: an operator may name one group whose members are trusted, which then
      may own a path and hold its group write bit. Never silent: ``check`` reports it in use.
 
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lssupervisor.errors import ConfigError, UntrustedInput
+from lssupervisor.fsutil import is_read_only_mount_point
 
 if TYPE_CHECKING:
     from lssupervisor.config import Config
@@ -141,11 +143,17 @@ class Violation:
         return f"untrusted {self.what} {self.input}: {subject}{self.problem}{facts}; fix: {self.fix}"
 
 
-def _on_read_only_mount(path: str) -> bool:
+def _read_only_mount_point(path: str) -> bool:
+    """The root directory of a read-only mount. Not any path on one: under systemd's ProtectSystem=
+    all of /etc is read-only in our namespace, yet a 0777 /etc/lssupervisor stays writable for every
+    user of the host. A Kubernetes volume's world-writable directory is the mount point itself, and
+    its host side lives under the kubelet's root-only directories."""
     try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:
+            return False
     except OSError:
         return False
+    return is_read_only_mount_point(path)
 
 
 def _kind(mode: int) -> str:
@@ -175,8 +183,8 @@ def _judge(
         writable &= ~0o020
     if writable and passed_through and kind == "directory" and mode & stat.S_ISVTX and st.st_uid == 0:
         writable = 0  # /tmp: others cannot rename or remove the entry under it (checked next)
-    if writable and _on_read_only_mount(path):
-        writable = 0  # nobody writes through a read-only mount (Kubernetes ConfigMap/Secret volumes)
+    if writable and kind == "directory" and _read_only_mount_point(path):
+        writable = 0  # a read-only volume's root (Kubernetes ConfigMap/Secret/readOnly volumes)
     if writable:
         who = {0o020: "group", 0o002: "others", 0o022: "group and others"}[writable]
         bits = {0o020: "g-w", 0o002: "o-w", 0o022: "go-w"}[writable]

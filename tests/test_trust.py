@@ -659,3 +659,19 @@ def test_kubernetes_layout_without_the_read_only_mounts_is_refused(pod_root: Pat
         e.startswith(f"untrusted migrations directory {volume.parent.parent / 'migrations'}: ")
         for e in errors
     ), errors
+
+
+def test_a_read_only_view_of_a_writable_directory_is_not_trusted(pod_root: Path) -> None:
+    """systemd's ProtectSystem=strict makes all of /etc read-only in the service's namespace; a 0777
+    /etc/lssupervisor there is still writable for every user of the host. Only a read-only mount's
+    own root directory is excepted (a Kubernetes volume), never a directory below it."""
+    if not ROOT:
+        pytest.skip("building the layout needs root")
+    etc = pod_root / "etc"
+    cfg = config_set(etc / "lssupervisor")
+    cfg.write_text(cfg.read_text().replace("state_dir: state", f"state_dir: {pod_root / 'state'}"))
+    (etc / "lssupervisor").chmod(0o777)
+    findings = _check_in_mount_namespace(cfg, 0, 0, [etc])  # etc: a read-only mount, like ProtectSystem
+    errors = [m for level, m in findings if level == "error"]
+    expected = f"untrusted config {cfg}: directory {etc / 'lssupervisor'} on the way writable by group"
+    assert any(e.startswith(expected) for e in errors), errors
