@@ -33,6 +33,7 @@ from lssupervisor.core.states import OnFailure  # the core's vocabulary; re-expo
 from lssupervisor.durations import human as format_duration
 from lssupervisor.durations import parse_seconds as parse_duration
 from lssupervisor.errors import ConfigError, UsageError
+from lssupervisor.trust import resolve_group
 
 T = TypeVar("T")
 
@@ -204,7 +205,11 @@ class BackupConfig:
         True, "Take a verified compact backup of every LMDB before the first write of a migration."
     )
     dir: PathOpt | None = opt(None, "Backup directory. Default: `<state_dir>/backups`.")
-    keep: int = opt(5, "How many backups to keep (oldest are removed after a new one is verified).")
+    keep: int = opt(
+        5,
+        "How many backups to keep (oldest are removed after a new one is verified), never counting "
+        "out a restore point: the newest backup of each schema version is always kept.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    trusted_group: str | None = opt(
+        None,
+        "A group (name or gid) whose members are trusted like root and lssupervisor's own user: files "
+        "and directories of the config, template, target file, migrations and hooks may belong to it "
+        "and be writable by it. Unset: only root and our user (see docs/security.md). `check` says "
+        "when it is in use.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     state_dir: PathOpt = opt(
         PathOpt("state"),
@@ -293,6 +309,10 @@ class Config:
         default_factory=FleetConfig, metadata={"doc": "The fleet as the shared storage shows it."}
     )
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "Logging."})
+    security: SecurityConfig = field(
+        default_factory=SecurityConfig,
+        metadata={"doc": "Who may write the files that decide what runs (docs/security.md)."},
+    )
     # Not an option: where this config was loaded from (for messages and watching).
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
@@ -440,6 +460,8 @@ class _Loader:
         if tp is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise self.fail(key, f"expected a number, got {value!r}")
+            if not math.isfinite(value):
+                raise self.fail(key, f"expected a finite number, got {value!r}")
             return float(value)
         if tp is str:
             if not isinstance(value, str):
@@ -518,8 +540,17 @@ def _validate(cfg: Config, where: str) -> None:
         raise bad("schema.variable", f"expected an environment variable name, got {cfg.schema.variable!r}")
     if ls.min_pid < 0 or ls.min_pid >= 4194304:
         raise bad("lightningstream.min_pid", f"expected 0..4194303, got {ls.min_pid}")
-    if ls.stop_timeout <= 0:
-        raise bad("lightningstream.stop_timeout", "must be greater than 0")
+    # A time limit of 0 would fire at once (or, read as "none", keep LS down): refuse it by name.
+    limits: tuple[tuple[str, float | None], ...] = (
+        ("lightningstream.stop_timeout", ls.stop_timeout),
+        ("lightningstream.ready_timeout", ls.ready_timeout),
+        ("lightningstream.drain_timeout", ls.drain_timeout),
+        ("hooks.timeout", cfg.hooks.timeout),
+        ("migrations.timeout", cfg.migrations.timeout),
+    )
+    for key, limit in limits:
+        if limit is not None and limit <= 0:
+            raise bad(key, "must be greater than 0 (a time limit)")
     if ls.health_poll_interval <= 0:
         raise bad("lightningstream.health_poll_interval", "must be greater than 0")
     # Nothing may keep LS down without a deadline (I10): the limits exist and are never 0.
@@ -561,6 +592,11 @@ def _validate(cfg: Config, where: str) -> None:
             raise bad(key, "must be greater than 0")
     if cfg.http.address:
         parse_address(cfg.http.address, f"{where}: http.address")
+    if cfg.security.trusted_group is not None:
+        try:
+            resolve_group(cfg.security.trusted_group)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise bad("log.level", f"expected debug, info, warning or error, got {cfg.log.level!r}")
 
@@ -583,8 +619,11 @@ def resolve_target(cfg: Config, override: int | None = None) -> int | None:
             return None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read schema.target_file: {exc.strerror}") from None
-        if not text.isdigit():
-            raise ConfigError(f"{path}: schema.target_file must hold a version number, got {text[:40]!r}")
+        # ASCII digits only: str.isdigit() also accepts "٣" and "²" (and int("²") then fails).
+        if not re.fullmatch(r"[0-9]{1,18}", text):
+            raise ConfigError(
+                f"{path}: schema.target_file must hold a version number (ASCII digits), got {text[:40]!r}"
+            )
         return int(text)
     return None
 

@@ -8,7 +8,8 @@ Exception tree::
     SupervisorError                 base of every expected failure; carries an exit code
     ├── UsageError                  bad command line                              (EX_USAGE)
     ├── ConfigError                 our YAML, the LS template, the environment    (EX_CONFIG)
-    │   └── TemplateError           the LS template renders to something LS would misread
+    │   ├── TemplateError           the LS template renders to something LS would misread
+    │   └── UntrustedInput          a file that decides what runs could be written by others (I8)
     ├── LockHeld                    another lssupervisor owns the state dir / LMDBs (EX_LOCKED)
     ├── MigrationError              a migration could not be loaded, planned or run (EX_MIGRATION)
     │   ├── MigrationLoadError      bad file name, gap, duplicate, import error, unsafe ownership
@@ -74,6 +75,7 @@ class ErrorCode(enum.Enum):
     USAGE = "usage"
     CONFIG = "config"
     TEMPLATE = "template"
+    UNTRUSTED = "untrusted"
     LOCKED = "locked"
     MIGRATION = "migration"
     MIGRATION_LOAD = "migration-load"
@@ -141,6 +143,13 @@ class ConfigError(SupervisorError):
 
 class TemplateError(ConfigError):
     code = ErrorCode.TEMPLATE
+
+
+class UntrustedInput(ConfigError):
+    """Our config, the template, the target file, a migration or a hook could be written by a user
+    other than root or ours (see :mod:`lssupervisor.trust`)."""
+
+    code = ErrorCode.UNTRUSTED
 
 
 class LockHeld(SupervisorError):

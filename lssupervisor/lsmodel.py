@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DEFAULT_MAX_DBS = 64
+# What LS gives an LMDB it creates (lmdbenv.DefaultMapSize = 1 * datasize.GB, DefaultFileMask 0664,
+# DefaultDirMask 0775 in LS's lmdbenv/new.go), so an LMDB lssupervisor creates is the one LS would.
+LS_DEFAULT_MAP_SIZE = 1 << 30
+LS_DEFAULT_FILE_MODE = 0o664
+LS_DEFAULT_DIR_MODE = 0o775
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,13 @@
 
 Checked, in order (a failure of an early step skips the steps that depend on it):
 
-1. our config loads (strict keys, types, values);
+1. our config loads (strict keys, types, values), and every file that decides what runs is trusted:
+   our config, the template, the target file, hook executables, the LS binary and each directory on
+   the way to them (owned by root or us, not writable by group or others: :mod:`lssupervisor.trust`);
+   a warning for an HTTP listener beyond loopback;
 2. the LS template loads and its LMDB paths and instance do not depend on the schema version;
-3. the migrations are discoverable and valid (names, literals, gaps; never executed here), and when any
+3. the migrations directory and files are trusted like the files of step 1, discoverable and valid
+   (names, literals, gaps; never executed here), and when any
    uses the ``prefix`` strategy the template's storage location contains the version variable;
 4. the target resolves as the daemon resolves it (``config.resolve_target``: ``schema.target``, then
    ``schema.target_file``, else the newest migration) and is a known version; the template renders for
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import ipaddress
 import os
 import re
 import shutil
@@ -32,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lssupervisor.config import Config, load_config, resolve_target
+from lssupervisor import trust
+from lssupervisor.config import Config, load_config, parse_address, resolve_target
 from lssupervisor.errors import ExitCode, SupervisorError
 from lssupervisor.fsutil import write_atomic
 from lssupervisor.lsconfig.binary import resolve_binary, validate_with_binary
@@ -91,8 +97,14 @@ def _check_migrations(
     """Step 3. Returns the newest migration version (None when unknown)."""
     source = cfg.migrations.package or cfg.migrations.path
     assert source is not None  # config validation requires exactly one of them
+    policy = trust.Policy.for_config(cfg)
     try:
-        found: Any = migrations.discover(source, [spec.name for spec in view.lmdbs])
+        untrusted = migrations.trust_violations(source, policy)
+        for violation in untrusted:
+            report.error(violation.line())
+        if untrusted:
+            return None
+        found: Any = migrations.discover(source, [spec.name for spec in view.lmdbs], policy)
     except SupervisorError as exc:
         report.error(str(exc))
         return None
@@ -175,6 +187,42 @@ def _check_binary(cfg: Config, text: str, env: dict[str, str], report: Report) -
     report.ok(f"{path} accepts the rendered config")
 
 
+def _check_trust(cfg: Config, environ: dict[str, str], report: Report) -> None:
+    """Step 1b: every input that decides what runs, and each directory on the way to it, may be
+    written only by root or our user (I8; the migrations are checked in step 3)."""
+    policy = trust.Policy.for_config(cfg)
+    for violation in trust.check_inputs(cfg, environ, policy):
+        report.error(violation.line())
+    if policy.trusted_gid is not None:
+        report.warning(
+            f"security.trusted_group: members of group {trust.group_name(policy.trusted_gid)} (gid "
+            f"{policy.trusted_gid}) may write the config, template, target file, migrations and hooks, "
+            "and so run code as this user; unset it unless that is intended"
+        )
+
+
+def _check_http(cfg: Config, report: Report) -> None:
+    """Our HTTP listener serves /status (paths, argv, versions) without authentication."""
+    if not cfg.http.address:
+        return
+    host, _ = parse_address(cfg.http.address, f"{cfg.name}: http.address")
+    if not _is_loopback(host):
+        report.warning(
+            f"{cfg.name}: http.address {cfg.http.address!r} listens beyond loopback: /status and /metrics "
+            "(paths, LS argv, versions, state) are readable by anyone who reaches it, without "
+            "authentication; prefer 127.0.0.1, or restrict it (firewall, Kubernetes NetworkPolicy)"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (all interfaces) or a host name that may resolve anywhere
+
+
 def _check_environment(cfg: Config, report: Report) -> None:
     """Step 6."""
     if cfg.lightningstream.pdeathsig and shutil.which("setpriv") is None:
@@ -220,6 +268,8 @@ def run_checks(config_path: str, environ: dict[str, str] | None = None, *, offli
         report.error(str(exc))
         return report
     report.ok(f"{config_path}: config loads")
+    _check_trust(cfg, base, report)
+    _check_http(cfg, report)
     _check_environment(cfg, report)
 
     try:

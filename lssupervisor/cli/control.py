@@ -26,6 +26,7 @@ from lssupervisor.config import Config, load_config
 from lssupervisor.daemon import lock
 from lssupervisor.daemon.statefile import read_state
 from lssupervisor.errors import NotConfirmed, NotRunning, SupervisorError
+from lssupervisor.fsutil import ensure_private_dir
 
 WAIT_EXTRA_S = 5.0  # beyond stop_timeout, how long pause/resume wait for the daemon's answer
 POLL_S = 0.05
@@ -97,7 +98,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_pause(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     path = cfg.paused_file
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"paused by `lssupervisor pause` (pid {os.getpid()}) at {_now_iso()}\n")
     os.replace(tmp, path)

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from lssupervisor import fsutil
+from lssupervisor import fsutil, trust
 from lssupervisor.config import Config, load_config, resolve_target
 from lssupervisor.errors import (
     LightningStreamRunning,
@@ -49,6 +49,8 @@ def _load(args: argparse.Namespace) -> tuple[Config, LsView]:
     from lssupervisor.lsconfig import render as lsconfig
 
     cfg = load_config(args.config)
+    # What these commands run (migrations, as root perhaps) is decided by these files: trust first (I8).
+    trust.require(trust.check_inputs(cfg, os.environ))
     template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = lsconfig.inspect_template(template, lsconfig.ls_environment(cfg, 0, os.environ))
     return cfg, view
@@ -320,15 +322,17 @@ def cmd_backups(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     # Listing reads only manifests (no LMDB is opened), so it needs neither the lock nor a worker.
     found = backupdir.list_backups(cfg.backup_dir)
+    # The newest backup of each version is its restore point: retention never deletes it (I9).
+    points = backupdir.restore_points(found)
     if args.json:
-        _print_json([b.manifest.to_json() for b in found])
+        _print_json([{**b.manifest.to_json(), "restore_point": b.id in points} for b in found])
         return 0
     if not found:
         print(f"no backups in {cfg.backup_dir}")
         return 0
     print(
         _table(
-            ["ID", "TIME", "VERSION", "SIZE", "LMDBS", "REASON"],
+            ["ID", "TIME", "VERSION", "SIZE", "LMDBS", "RESTORE POINT", "REASON"],
             [
                 [
                     b.id,
@@ -336,13 +340,25 @@ def cmd_backups(args: argparse.Namespace) -> int:
                     b.manifest.schema_version,
                     _size(b.manifest.size),
                     ",".join(x.name for x in b.manifest.lmdbs),
+                    _restore_point(points, b.id),
                     b.manifest.reason,
                 ]
                 for b in found
             ],
         )
     )
+    print(
+        "restore point: the newest backup of that schema version; retention keeps it whatever "
+        "backup.keep says (`lssupervisor rollback ID` restores it)"
+    )
     return 0
+
+
+def _restore_point(points: dict[str, int | None], backup_id: str) -> str:
+    if backup_id not in points:
+        return ""
+    version = points[backup_id]
+    return "unmarked" if version is None else f"v{version}"
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

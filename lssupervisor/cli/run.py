@@ -11,6 +11,7 @@ from lssupervisor.config import load_config
 from lssupervisor.daemon import lock
 from lssupervisor.daemon.logs import setup_logging
 from lssupervisor.daemon.supervisor import Supervisor
+from lssupervisor.fsutil import ensure_private_dir
 from lssupervisor.lsconfig import render as lsconfig
 
 
@@ -27,6 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The LMDBs to lock come from the template (their paths must not depend on the version).
     template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = lsconfig.inspect_template(template, lsconfig.ls_environment(cfg, 0, os.environ))
-    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    # 0700 whatever the umask: backups, history and the rendered LS config live here.
+    ensure_private_dir(cfg.state_dir)
     with lock.acquire(cfg, view.lmdbs, "daemon") as held:
         return Supervisor(cfg, held=held).run()

@@ -48,6 +48,7 @@ import psutil
 from lssupervisor.config import OutputMode
 from lssupervisor.errors import ConfigError, LightningStreamRunning
 from lssupervisor.proc import raise_pid_floor
+from lssupervisor.redaction import redact_argv
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,7 @@ def spawn_ls(
         )
         reader.start()
     child = LsChild(popen, full, reader)
-    log.info("lightningstream started pid=%d argv=%s", child.pid, " ".join(full))
+    log.info("lightningstream started pid=%d argv=%s", child.pid, " ".join(redact_argv(full)))
     return child
 
 

@@ -12,9 +12,13 @@ in two ways, both plain reference stores that are atomic under the GIL (no locks
   last tick's monotonic time). ``/livez`` fails when the loop has not ticked for ``liveness_timeout``
   seconds. Long work (migrations) runs in worker processes, so a healthy loop keeps ticking.
 
-Requests are served by :class:`http.server.ThreadingHTTPServer` from one serving thread plus one short
-thread per request; :meth:`StatusServer.stop` shuts the loop down and joins every thread. Each
-connection has a socket timeout so a stalled client cannot hold a thread (or ``stop()``) for long.
+Serving is built for abuse (any process that reaches the port is a client): one serving thread
+accepts (backlog :data:`BACKLOG`) and reads request heads without blocking, so a slow or stalled
+client costs no thread; a complete request goes to one of :data:`WORKERS` threads, which answer it
+with Python's ``BaseHTTPRequestHandler``. Each request has one overall deadline for reading and
+answering. A client that resets or stalls is one debug line in the configured log format, never a
+traceback. :meth:`StatusServer.stop` closes every connection and never waits for a client, so a
+SIGTERM ends the daemon within its ``stop_timeout`` with hundreds of slow clients connected.
 
 Endpoints (GET and HEAD; anything else is 405)
 ----------------------------------------------
@@ -42,16 +46,20 @@ Secrets never leave: everything served goes through :func:`redact`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import re
+import queue
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, Protocol
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -59,45 +67,26 @@ from prometheus_client.registry import Collector
 
 from lssupervisor.daemon.metrics import Snapshot, build_registry
 from lssupervisor.errors import ConfigError
+from lssupervisor.redaction import REDACTED, SECRET_KEY_RE, redact
+
+__all__ = ["REDACTED", "SECRET_KEY_RE", "StatusServer", "encode_status", "readiness", "redact"]
 
 log = logging.getLogger(__name__)
 
-REDACTED = "<redacted>"
-# Key names whose values are credentials wherever they appear (env maps, storage options, hooks...).
-SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|key_id|access_key|private_key|credential", re.I)
-# user:password@ in URLs (an S3 endpoint or hook argument written with credentials).
-_URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-
 DEFAULT_LIVENESS_TIMEOUT = 30.0
+# One overall deadline per request: reading its head and writing the answer (not per recv/send: a
+# client sending one header line every few seconds is cut off all the same).
+DEFAULT_REQUEST_TIMEOUT = 5.0
+WORKERS = 4  # threads answering complete requests (each answer is prepared bytes or a metrics scrape)
+MAX_READING = 512  # connections whose request head is still arriving (they cost no thread)
+MAX_QUEUED = 64  # complete requests waiting for a worker
+MAX_HEAD_BYTES = 64 * 1024
+BACKLOG = 1024  # accept queue (the kernel caps it at net.core.somaxconn)
+SERVE_POLL_S = 0.5  # backstop of the serving loop; stop() wakes it at once
 
 
 class FleetSource(Protocol):
     def http_document(self) -> tuple[int, bytes]: ...
-
-
-DEFAULT_REQUEST_TIMEOUT = 5.0
-
-
-def redact(value: Any) -> Any:
-    """A deep copy of ``value`` with secret-named keys' values masked and URL credentials removed.
-
-    Masks the value of every mapping key matching :data:`SECRET_KEY_RE` (the whole subtree, whatever
-    its type), except None and "" which carry no secret and show that the setting is unset.
-    """
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            key = str(k)
-            if SECRET_KEY_RE.search(key) and v is not None and v != "":
-                out[key] = REDACTED
-            else:
-                out[key] = redact(v)
-        return out
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USERINFO_RE.sub(r"\g<scheme>" + REDACTED + "@", value)
-    return value
 
 
 def encode_status(snapshot: Snapshot) -> bytes:
@@ -134,23 +123,52 @@ def readiness(snapshot: Snapshot | None) -> tuple[bool, str | None]:
     return True, None
 
 
-class _Server(ThreadingHTTPServer):
-    # Request threads are non-daemon and tracked so server_close() joins them (socketserver only
-    # tracks non-daemon threads); the per-connection timeout bounds how long that can take.
-    daemon_threads = False
-    block_on_close = True
-    owner: StatusServer
+class _DeadlineWriter:
+    """The response side of one connection: every write must finish before the request's deadline
+    (a client that reads slowly cannot hold a worker longer than that)."""
 
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self.closed = False
 
-class _IPv6Server(_Server):
-    address_family = socket.AF_INET6
+    def write(self, data: bytes) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline passed")
+        self._sock.settimeout(remaining)  # since 3.5: the whole sendall, not each send
+        self._sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    """One complete request (its head already read by the serving thread), answered by a worker."""
+
     server_version = "lssupervisor"
     protocol_version = "HTTP/1.0"  # one request per connection: nothing lingers in keep-alive
-    timeout: ClassVar[float] = DEFAULT_REQUEST_TIMEOUT
+
+    def __init__(
+        self, sock: socket.socket, head: bytes, client: tuple[Any, ...], owner: StatusServer, deadline: float
+    ) -> None:
+        self.owner = owner
+        self._head = head
+        self._deadline = deadline
+        super().__init__(sock, client, None)  # type: ignore[arg-type]  # runs setup, handle, finish
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._head)
+        self.wfile = _DeadlineWriter(self.connection, self._deadline)  # type: ignore[assignment]
+
+    def finish(self) -> None:
+        self.wfile.close()
+        self.rfile.close()
 
     def do_GET(self) -> None:
         self._route(send_body=True)
@@ -165,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     def _route(self, send_body: bool) -> None:
-        owner = self.server.owner
+        owner = self.owner
         path = self.path.split("?", 1)[0]
         match path:
             case "/livez":
@@ -222,9 +240,28 @@ def _json(doc: Mapping[str, Any]) -> bytes:
     return (json.dumps(doc, sort_keys=True) + "\n").encode()
 
 
+def _head_complete(buf: bytearray) -> bool:
+    return b"\r\n\r\n" in buf or b"\n\n" in buf
+
+
+@dataclass(slots=True)
+class _Reading:
+    """A connection whose request head is still arriving (held by the serving thread, not a thread)."""
+
+    address: tuple[Any, ...]
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+
+
 class StatusServer:
     """The status HTTP server. Construct, :meth:`start`, :meth:`publish` / :meth:`heartbeat` from the
-    main loop, :meth:`stop` at shutdown. Not restartable after stop (make a new one)."""
+    main loop, :meth:`stop` at shutdown. Not restartable after stop (make a new one).
+
+    Under abuse (see the module docstring): a connection costs no thread until its request head is
+    complete; every request has one overall deadline (``request_timeout``) for reading and answering;
+    :data:`WORKERS` threads answer complete requests; at most :data:`MAX_READING` connections are
+    held while their head arrives and :data:`MAX_QUEUED` complete ones wait for a worker (more are
+    closed at once); the accept backlog is :data:`BACKLOG`. :meth:`stop` never waits for a client."""
 
     def __init__(
         self,
@@ -252,8 +289,16 @@ class StatusServer:
         self.registry: CollectorRegistry = build_registry(
             lambda: self.snapshot, self.loop_tick_age, process_metrics=process_metrics
         )
-        self._httpd: _Server | None = None
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._ready: queue.Queue[tuple[socket.socket, bytes, tuple[Any, ...], float] | None] = queue.Queue(
+            MAX_QUEUED
+        )
+        self._answering: set[socket.socket] = set()  # sockets a worker is answering (shut at stop)
+        self._stopping = threading.Event()
+        self._wake_r: socket.socket | None = None  # stop() wakes the serving thread through it
+        self._wake_w: socket.socket | None = None
         self.fleet: FleetSource | None = None
 
     def attach_fleet(self, source: FleetSource, collector: Collector | None = None) -> None:
@@ -274,52 +319,198 @@ class StatusServer:
         self._last_tick = self._clock() if now is None else now
 
     def start(self) -> tuple[str, int]:
-        """Bind and serve in a background thread; returns the bound (host, port).
+        """Bind and serve in background threads; returns the bound (host, port).
 
         Raises ConfigError when the address cannot be bound (in use, not local, no permission).
         """
-        if self._httpd is not None:
+        if self._listener is not None:
             raise RuntimeError("StatusServer already started")
-        cls = _IPv6Server if ":" in self._host else _Server
-        handler = type("Handler", (_Handler,), {"timeout": self._request_timeout})
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            httpd = cls((self._host, self._port), handler)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self._host, self._port))
+            listener.listen(BACKLOG)
         except OSError as exc:
+            listener.close()
             raise ConfigError(
                 f"http.address {self._host}:{self._port}: cannot listen: {exc.strerror or exc}; "
                 "choose another address or set http.address to '' to disable the status server"
             ) from None
-        httpd.owner = self
-        self._httpd = httpd
+        listener.setblocking(False)
+        self._listener = listener
+        self._wake_r, self._wake_w = socket.socketpair()
         # Liveness counts from when we started serving, so a slow first iteration is not "stalled".
         self._last_tick = self._clock()
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="lssupervisor-http", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="lssupervisor-http", daemon=True)
         self._thread.start()
+        for i in range(WORKERS):
+            worker = threading.Thread(target=self._work, name=f"lssupervisor-http-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
         host, port = self.address
         log.info("http listening on %s:%d (/livez /readyz /status /metrics)", host, port)
         return host, port
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving, close the socket, join the serving thread and every request thread."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None or thread is None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop serving and close every connection. Never waits for a client: connections still
+        being read are closed, those being answered are shut down (their worker's write fails at
+        once), so the threads end within ``timeout`` whatever the clients do."""
+        listener, thread = self._listener, self._thread
+        if listener is None or thread is None or self._stopping.is_set():
             return
-        httpd.shutdown()  # returns once serve_forever has left its loop
-        httpd.server_close()  # joins in-flight request threads (bounded by request_timeout)
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("http serving thread did not stop within %.1fs", timeout)
+        self._stopping.set()
+        assert self._wake_w is not None and self._wake_r is not None
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        deadline = time.monotonic() + timeout
+        thread.join(timeout)  # it never blocks for long: select() with a short timeout, woken now
+        for sock in list(self._answering):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # a worker blocked writing to a slow client returns
+        while True:  # requests nobody will answer now
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].close()
+        for _ in self._workers:
+            self._ready.put_nowait(None)
+        for t in (thread, *self._workers):
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("http thread %s did not stop within %.1fs", t.name, timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the serving thread: accept, read request heads, hand complete requests to the workers --
+
+    def _serve(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        sel = selectors.DefaultSelector()
+        reading: dict[socket.socket, _Reading] = {}
+        wake = self._wake_r
+        assert wake is not None
+        sel.register(listener, selectors.EVENT_READ)
+        sel.register(wake, selectors.EVENT_READ)
+
+        def drop(sock: socket.socket, why: str) -> None:
+            pending = reading.pop(sock, None)
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(sock)
+            who = pending.address[0] if pending is not None else "?"
+            log.debug("http %s: %s; connection closed", who, why)
+            sock.close()
+
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                wait = min([r.deadline - now for r in reading.values()] + [SERVE_POLL_S])
+                for key, _ in sel.select(max(0.0, wait)):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is listener:
+                        self._accept(listener, sel, reading)
+                    elif sock is wake:
+                        with contextlib.suppress(OSError):
+                            sock.recv(64)
+                    else:
+                        self._read(sock, sel, reading, drop)
+                now = time.monotonic()
+                for sock, pending in list(reading.items()):
+                    if now >= pending.deadline:
+                        drop(sock, f"request not complete within {self._request_timeout:g}s")
+        finally:
+            for sock in list(reading):
+                sock.close()
+            sel.close()
+            listener.close()
+
+    def _accept(
+        self, listener: socket.socket, sel: selectors.BaseSelector, reading: dict[socket.socket, _Reading]
+    ) -> None:
+        while True:
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: say so, keep serving the others
+                log.warning("http: cannot accept a connection: %s", exc.strerror or exc)
+                return
+            if len(reading) >= MAX_READING:
+                log.debug("http %s: %d connections already waiting; closed", address[0], MAX_READING)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            reading[sock] = _Reading(address, time.monotonic() + self._request_timeout)
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _read(
+        self,
+        sock: socket.socket,
+        sel: selectors.BaseSelector,
+        reading: dict[socket.socket, _Reading],
+        drop: Callable[[socket.socket, str], None],
+    ) -> None:
+        pending = reading[sock]
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            drop(sock, f"client went away ({type(exc).__name__})")
+            return
+        if not data:
+            drop(sock, "client closed before its request was complete")
+            return
+        pending.buf += data
+        if _head_complete(pending.buf):
+            sel.unregister(sock)
+            del reading[sock]
+            try:
+                self._ready.put_nowait((sock, bytes(pending.buf), pending.address, pending.deadline))
+            except queue.Full:
+                log.debug("http %s: every worker busy and %d requests waiting; closed", pending.address[0],
+                          MAX_QUEUED)
+                sock.close()
+        elif len(pending.buf) > MAX_HEAD_BYTES:
+            drop(sock, f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+    # -- workers: answer complete requests ---------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None or self._stopping.is_set():
+                if item is not None:
+                    item[0].close()
+                return
+            sock, head, address, deadline = item
+            self._answering.add(sock)
+            try:
+                sock.setblocking(True)
+                _Handler(sock, head, address, self, deadline)
+            except OSError as exc:
+                # A reset, a broken pipe, the deadline: the client's doing, one debug line (never a
+                # traceback on stderr, which would bypass the configured log format).
+                log.debug("http %s: client went away while answered (%s)", address[0], type(exc).__name__)
+            except Exception:
+                log.exception("http %s: error answering a request", address[0])
+            finally:
+                self._answering.discard(sock)
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     # -- read by request threads ---------------------------------------------------------------------
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port); port 0 at construction becomes the real port after start()."""
-        if self._httpd is None:
+        if self._listener is None:
             return self._host, self._port
-        addr = self._httpd.server_address
+        addr = self._listener.getsockname()
         return str(addr[0]), int(addr[1])
 
     @property

@@ -37,6 +37,7 @@ from lssupervisor.durations import human as format_duration
 from lssupervisor.errors import ErrorCode, SupervisorError
 from lssupervisor.fsutil import write_atomic
 from lssupervisor.proc import child_env
+from lssupervisor.redaction import credential_values, redact_argv
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.client import WorkerSession
 
@@ -227,7 +228,8 @@ class JobRunner:
         except OSError as exc:
             message = f"cannot run {argv[0]}: {exc.strerror}"
             return [HookFinished(action.phase, action.index, ok=False, message=message)]
-        log.info("hook started", extra=fields(hook=f"{action.phase}_migrate", argv=argv, pid=proc.pid))
+        shown = redact_argv(argv, credential_values(env))  # logs never carry a secret
+        log.info("hook started", extra=fields(hook=f"{action.phase}_migrate", argv=shown, pid=proc.pid))
         self.job = Job(
             Task.HOOK,
             self.clock(),

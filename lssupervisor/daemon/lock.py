@@ -32,6 +32,7 @@ from types import TracebackType
 
 from lssupervisor.config import Config
 from lssupervisor.errors import ConfigError, LockHeld
+from lssupervisor.fsutil import ensure_private_dir
 from lssupervisor.lsmodel import LmdbSpec
 
 LMDB_LOCK_NAME = ".lssupervisor.lock"
@@ -213,6 +214,9 @@ def acquire(cfg: Config, lmdb_paths: Iterable[LmdbSpec | str | os.PathLike[str]]
     state_dir = str(Path(cfg.state_dir).resolve())
     lock = Lock(purpose=purpose, state_dir=state_dir)
     try:
+        # Whoever takes the lock first creates the state dir: 0700 whatever the umask (backups,
+        # history and the rendered LS config live there).
+        ensure_private_dir(cfg.state_dir)
         lock.fds[cfg.lock_path] = _take(cfg.lock_path, purpose, state_dir, what=f"state dir {state_dir}")
         lock.add_lmdbs(lmdb_paths)
     except BaseException:

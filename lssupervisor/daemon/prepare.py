@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lssupervisor import trust
 from lssupervisor.config import Config, resolve_target
 from lssupervisor.core.events import ConfigFailed
 from lssupervisor.errors import ConfigError, MigrationError, SupervisorError
@@ -59,13 +60,16 @@ def _digest(cfg: Config, text: str, argv: Sequence[str], env: Mapping[str, str])
 
 def load(cfg: Config, base_env: Mapping[str, str]) -> Loaded:
     """Load and check the template, the migrations (discovery: names, gaps, literals, ownership; no
-    code runs in the daemon) and the target. Raises SupervisorError with a one-line message."""
+    code runs in the daemon) and the target. Raises SupervisorError with a one-line message.
+    Every input that decides what runs must be trusted first (I8: :mod:`lssupervisor.trust`)."""
+    policy = trust.Policy.for_config(cfg)
+    trust.require(trust.check_inputs(cfg, base_env, policy))
     template = lsconfig.load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
     view = lsconfig.inspect_template(template, lsconfig.ls_environment(cfg, 0, base_env))
     source = cfg.migrations.path if cfg.migrations.path is not None else cfg.migrations.package
     newest: int | None = None
     if source is not None:
-        found = migrations.discover(source, [spec.name for spec in view.lmdbs])
+        found = migrations.discover(source, [spec.name for spec in view.lmdbs], policy)
         newest = found.newest
         if any(m.strategy is migrations.Strategy.PREFIX for m in found.migrations):
             lsconfig.check_prefix_safety(template, lsconfig.ls_environment(cfg, 0, base_env))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lssupervisor.errors import ExitCode
-from lssupervisor.fsutil import write_atomic
+from lssupervisor.fsutil import ensure_private_dir, write_atomic
 
 NOT_RUNNING_EXIT = ExitCode.NOT_RUNNING  # `status` when no daemon runs (LSB: 3 = not running)
 
@@ -37,7 +37,7 @@ NOT_RUNNING_EXIT = ExitCode.NOT_RUNNING  # `status` when no daemon runs (LSB: 3 
 def write_state(path: Path, doc: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``doc`` as JSON, atomically and durably. OSError propagates."""
     text = json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     # 0644: no secrets in here (the daemon writes no env or config text); operators and monitoring read
     # it. No .prev copy: the next transition rewrites it anyway.
     write_atomic(path, text, mode=0o644, keep_previous=False)

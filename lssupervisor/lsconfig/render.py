@@ -65,6 +65,7 @@ from lssupervisor.lsconfig.schema import (
 from lssupervisor.lsconfig.values import sanitize_instance
 from lssupervisor.lsmodel import DEFAULT_MAX_DBS, LmdbSpec, LsView
 from lssupervisor.proc import child_env
+from lssupervisor.redaction import is_credential_name
 
 if TYPE_CHECKING:
     from lssupervisor.config import Config
@@ -205,6 +206,94 @@ def _substitute(template: Template, version: int, ls_env: Mapping[str, str]) -> 
     return "".join(out), warnings
 
 
+# Where LS reads credentials: the only places a credential variable may be expanded. Anywhere else LS
+# would put it on the wire (a global_prefix is in every S3 request path), in logs or in /storage.
+CREDENTIAL_KEYS = frozenset(
+    ("storage", "options", key) for key in ("access_key", "secret_key", "account_key")
+)
+# In a credential's value these would change the YAML around it (LS expands before parsing): a newline
+# folds into a different secret, a quote ends the string, a backslash starts an escape.
+_CREDENTIAL_UNSAFE = {"\n": "a newline", "\r": "a carriage return", '"': "a double quote",
+                      "'": "a single quote", "\\": "a backslash"}
+
+
+def _scalar_paths(text: str) -> list[tuple[int, int, tuple[str, ...]]] | None:
+    """(start, end, key path) of every scalar of the template: values by the keys that lead to them,
+    a mapping key by its own path plus ``<key>``. None when the template does not parse as YAML."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    out: list[tuple[int, int, tuple[str, ...]]] = []
+
+    def walk(node: yaml.Node | None, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for knode, vnode in node.value:
+                key = str(knode.value) if isinstance(knode, yaml.ScalarNode) else "?"
+                out.append((knode.start_mark.index, knode.end_mark.index, (*path, key, "<key>")))
+                walk(vnode, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, f"[{i}]"))
+        elif isinstance(node, yaml.ScalarNode):
+            out.append((node.start_mark.index, node.end_mark.index, path))
+
+    walk(root, ())
+    return out
+
+
+def check_credentials(template: Template, ls_env: Mapping[str, str]) -> None:
+    """Credentials only where LS reads them (I8's sibling: what we render never leaks a secret).
+
+    A credential variable (its name says so, like ``AWS_SECRET_ACCESS_KEY``, or it is used in one of
+    :data:`CREDENTIAL_KEYS`) may be expanded only in those keys: anywhere else LS would send it out
+    (``global_prefix: app/${AWS_SECRET_ACCESS_KEY}/`` puts it in every S3 request). Its value must
+    not contain a newline, quote or backslash, and no variable's value may contain a newline (it would
+    change the YAML around it). Raises TemplateError naming the variable and where, never its value."""
+    text = template.text
+    places = _scalar_paths(text)
+    refs: list[tuple[DollarRef, tuple[str, ...] | None]] = []
+    for ref in scan_dollars(text):
+        if not IDENTIFIER.fullmatch(ref.name) or ref.name == template.variable:
+            continue
+        where = None
+        if places is not None:
+            where = next((p for start, end, p in places if start <= ref.start < end), None)
+            if where is None:
+                continue  # outside every scalar: a comment (expanded by LS, sent nowhere)
+        refs.append((ref, where))
+    in_keys = {ref.name: ".".join(where) for ref, where in refs if where in CREDENTIAL_KEYS}
+    allowed = ", ".join(".".join(k) for k in sorted(CREDENTIAL_KEYS))
+    for ref, where in refs:
+        name = ref.name
+        line = f"{template.path}:{_line_of(text, ref.start)}"
+        credential = is_credential_name(name) or name in in_keys
+        if credential and where not in CREDENTIAL_KEYS:
+            named = is_credential_name(name)
+            why = "its name says it is a credential" if named else f"it is also used in {in_keys[name]}"
+            place = "an unparsable template" if where is None else ".".join(p for p in where if p != "<key>")
+            raise TemplateError(
+                f"{line}: ${{{name}}} is used in {place}, but {why}: LS would send it out (object names, "
+                f"request paths, logs); use credential variables only in {allowed}"
+            )
+        value = ls_env.get(name)
+        if not value:
+            continue
+        if "\n" in value or "\r" in value:
+            raise TemplateError(
+                f"{line}: the value of ${{{name}}} in LS's environment contains a line break; LS pastes it "
+                "into the YAML before parsing, so it would change the config around it (value not shown)"
+            )
+        if credential:
+            bad = [what for c, what in _CREDENTIAL_UNSAFE.items() if c in value]
+            if bad:
+                raise TemplateError(
+                    f"{line}: the value of ${{{name}}} in LS's environment contains {bad[0]}; LS pastes it "
+                    "into the YAML before parsing, so the secret LS would use is not the one you set "
+                    "(value not shown); use the *_file option for such a secret"
+                )
+
+
 def _storage_location(storage_type: str, options: Mapping[str, Any]) -> str:
     match storage_type:
         case "s3":
@@ -323,6 +412,7 @@ def render(template: Template, version: int, ls_env: Mapping[str, str]) -> Rende
     will receive). Raises TemplateError (one line, naming the file and line) when LS would refuse it or
     silently misread it."""
     _check_version(version)
+    check_credentials(template, ls_env)
     text, warnings = _substitute(template, version, ls_env)
     expanded = go_expand_env(text, ls_env)
     view = _validate(expanded, f"{template.path} (rendered for version {version})", warnings)

@@ -151,6 +151,15 @@ class Decoder:
     def error(self, node: yaml.Node, key: str, message: str) -> None:
         self.errors.append(f"line {node.start_mark.line + 1}: {key}: {message}")
 
+    def _construct(self, node: yaml.Node, key: str) -> Any:
+        """The plain value of ``node`` (safe constructors only). A tag such as ``!!python/object`` is
+        an error here, never a traceback and never code."""
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            self.error(node, key, f"YAML tag {node.tag!r} is not allowed in an LS config")
+            return None
+
     def decode(self, node: yaml.Node, kind: _Kind, current: Any, key: str) -> Any:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             return _zero(kind)
@@ -177,12 +186,12 @@ class Decoder:
                 out[name] = self.decode(vnode, kind[1], None, f"{key}.{name}")
             return out
         if kind == "any":
-            return self._constructor.construct_object(node, deep=True)
+            return self._construct(node, key)
         if not isinstance(node, yaml.ScalarNode):
             got = "mapping" if isinstance(node, yaml.MappingNode) else "list"
             self.error(node, key, f"expected {_KIND_TEXT.get(str(kind), 'a ' + str(kind))}, got a {got}")
             return current
-        value = self._constructor.construct_object(node, deep=True)
+        value = self._construct(node, key)
         match kind:
             case "string" | "text":
                 return node.value  # yaml.v2 stores any scalar's text into a string field

@@ -42,16 +42,21 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import lmdb
 
 from lssupervisor import __version__
 from lssupervisor.errors import BackupError
+from lssupervisor.fsutil import ensure_private_dir
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.worker.backupdir import (
     DATA_FILE,
@@ -74,7 +79,9 @@ from lssupervisor.worker.backupdir import (
     find_backup,
     fsync_path,
     holds_copy,
+    list_backups,
     lock_file,
+    make_private_dir,
     new_backup_id,
     sha256_file,
     space_needed,
@@ -83,6 +90,58 @@ from lssupervisor.worker.backupdir import (
 _CHUNK = 1024 * 1024
 # (env of a copy or source, spec) -> the marker version of our instance (None = no marker).
 MarkerReader = Callable[[lmdb.Environment, LmdbSpec], int | None]
+
+
+def state_digest(env: lmdb.Environment, spec: LmdbSpec) -> str:
+    """What identifies the LMDB's state without reading its data: the last committed txn id and page,
+    the main DB's shape, and the data file's identity (a restore or copy replaces the inode and may
+    restart txn ids). Equal digests: nothing was committed in between (every write txn bumps the id)."""
+    info, st = env.info(), env.stat()
+    try:
+        fst = os.stat(data_file(spec))
+        ident: list[int] = [fst.st_dev, fst.st_ino, fst.st_size]
+    except OSError:
+        ident = []
+    doc = {
+        "txnid": int(info["last_txnid"]),
+        "pgno": int(info["last_pgno"]),
+        "main": [
+            int(st["psize"]), int(st["depth"]), int(st["branch_pages"]), int(st["leaf_pages"]),
+            int(st["overflow_pages"]), int(st["entries"]),
+        ],
+        "file": ident,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def reusable(
+    directory: Path,
+    envs: Mapping[str, lmdb.Environment],
+    specs: Sequence[LmdbSpec],
+    read_marker: MarkerReader,
+) -> Manifest | None:
+    """The newest complete backup when it already holds exactly the LMDBs' current state (same set of
+    LMDBs, same last txn id and state digest each) and still verifies: a retried migration step reuses
+    it instead of taking one more copy of the same data (issue 13: five retries made five copies and
+    rotated the real restore point out)."""
+    backups = list_backups(directory)
+    if not backups:
+        return None
+    newest = backups[-1]
+    entries = {e.name: e for e in newest.manifest.lmdbs}
+    if set(entries) != {s.name for s in specs}:
+        return None
+    for spec in specs:
+        entry, env = entries[spec.name], envs[spec.name]
+        if not entry.state_digest or entry.last_txnid != int(env.info()["last_txnid"]):
+            return None
+        if entry.state_digest != state_digest(env, spec):
+            return None
+    try:
+        _verify_dir(newest.path, newest.manifest, specs, read_marker)
+    except BackupError:
+        return None  # damaged: take a fresh one
+    return newest.manifest
 
 
 def env_used_bytes(env: lmdb.Environment) -> int:
@@ -107,7 +166,7 @@ def create(
 
     Raises BackupError (nothing half-done is left as a complete backup) on any failure.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory)
     clean_stale_partials(directory)
     used = sum(env_used_bytes(envs[s.name]) for s in specs)
     check_free_space(
@@ -119,22 +178,24 @@ def create(
     known = [v for v in versions.values() if v is not None]
     backup_id = new_backup_id(max(known) if known else None)
     partial = directory / f"{backup_id}{PARTIAL_SUFFIX}"
-    partial.mkdir()
+    make_private_dir(partial)  # 0700 whatever the umask: nobody else may read the copy (I9)
     claim(partial)
     entries: list[LmdbBackup] = []
     try:
         for index, spec in enumerate(specs):
             env = envs[spec.name]
             target_dir = partial / spec.name
-            target_dir.mkdir()
+            make_private_dir(target_dir)
             # The copy and the txn id come from the same snapshot only if nothing writes meanwhile;
-            # the caller guarantees that (LS stopped, lock held); the id is informational anyway.
+            # the caller guarantees that (LS stopped, lock held).
             last_txnid = int(env.info()["last_txnid"])
+            digest = state_digest(env, spec)
             dest = target_dir / DATA_FILE
             try:
                 env.copy(str(dest if spec.no_subdir else target_dir), compact=True)
             except lmdb.Error as exc:
                 raise BackupError(f"{spec.path}: backup copy of LMDB {spec.name!r} failed: {exc}") from exc
+            os.chmod(dest, 0o600)  # LMDB creates it 0666 & ~umask; the 0700 dir kept it private meanwhile
             fsync_path(dest)
             fsync_path(target_dir)
             entries.append(
@@ -147,6 +208,7 @@ def create(
                     sha256=sha256_file(dest),
                     last_txnid=last_txnid,
                     file=f"{spec.name}/{DATA_FILE}",
+                    state_digest=digest,
                 )
             )
             if progress:
@@ -287,6 +349,26 @@ def exclusive_env(spec: LmdbSpec) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _open_like(tmp: Path, target: Path) -> BinaryIO:
+    """Create ``tmp`` for writing with the mode and owner of the data file it will replace (the
+    application and LS must still open the restored LMDB; a backup's own 0600 is not theirs), 0600
+    when there is none."""
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    mode = stat.S_IMODE(st.st_mode) if st is not None else 0o600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, mode)
+        if st is not None and os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
+
+
 def restore(
     directory: Path,
     backup_id: str | None,
@@ -338,7 +420,7 @@ def restore(
             )
             tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
             try:
-                with (info.path / entry.file).open("rb") as src, tmp.open("wb") as dst:
+                with (info.path / entry.file).open("rb") as src, _open_like(tmp, target) as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
                     dst.flush()
                     os.fsync(dst.fileno())

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from lssupervisor.errors import BackupError
+from lssupervisor.fsutil import ensure_private_dir
 from lssupervisor.lsmodel import LmdbSpec
 
 PARTIAL_SUFFIX = ".partial"
@@ -49,6 +50,9 @@ class LmdbBackup:
     sha256: str
     last_txnid: int  # of the source at copy time
     file: str  # relative to the backup directory
+    # Identity of the source's state when copied (txn id, pages, file): equal => nothing was written
+    # since, so a retry reuses this backup instead of taking another (backup.state_digest).
+    state_digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,7 @@ class LmdbBackup:
             "sha256": self.sha256,
             "last_txnid": self.last_txnid,
             "file": self.file,
+            "state_digest": self.state_digest,
         }
 
     @classmethod
@@ -74,6 +79,7 @@ class LmdbBackup:
             sha256=str(data["sha256"]),
             last_txnid=int(data.get("last_txnid", 0)),
             file=str(data["file"]),
+            state_digest=str(data.get("state_digest", "")),
         )
 
 
@@ -175,9 +181,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def make_private_dir(path: Path) -> None:
+    """mkdir ``path`` as 0700 whatever the umask (a backup is a full copy of the data: I9)."""
+    path.mkdir(mode=0o700)
+    os.chmod(path, 0o700)
+
+
 def _write_json_durably(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -198,7 +212,7 @@ def check_free_space(
 ) -> None:
     """Fail closed before writing ``needed`` bytes into ``directory``. ``what`` says what needs the room
     (each caller computes ``needed`` its own way: the message does not claim one formula)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory)
     free = free_bytes(directory)
     if free < needed:
         raise BackupError(
@@ -320,13 +334,31 @@ def find_backup(directory: Path, backup_id: str | None) -> BackupInfo:
     )
 
 
+def version_key(manifest: Manifest) -> int | None:
+    """The version a backup restores (None: the LMDB had no marker)."""
+    return manifest.schema_version
+
+
+def restore_points(backups: Sequence[BackupInfo]) -> dict[str, int | None]:
+    """backup id -> the version it is the restore point of: the newest backup of each version (I9).
+    ``backups`` oldest first, as :func:`list_backups` returns them."""
+    newest: dict[int | None, str] = {}
+    for b in backups:
+        newest[version_key(b.manifest)] = b.id
+    return {backup_id: version for version, backup_id in newest.items()}
+
+
 def apply_retention(directory: Path, keep: int, protect: Sequence[str] = ()) -> list[str]:
-    """Delete the oldest complete backups so that ``keep`` remain. ``protect`` ids are never deleted
-    (the backup just taken, the one being restored). Returns the deleted ids."""
-    backups = [b for b in list_backups(directory) if b.id not in protect]
-    excess = len(backups) + len([p for p in protect if (directory / p).is_dir()]) - keep
+    """Delete the oldest complete backups so that ``keep`` remain, but never a restore point: the
+    newest backup of each version the LMDB has been at (I9: a failed migration retried many times
+    must not rotate out the only backup from before it), nor a ``protect`` id (the backup just taken,
+    the one being restored). So more than ``keep`` may remain. Returns the deleted ids."""
+    backups = list_backups(directory)
+    points = restore_points(backups)
+    deletable = [b for b in backups if b.id not in protect and b.id not in points]
+    excess = len(backups) - keep
     deleted: list[str] = []
-    for b in backups[: max(0, excess)]:
+    for b in deletable[: max(0, excess)]:
         # Rename first so that a crash mid-delete leaves a .partial (cleaned later), never a
         # half-deleted directory that still looks like a complete backup.
         doomed = directory / f".deleting-{b.id}{PARTIAL_SUFFIX}"

@@ -20,8 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lssupervisor import trust
 from lssupervisor.config import Config
 from lssupervisor.errors import ErrorCode, ExitCode, MigrationError, WorkerError, error_for
+from lssupervisor.fsutil import explain_sigbus
 from lssupervisor.lsmodel import LsView
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.wire import WireError
@@ -54,7 +56,17 @@ def settings(cfg: Config, view: LsView, *, backup_enabled: bool | None = None) -
         grow_map=cfg.migrations.grow_map,
         timeout=float(cfg.migrations.timeout) if cfg.migrations.timeout is not None else None,
         log_level=cfg.log.level,
+        trusted_gid=trust.Policy.for_config(cfg).trusted_gid,
     )
+
+
+def written_paths(request: p.Request) -> list[str]:
+    """Where a request may write: its LMDBs and the backup directory."""
+    settings = request.settings
+    out = [spec.path for spec in settings.ls.lmdbs]
+    if settings.backup.dir:
+        out.append(settings.backup.dir)
+    return out
 
 
 class WorkerSession:
@@ -77,6 +89,7 @@ class WorkerSession:
         self._closed = False
         self._done = threading.Event()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._paths: set[str] = set()  # where the requests write (a SIGBUS is explained by a full one)
         self.returncode: int | None = None
         self._reader = threading.Thread(
             target=self._read, name=f"lssupervisor-worker-{proc.pid}", daemon=True
@@ -141,6 +154,7 @@ class WorkerSession:
             self._next_id += 1
             request_id = self._next_id
             self._pending[request_id] = p.OP_OF[type(request)]
+            self._paths.update(written_paths(request))
             dead = self._closed or self._done.is_set()
         if dead:
             self._fail_pending_soon(request_id)
@@ -281,6 +295,8 @@ class WorkerSession:
         else:
             how = f"exited with status {returncode} before answering"
         message = f"worker {how}"
+        if returncode == -signal.SIGBUS and (full := explain_sigbus(sorted(self._paths))) is not None:
+            message = f"{full} (worker {how})"
         tail = [line.strip() for line in self._stderr_tail if line.strip()]
         if self._cancel_reason is not None:
             message += f" ({self._cancel_reason}); the open LMDB transaction was aborted"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lssupervisor.errors import ConfigError
+from lssupervisor.fsutil import ensure_private_dir
 
 
 class Kind(enum.Enum):
@@ -152,7 +153,7 @@ def append_many(path: str | os.PathLike[str], entries: Iterable[Entry]) -> None:
     lines = "".join(json.dumps(e.to_json(), sort_keys=True, separators=(",", ":")) + "\n" for e in entries)
     if not lines:
         return
-    p.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(p.parent)  # the state dir: 0700 whatever the umask
     created = not p.exists()
     fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:

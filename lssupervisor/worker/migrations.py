@@ -50,6 +50,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from lssupervisor import trust
 from lssupervisor.errors import ChecksumMismatch, MigrationError, MigrationLoadError, SchemaTooNew
 
 FILE_RE = re.compile(r"^(?P<number>[0-9]{4,})_(?P<slug>[A-Za-z0-9][A-Za-z0-9_]*)\.py$")
@@ -80,6 +81,8 @@ class Migration:
     upgrade: UpgradeFn | None = field(default=None, compare=False, repr=False)
     # new-dbi: the DBIs this step replaces; once every instance is past it, `prune` tombstones them.
     replaces: tuple[str, ...] = ()
+    # The bytes the checksum was taken of: what import_migration compiles (never re-read, I8).
+    source: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -177,24 +180,55 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     )
 
 
-def check_trusted(path: Path) -> None:
-    """Refuse a file or directory anyone else could have written: we execute it as code."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise MigrationLoadError(f"{path}: cannot stat ({exc.strerror})") from exc
-    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
-    if st.st_mode & stat.S_IWOTH:
-        raise MigrationLoadError(
-            f"{path}: migration {kind} is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run chmod o-w {path}"
-        )
-    allowed = {0, os.geteuid()}
-    if st.st_uid not in allowed:
-        raise MigrationLoadError(
-            f"{path}: migration {kind} is owned by uid {st.st_uid}, expected root or uid {os.geteuid()} "
-            "(we run it as code); chown it"
-        )
+def _policy(policy: trust.Policy | None) -> trust.Policy:
+    return policy if policy is not None else trust.Policy.current()
+
+
+def check_trusted(path: Path, policy: trust.Policy | None = None, what: str = "migration file") -> str:
+    """Refuse a file or directory that anyone but root, us (or the trusted group) could have written,
+    itself or through any directory or symlink on the way to it: we execute it as code (I8). Returns
+    the real path (symlinks resolved, each one checked)."""
+    walked = trust.walk(path, _policy(policy), what)
+    if walked.violations:
+        raise MigrationLoadError(walked.violations[0].line())
+    if walked.resolved is None:
+        raise MigrationLoadError(f"{path}: {what} does not exist")
+    return walked.resolved
+
+
+def _as_given(source: str | os.PathLike[str], directory: Path) -> Path:
+    """The path to walk for trust: as configured (so a symlink on the way is checked too), or the
+    package's directory."""
+    given = Path(source)
+    return given if given.is_dir() else directory
+
+
+def _candidates(directory: Path) -> list[Path]:
+    """The files of ``directory`` that discovery treats as migrations (or refuses as misnamed)."""
+    out: list[Path] = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if not name.endswith(".py") or name.startswith(("_", ".")):
+            continue  # __init__.py, editor files, caches (never used: see load)
+        if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
+            continue  # tests of the migrations may live beside them; we never run those
+        out.append(entry)
+    return out
+
+
+def trust_violations(
+    source: str | os.PathLike[str], policy: trust.Policy | None = None
+) -> list[trust.Violation]:
+    """Every trust violation of the migrations directory and its migration files (for ``check``,
+    which reports them all; :func:`discover` refuses at the first)."""
+    pol = _policy(policy)
+    directory = resolve_source(source)
+    out = list(trust.check_file(_as_given(source, directory), pol, "migrations directory"))
+    if out:
+        return out
+    for entry in _candidates(directory):
+        out.extend(trust.check_file(entry, pol, "migration file"))
+    return out
 
 
 def _literal(node: ast.expr, path: Path, name: str) -> Any:
@@ -246,12 +280,36 @@ def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]]
     return doc, assigned, has_upgrade
 
 
-def _discover_file(path: Path, number: int, slug: str, lmdb_names: Sequence[str]) -> Migration:
-    check_trusted(path)
+def _read_trusted(path: Path, policy: trust.Policy) -> bytes:
+    """The file's bytes, read once through a descriptor whose file was checked: the path is walked
+    (every parent and symlink trusted, so nobody else can swap the file), and the opened file must be
+    the one that was checked (same device and inode) and trusted itself."""
+    real = check_trusted(path, policy)
     try:
-        data = path.read_bytes()
+        # The real path has no symlink left: O_NOFOLLOW refuses one swapped in since the walk.
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise MigrationLoadError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MigrationLoadError(f"{path}: not a regular file")
+        if st.st_uid not in (0, policy.euid) and st.st_gid != policy.trusted_gid:
+            raise MigrationLoadError(f"{path}: changed owner while being read (uid {st.st_uid}); refusing it")
+        chunks: list[bytes] = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise MigrationLoadError(f"{path}: cannot read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def _discover_file(
+    path: Path, number: int, slug: str, lmdb_names: Sequence[str], policy: trust.Policy
+) -> Migration:
+    data = _read_trusted(path, policy)
     checksum = hashlib.sha256(data).hexdigest()
     doc, assigned, has_upgrade = _inspect(path, data)
     if not doc.strip():
@@ -312,23 +370,24 @@ def _discover_file(path: Path, number: int, slug: str, lmdb_names: Sequence[str]
         strategy=strategy,
         checksum=checksum,
         replaces=replaces,
+        source=data,
     )
 
 
-def discover(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> MigrationSet:
+def discover(
+    source: str | os.PathLike[str], lmdb_names: Sequence[str], policy: trust.Policy | None = None
+) -> MigrationSet:
     """Find and validate every migration of ``source`` without running any of them.
 
-    ``lmdb_names`` are the ``lmdbs`` of the LS config. Raises MigrationLoadError naming the file.
+    ``lmdb_names`` are the ``lmdbs`` of the LS config; ``policy`` says who may have written the files
+    (default: root and our effective uid). Raises MigrationLoadError naming the file.
     """
+    pol = _policy(policy)
     directory = resolve_source(source)
-    check_trusted(directory)
+    check_trusted(_as_given(source, directory), pol, "migrations directory")
     found: dict[int, Migration] = {}
-    for entry in sorted(directory.iterdir()):
+    for entry in _candidates(directory):
         name = entry.name
-        if not name.endswith(".py") or name.startswith(("_", ".")):
-            continue  # __init__.py, editor files, caches
-        if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
-            continue  # tests of the migrations may live beside them; we never run those
         if not entry.is_file():
             raise MigrationLoadError(f"{entry}: not a regular file")
         match = FILE_RE.match(name)
@@ -339,7 +398,7 @@ def discover(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> Migra
         number = int(match["number"])
         if number in found:
             raise MigrationLoadError(f"{entry}: duplicate version {number} (also {found[number].path.name})")
-        found[number] = _discover_file(entry, number, match["slug"], lmdb_names)
+        found[number] = _discover_file(entry, number, match["slug"], lmdb_names, pol)
     ordered = tuple(found[n] for n in sorted(found))
     for index, mig in enumerate(ordered, start=1):
         if mig.version != index:
@@ -380,21 +439,26 @@ def _import_error(mig: Migration, exc: BaseException) -> MigrationLoadError:
 
 
 def import_migration(mig: Migration) -> Migration:
-    """Import one discovered migration; returns it with ``upgrade`` set. Runs module-level code."""
+    """Execute one discovered migration; returns it with ``upgrade`` set. Runs module-level code.
+
+    The code is compiled from ``mig.source``, the very bytes whose sha256 is ``mig.checksum`` (what
+    history and the marker record): the file is not read again, and no ``__pycache__`` is read or
+    written (no import machinery is involved), so what runs is exactly what was hashed (I8)."""
     if mig.upgrade is not None:
         return mig
+    if hashlib.sha256(mig.source).hexdigest() != mig.checksum:
+        raise MigrationLoadError(f"{mig.path}: source bytes do not match the checksum taken at discovery")
     name = _module_name(mig)
     module: ModuleType | None = sys.modules.get(name)
     if module is None:
-        spec = importlib.util.spec_from_file_location(name, mig.path)
-        if spec is None or spec.loader is None:
-            raise MigrationLoadError(f"{mig.path}: cannot be imported as a Python module")
-        module = importlib.util.module_from_spec(spec)
+        module = ModuleType(name, mig.description)
+        module.__file__ = str(mig.path)
         # Registered so that dataclasses/pickling inside the file work; the private name keeps two
         # migration directories (or two versions of one file) from ever sharing a module.
         sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            code = compile(mig.source, str(mig.path), "exec", dont_inherit=True)
+            exec(code, module.__dict__)
         except BaseException as exc:
             sys.modules.pop(name, None)
             if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -408,9 +472,12 @@ def import_migration(mig: Migration) -> Migration:
     return replace(mig, upgrade=upgrade)
 
 
-def load(source: str | os.PathLike[str], lmdb_names: Sequence[str]) -> MigrationSet:
-    """:func:`discover`, then import every file (module-level code runs; ``upgrade`` does not)."""
-    found = discover(source, lmdb_names)
+def load(
+    source: str | os.PathLike[str], lmdb_names: Sequence[str], policy: trust.Policy | None = None
+) -> MigrationSet:
+    """:func:`discover`, then execute every file from the bytes discovery read and hashed
+    (module-level code runs; ``upgrade`` does not)."""
+    found = discover(source, lmdb_names, policy)
     return replace(found, migrations=tuple(import_migration(m) for m in found.migrations))
 
 

@@ -49,6 +49,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import lmdb
@@ -63,7 +64,8 @@ from lssupervisor.errors import (
     UnmarkedDatabase,
     VerificationFailed,
 )
-from lssupervisor.lsmodel import LmdbSpec
+from lssupervisor.lsmodel import LS_DEFAULT_DIR_MODE, LS_DEFAULT_FILE_MODE, LS_DEFAULT_MAP_SIZE, LmdbSpec
+from lssupervisor.redaction import credential_values, redact_argv
 from lssupervisor.worker import lsheader
 from lssupervisor.worker.marker import (
     DEFAULT_MARKER_DBI,
@@ -146,6 +148,15 @@ def open_env(
     # map_size 0 makes LMDB use the size recorded in the file (the one LS or the application chose);
     # py-lmdb's own default (10 MiB) would shrink a bigger map down to the pages in use.
     kwargs["map_size"] = spec.map_size
+    # py-lmdb creates files (and a missing directory!) with its `mode`, 0755 by default.
+    kwargs["mode"] = LS_DEFAULT_FILE_MODE
+    data = Path(spec.path) if spec.no_subdir else Path(spec.path) / "data.mdb"
+    if create and not data.exists():
+        # A new LMDB gets what LS would give it: options.map_size, else LS's 1 GiB (LMDB's own default
+        # of 1 MiB made the first real migration of an LMDB created offline hit MDB_MAP_FULL).
+        kwargs["map_size"] = spec.map_size or LS_DEFAULT_MAP_SIZE
+        if not spec.no_subdir:
+            os.makedirs(spec.path, LS_DEFAULT_DIR_MODE, exist_ok=True)
     try:
         env = lmdb.open(spec.path, **kwargs)
     except lmdb.Error as exc:
@@ -282,6 +293,11 @@ class MigrationApi:
         self._ticks = 0
         # Records read, counted per 1024 in _tick: a heartbeat thread reads it (no per-record cost).
         self.read = 0
+        # The last whole-DBI iteration (items() without prefix): how far it got of how many entries,
+        # to extrapolate the room a step needs when the map fills up (_needed_room).
+        self._iter_dbi: str | None = None
+        self._iter_total = 0
+        self._iter_seen = 0
 
     @property
     def written(self) -> int:
@@ -369,10 +385,13 @@ class MigrationApi:
                 return
         elif not cursor.first():
             return
+        else:
+            self._iter_dbi, self._iter_total, self._iter_seen = dbi, int(self._txn.stat(db)["entries"]), 0
         n = 0
         try:
             if self.native:
                 for key, value, ts in self._live_native(dbi, cursor, prefix):
+                    self._iter_seen += 1
                     self._src_dbi = dbi
                     self._src_key = key
                     self._src_val = value
@@ -383,6 +402,7 @@ class MigrationApi:
                     if prefix and not key.startswith(prefix):
                         break
                     n += 1
+                    self._iter_seen = n
                     if not n & (_CANCEL_EVERY - 1):
                         self._tick()
                     self._src_dbi = dbi
@@ -812,7 +832,7 @@ class MigrationApi:
         child_env = dict(os.environ if env is None else env)
         child_env["LSSUPERVISOR_LMDB_PATH"] = self.lmdb_path
         child_env["LSSUPERVISOR_WRITE_TXN_OPEN"] = "1"
-        self.log.info("running %s", " ".join(argv))
+        self.log.info("running %s", " ".join(redact_argv(argv, credential_values(child_env))))
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
@@ -844,7 +864,8 @@ class MigrationApi:
             self.log.info("%s: %s", argv[0], line)
         if proc.returncode != 0:
             raise MigrationError(
-                f"migration {self.migration}: {' '.join(argv)} exited {proc.returncode}: "
+                f"migration {self.migration}: {' '.join(redact_argv(argv, credential_values(child_env)))} "
+                f"exited {proc.returncode}: "
                 f"{(err.strip().splitlines() or [''])[-1]}"
             )
         return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
@@ -1067,18 +1088,30 @@ class RawTxn:
 # steps
 
 
-def _needed_room(env: lmdb.Environment, api: MigrationApi | None) -> tuple[int, int, int]:
-    """(map size, bytes in use, estimated bytes needed) after a MapFull abort."""
+def _needed_room(env: lmdb.Environment, api: MigrationApi | None) -> tuple[int, int, int, str]:
+    """(map size, bytes in use, estimated bytes needed, how it was estimated) after a MapFull abort.
+
+    From the data the step wrote before the map filled up, extrapolated to the whole step: by its
+    ``m.progress(done, total)``, else by how far its last whole-DBI ``m.items()`` loop got. Without
+    either, the map at least doubles."""
     info = env.info()
     psize = env.stat()["psize"]
     used = (info["last_pgno"] + 1) * psize
     written = api.bytes_written if api else 0
+    basis = f"{written} bytes written before the map filled up"
     if api is not None and api.total and 0 < api.done < api.total:
-        written = int(written * api.total / api.done)  # extrapolate from reported progress
-    # Copy-on-write: a rewritten page exists twice until commit, so count the writes twice.
-    needed = max(used + 2 * written + 64 * psize, info["map_size"] * 2)
+        basis += f", {api.done} of {api.total} done (m.progress)"
+        written = int(written * api.total / api.done)
+    elif api is not None and api._iter_dbi is not None and 0 < api._iter_seen < api._iter_total:
+        basis += f" at entry {api._iter_seen} of {api._iter_total} of DBI {api._iter_dbi!r}"
+        written = int(written * api._iter_total / api._iter_seen)
+    else:
+        basis += " (no m.progress and no DBI loop to extrapolate from: at least double the map)"
+    # Copy-on-write: a rewritten page exists twice until commit, and pages are not full: count the
+    # payload 2.5 times, plus room for the B-tree's own pages.
+    needed = max(used + written * 5 // 2 + 64 * psize, info["map_size"] * 2)
     mib = 1 << 20
-    return info["map_size"], used, (needed + mib - 1) // mib * mib
+    return info["map_size"], used, (needed + mib - 1) // mib * mib, basis
 
 
 def run_step(
@@ -1157,7 +1190,7 @@ def run_step(
             txn.commit()
         except lmdb.MapFullError:
             txn.abort()
-            size, used, needed = _needed_room(env, api)
+            size, used, needed, basis = _needed_room(env, api)
             if grow_map and (not max_map_size or needed <= max_map_size):
                 out.warning(
                     "LMDB %s: map full during %s (map_size %d); growing to %d and retrying",
@@ -1170,8 +1203,9 @@ def run_step(
                 continue
             raise MapFull(
                 f"LMDB {spec.name!r}: map full during step {step.describe()} (map_size {size} bytes, "
-                f"{used} in use); needs about {needed} bytes: raise lmdbs.{spec.name}.options.map_size "
-                "in the LS config (or allow grow_map); the step was rolled back",
+                f"{used} in use); needs about {needed} bytes (estimated from {basis}): raise "
+                f"lmdbs.{spec.name}.options.map_size in the LS config (or allow grow_map); the step was "
+                "rolled back",
                 needed_bytes=needed,
             ) from None
         except BaseException:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import lmdb
 
+from lssupervisor import trust
 from lssupervisor.errors import (
     BackupError,
     MigrationCancelled,
@@ -38,6 +39,7 @@ from lssupervisor.errors import (
     UsageError,
     WorkerError,
 )
+from lssupervisor.fsutil import ensure_private_dir
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.proc import describe_pid
 from lssupervisor.worker import backup, backupdir, history, marker, migrations, migrator, retire
@@ -72,17 +74,19 @@ class Session:
             )
         names = tuple(s.name for s in settings.ls.lmdbs)
         key = (source, names)
+        policy = trust.Policy.current(settings.trusted_gid)
         if not load:
             cached = self._loaded.get(key)
-            return cached if cached is not None else migrations.discover(source, names)
+            return cached if cached is not None else migrations.discover(source, names, policy)
         found = self._loaded.get(key)
         if found is not None:
             # Loaded earlier in this session: still the same files? (a file changed in between is
             # refused by the checksum check, as a file changed after it was applied is.)
-            fresh = migrations.discover(source, names)
+            fresh = migrations.discover(source, names, policy)
             if [m.checksum for m in fresh.migrations] == [m.checksum for m in found.migrations]:
                 return found
-        found = migrations.load(source, names)
+        # One read per file: discovery hashes the bytes, and exactly those bytes are compiled (I8).
+        found = migrations.load(source, names, policy)
         self._loaded[key] = found
         return found
 
@@ -660,7 +664,7 @@ def _op_migrate(job: Job, request: p.MigrateRequest) -> p.MigrateDone:
         if any(pl.steps for pl in plans):
             existing = [pl.spec for pl in plans if pl.exists]
             if job.settings.backup.enabled and existing:
-                backup_id = _take_backup(job, existing, reason=f"before migrating to {goal}").id
+                backup_id = _take_backup(job, existing, reason=f"before migrating to {goal}", reuse=True).id
             elif not job.settings.backup.enabled:
                 log.warning("backup disabled: migrating without a backup")
         results = _run_steps(job, migs, plans, request.target, backup_id)
@@ -740,11 +744,35 @@ def _run_steps(
 
 
 def _take_backup(
-    job: Job, specs: Sequence[LmdbSpec], *, reason: str, protect: Sequence[str] = ()
+    job: Job, specs: Sequence[LmdbSpec], *, reason: str, protect: Sequence[str] = (), reuse: bool = False
 ) -> backupdir.Manifest:
     directory = job.need_backup_dir()
     envs = {s.name: job.open(s, write=False) for s in specs}
     started = time.monotonic()
+    if reuse:
+        # A retry after a failed step: the LMDB is what the newest backup holds (same txn id and
+        # digest), so that backup is this attempt's restore point too; another copy would only push
+        # older restore points towards rotation (I9).
+        same = backup.reusable(directory, envs, specs, job.read_marker_version)
+        if same is not None:
+            log.info("backup %s already holds the LMDB(s) as they are (unchanged since): reused", same.id)
+            names = ", ".join(s.name for s in specs)
+            job.progress(p.Progress(p.Phase.BACKUP_DONE, lmdb=names, bytes=0), force=True)
+            job.record(
+                history.Entry(
+                    kind=history.Kind.BACKUP,
+                    result=history.Result.NOOP,
+                    start=history.now_iso(),
+                    end=history.now_iso(),
+                    instance=job.instance,
+                    to_version=same.schema_version,
+                    backup_id=same.id,
+                    message=f"{reason}: reused {same.id} (LMDB unchanged since it was taken)",
+                )
+            )
+            for s in specs:
+                job.close(s.name)
+            return same
     job.progress(p.Progress(p.Phase.BACKUP, lmdb=", ".join(s.name for s in specs)), force=True)
     manifest = backup.create(
         envs,
@@ -785,7 +813,7 @@ def _op_dry_run(job: Job, request: p.DryRunRequest) -> p.DryRunResult:
     migs = job.session.migrations(job.settings, load=True)
     goal, plans = _plan_all(job, migs, target)
     directory = job.need_backup_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory)
     backupdir.clean_stale_partials(directory, prefix=".dryrun-")
     existing = [pl for pl in plans if pl.exists]
     used = sum(backup.env_used_bytes(job.open(pl.spec, write=False)) for pl in existing)
@@ -796,7 +824,7 @@ def _op_dry_run(job: Job, request: p.DryRunRequest) -> p.DryRunResult:
         "free space, or move backup.dir (the dry run works there)",
     )
     work = directory / f".dryrun-{backupdir.new_backup_id(None)}{backupdir.PARTIAL_SUFFIX}"
-    work.mkdir()
+    backupdir.make_private_dir(work)  # a copy of the data: ours only
     backupdir.claim(work)
     out: list[p.DryRunLmdb] = []
     copies: dict[str, lmdb.Environment] = {}
@@ -805,7 +833,7 @@ def _op_dry_run(job: Job, request: p.DryRunRequest) -> p.DryRunResult:
         before: dict[str, tuple[int, str | None]] = {}  # last txn id, file identity
         for pl in plans:
             copy_dir = work / pl.spec.name
-            copy_dir.mkdir()
+            backupdir.make_private_dir(copy_dir)
             if pl.exists:
                 live = job.open(pl.spec, write=False)
                 info = live.info()

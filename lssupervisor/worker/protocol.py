@@ -83,6 +83,7 @@ class Settings:
     grow_map: bool = False
     timeout: float | None = None  # the whole op; the worker cancels itself after it
     log_level: str = "info"
+    trusted_gid: int | None = None  # security.trusted_group, resolved (who may write migrations, I8)
 
 
 @dataclass(frozen=True, slots=True)
