@@ -30,7 +30,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lssupervisor.config import Config, load_config, resolve_target
 from lssupervisor.errors import ExitCode, SupervisorError
@@ -92,10 +91,23 @@ def _check_migrations(
     source = cfg.migrations.package or cfg.migrations.path
     assert source is not None  # config validation requires exactly one of them
     try:
-        found: Any = migrations.discover(source, [spec.name for spec in view.lmdbs])
+        scanned = migrations.scan(source, [spec.name for spec in view.lmdbs])
     except SupervisorError as exc:
         report.error(str(exc))
         return None
+    # Every problem at once, one line each (file and line), so one edit-and-check round fixes them all.
+    for problem in scanned.problems:
+        report.error(problem)
+    if scanned.problems:
+        return None
+    found = scanned.as_set()
+    for mig in found.migrations:
+        line = migrations.unwritten_line(mig.path)
+        if line is not None:
+            report.warning(
+                f"{mig.path}:{line}: upgrade() is still the scaffold `lssupervisor new` wrote (it raises "
+                "NotImplementedError): write the migration before you ship it"
+            )
     prefix_users = [m.name for m in found.migrations if m.strategy.value == "prefix"]
     try:
         for warning in check_prefix_safety(template, env):
