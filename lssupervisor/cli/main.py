@@ -25,6 +25,7 @@ DEFAULT_CONFIG = "/etc/lssupervisor/lssupervisor.yaml"
 HANDLERS: dict[str, str] = {
     "init": "lssupervisor.cli.init:cmd_init",
     "check": "lssupervisor.cli.check:cmd_check",
+    "new": "lssupervisor.cli.new:cmd_new",
     "render-config": "lssupervisor.cli.render:cmd_render_config",
     "config-reference": "lssupervisor.cli.render:cmd_config_reference",
     "run": "lssupervisor.cli.run:cmd_run",
@@ -62,6 +63,12 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _strategy(text: str) -> object:
+    from lssupervisor.cli.new import parse_strategy
+
+    return parse_strategy(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lssupervisor",
@@ -91,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate config, LS template and migrations; non-zero on any error")
     _add_config(p)
     p.add_argument("--offline", action="store_true", help="do not probe the storage (no network access)")
+
+    p = sub.add_parser("new", help="write the next migration file (NNNN_slug.py) to fill in")
+    _add_config(p)
+    p.add_argument("message", metavar="MESSAGE", help="what the migration does (its docstring)")
+    p.add_argument(
+        "--strategy",
+        type=_strategy,
+        default="prefix",
+        metavar="{prefix,new_dbi,in_place}",
+        help="how its writes get LS timestamps (docs/migrations.md; default prefix)",
+    )
+    p.add_argument("--lmdb", metavar="NAME", help="the LMDB it changes (required with several lmdbs)")
 
     p = sub.add_parser("render-config", help="print the LS config rendered for a schema version")
     _add_config(p)
