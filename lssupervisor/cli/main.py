@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print the daemon's state")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print the full state document as JSON")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="read the state from DIR (default: the config's state_dir; read leniently from a config "
+        "that does not load)",
+    )
 
     for name, text in (
         ("reload", "tell the daemon to reload its config and reconcile (SIGHUP)"),
