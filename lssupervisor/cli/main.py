@@ -43,6 +43,8 @@ HANDLERS: dict[str, str] = {
     "fleet": "lssupervisor.cli.storage:cmd_fleet",
     "prune": "lssupervisor.cli.storage:cmd_prune",
     "demo": "lssupervisor.cli.demo:cmd_demo",
+    "files": "lssupervisor.cli.files:cmd_files",
+    "install-units": "lssupervisor.cli.files:cmd_install_units",
 }
 
 
@@ -192,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an instance that is gone for good: it does not hold prune back (repeatable)")
     p.add_argument("--yes", action="store_true", help="delete (without it: print what would be deleted)")
     p.add_argument("--json", action="store_true")
+
+    # --- the files that ship with lssupervisor (for pip users: no checkout) ---------------------
+    p = sub.add_parser("files", help="where the shipped files are: systemd units, example configs, demo")
+    p.add_argument("name", nargs="?", choices=["systemd", "config", "demo-migrations"],
+                   help="print only this directory")
+
+    p = sub.add_parser(
+        "install-units", help="install the systemd units (plus an ExecStart= drop-in when needed)"
+    )
+    p.add_argument("dir", nargs="?", default="/etc/systemd/system", metavar="DIR",
+                   help="unit directory (default /etc/systemd/system)")
+    p.add_argument(
+        "--force", action="store_true", help="replace unit files that differ from the shipped ones"
+    )
 
     # --- demo ---------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="narrated demo of a rolling migration with two instances")
