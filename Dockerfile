@@ -24,10 +24,12 @@ COPY requirements.lock /src/
 RUN /opt/lssupervisor/bin/pip install --no-cache-dir --constraint /src/requirements.lock pip setuptools
 COPY pyproject.toml setup.py MANIFEST.in README.md LICENSE /src/
 COPY lssupervisor /src/lssupervisor
-# Shipped inside the package (lssupervisor/resources.py): units, example configs, demo migrations.
+# Shipped inside the package (lssupervisor/resources.py): units, example configs, demo migrations,
+# alert rules and dashboard.
 COPY systemd /src/systemd
 COPY config /src/config
 COPY examples/demo-app/migrations /src/examples/demo-app/migrations
+COPY monitoring /src/monitoring
 RUN /opt/lssupervisor/bin/pip install --no-cache-dir --no-build-isolation \
         --constraint /src/requirements.lock /src \
     && /opt/lssupervisor/bin/pip check

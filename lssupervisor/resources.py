@@ -1,8 +1,8 @@
-"""Files that ship with lssupervisor beside its code: the systemd units, the example config sets and
-the demo application's migrations.
+"""Files that ship with lssupervisor beside its code: the systemd units, the example config sets, the
+demo application's migrations, and the Prometheus alert rules and Grafana dashboard.
 
 In the source tree they live where people look for them (``systemd/``, ``config/``,
-``examples/demo-app/migrations/``); the build (``setup.py``) copies them into the package
+``examples/demo-app/migrations/``, ``monitoring/``); the build (``setup.py``) copies them into the package
 (``lssupervisor/_data/...``), so an installed wheel has them without a checkout. :func:`path` finds
 them in either place: the installed copy first, else the checkout this package was imported from (an
 editable install, or a test run from the tree).
@@ -19,6 +19,7 @@ SHIPPED: dict[str, tuple[str, str]] = {
     "systemd": ("systemd", "_data/systemd"),
     "config": ("config", "_data/config"),
     "demo-migrations": ("examples/demo-app/migrations", "_data/demo-migrations"),
+    "monitoring": ("monitoring", "_data/monitoring"),
 }
 
 PACKAGE = Path(__file__).resolve().parent

@@ -37,6 +37,7 @@ _DESCRIPTIONS = {
     "systemd": "the systemd units (`lssupervisor install-units DIR` installs them)",
     "config": "example config sets: generic/ and pdns/ (PowerDNS Authoritative)",
     "demo-migrations": "the demo application's migrations (`lssupervisor demo`)",
+    "monitoring": "Prometheus alert rules and their tests, the Grafana dashboard",
 }
 
 

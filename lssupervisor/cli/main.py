@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from lssupervisor import __version__
+from lssupervisor import __version__, resources
 from lssupervisor.errors import ExitCode, SupervisorError
 
 DEFAULT_CONFIG = "/etc/lssupervisor/lssupervisor.yaml"
@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     # --- the files that ship with lssupervisor (for pip users: no checkout) ---------------------
-    p = sub.add_parser("files", help="where the shipped files are: systemd units, example configs, demo")
-    p.add_argument("name", nargs="?", choices=["systemd", "config", "demo-migrations"],
+    p = sub.add_parser("files", help="where the shipped files are: units, example configs, demo, alerts")
+    p.add_argument("name", nargs="?", choices=list(resources.SHIPPED),
                    help="print only this directory")
 
     p = sub.add_parser(
