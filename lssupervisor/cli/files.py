@@ -165,7 +165,7 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     print(
         "next: give the unit the user that owns the LMDB and its directory (`systemctl edit "
         "lssupervisor`: User=, Group=, ReadWritePaths=), write /etc/lssupervisor/lssupervisor.yaml "
-        "(`lssupervisor init`), then `systemctl daemon-reload && systemctl enable --now lssupervisor` "
-        "(docs/systemd.md)"
+        "(`lssupervisor init /etc/lssupervisor --state-dir /var/lib/lssupervisor ...`), then "
+        "`systemctl daemon-reload && systemctl enable --now lssupervisor` (docs/systemd.md)"
     )
     return 0

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="ADDR", help="our HTTP address (default 127.0.0.1:8265; '' disables)")
     p.add_argument("--ls-http", metavar="ADDR", help="LS's own http.address (enables readiness via /healthz)")
     p.add_argument("--shadow", action="store_true", help="LMDB values carry no LS header (shadow mode)")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="state_dir to write (default DIR/state; the systemd units use /var/lib/lssupervisor)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
     p = sub.add_parser("check", help="validate config, LS template and migrations; non-zero on any error")
