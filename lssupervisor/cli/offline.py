@@ -71,18 +71,18 @@ def refusal_advice(purpose: str, command: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(cfg: Config, view: LsView, purpose: str, command: str) -> Iterator[Sequence[int]]:
+def locked(cfg: Config, view: LsView, purpose: str, command: str | None = None) -> Iterator[Sequence[int]]:
     """Hold the daemon's own locks (state dir + every LMDB) for an offline command; yields the fds to
     pass to the worker, so the lock lives exactly as long as both of us. Refuses with LockHeld naming
     the holder's pid when the daemon (or another command) holds it; ``command`` is the command line to
-    run again once it is stopped."""
+    run again once it is stopped (default: ``lssupervisor <purpose>``)."""
     from lssupervisor.daemon import lock
 
     try:
         held = lock.acquire(cfg, view.lmdbs, purpose)
     except LockHeld as exc:
         raise LockHeld(
-            f"lssupervisor {purpose}: {exc}; {refusal_advice(purpose, command)}",
+            f"lssupervisor {purpose}: {exc}; {refusal_advice(purpose, command or f'lssupervisor {purpose}')}",
             holder_pid=exc.holder_pid,
         ) from None
     with held:
