@@ -46,6 +46,7 @@ FULL_SNAPSHOT: dict[str, Any] = {
     },
     "migration": {
         "last_duration_s": 1.5, "last_result": "ok", "last_success_at": "2025-01-02T03:04:00.000Z",
+        "step": {"read": 100, "written": 50, "elapsed_s": 3.2, "index": 0, "steps": 2, "percent": 40.0},
     },
     "backups": {
         "count": 2,
