@@ -168,12 +168,18 @@ def _comment(text: str) -> str:
 def render(message: str, version: int, strategy: Strategy, lmdb: str | None) -> str:
     """The text of a new migration file."""
     name_line = f'LMDB = "{lmdb}"\n' if lmdb else ""
+    replaces_line = (
+        "# REPLACES = [\"users\"]  # DBIs this step makes obsolete; `lssupervisor prune` retires them later\n"
+        if strategy is Strategy.NEW_DBI
+        else ""
+    )
     return (
         f"{_docstring(message)}\n"
         "\n"
         f"VERSION = {version}\n"
         f'STRATEGY = "{strategy.value}"\n'
         f"{name_line}"
+        f"{replaces_line}"
         "\n"
         "\n"
         "def upgrade(m):\n"
