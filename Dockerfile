@@ -16,10 +16,23 @@ FROM powerdns/lightningstream:${LIGHTNINGSTREAM_VERSION} AS ls
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS build
 # A self-contained virtualenv, copied whole into the final stage (same base, same paths).
+# Reproducible: every Python package comes at the version pinned in requirements.lock (`make lock`),
+# the build backend included (pinned setuptools, then --no-build-isolation, so no unpinned setuptools
+# is fetched for the build).
 RUN python -m venv /opt/lssupervisor
-COPY pyproject.toml README.md /src/
+COPY requirements.lock /src/
+RUN /opt/lssupervisor/bin/pip install --no-cache-dir --constraint /src/requirements.lock pip setuptools
+COPY pyproject.toml setup.py MANIFEST.in README.md LICENSE /src/
 COPY lssupervisor /src/lssupervisor
-RUN /opt/lssupervisor/bin/pip install --no-cache-dir /src
+# Shipped inside the package (lssupervisor/resources.py): units, example configs, demo migrations,
+# alert rules and dashboard.
+COPY systemd /src/systemd
+COPY config /src/config
+COPY examples/demo-app/migrations /src/examples/demo-app/migrations
+COPY monitoring /src/monitoring
+RUN /opt/lssupervisor/bin/pip install --no-cache-dir --no-build-isolation \
+        --constraint /src/requirements.lock /src \
+    && /opt/lssupervisor/bin/pip check
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}
 # ca-certificates: LS talks TLS to S3/Azure. util-linux: setpriv --pdeathsig, the exec wrapper that

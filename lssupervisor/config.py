@@ -161,8 +161,8 @@ class SchemaConfig:
     )
     baseline: int | None = opt(
         None,
-        "Version assumed for a non-empty LMDB without a marker. Unset: such an LMDB is refused "
-        "(run `lssupervisor stamp N`).",
+        "Version assumed for a non-empty LMDB without a marker (0: its data predates every migration, "
+        "so all of them run). Unset: such an LMDB is refused (run `lssupervisor stamp N`).",
     )
     on_failure: OnFailure = opt(
         OnFailure.PARK,
@@ -571,9 +571,11 @@ def _validate(cfg: Config, where: str) -> None:
         raise bad("restart.jitter", f"expected a fraction between 0 and 1, got {r.jitter}")
     if r.burst_limit < 1:
         raise bad("restart.burst_limit", f"expected an integer >= 1, got {r.burst_limit}")
-    for key, version in (("schema.target", cfg.schema.target), ("schema.baseline", cfg.schema.baseline)):
-        if version is not None and version < 1:
-            raise bad(key, f"expected a schema version >= 1, got {version}")
+    if cfg.schema.target is not None and cfg.schema.target < 1:
+        raise bad("schema.target", f"expected a schema version >= 1, got {cfg.schema.target}")
+    # 0 is a version like any other for data (what `stamp 0` records: before the first migration).
+    if cfg.schema.baseline is not None and cfg.schema.baseline < 0:
+        raise bad("schema.baseline", f"expected a schema version >= 0, got {cfg.schema.baseline}")
     if (cfg.migrations.path is None) == (cfg.migrations.package is None):
         raise bad("migrations", "set exactly one of migrations.path and migrations.package (not both)")
     if cfg.backup.keep < 1:

@@ -183,6 +183,31 @@ def test_check_reports_bad_migrations(tmp_path: Path) -> None:
     assert any("gap" in m for m in found[Level.ERROR])
 
 
+def test_check_names_every_migration_problem_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = config_set(tmp_path)
+    migs = tmp_path / "migrations"
+    migration(tmp_path, 1, "prefix")
+    (migs / "0002_broken.py").write_text('"""Broken."""\nVERSION = 2\ndef upgrade(m)\n    pass\n')
+    (migs / "0003_wrong.py").write_text(
+        '"""Wrong."""\nVERSION = 4\nSTRATEGY = "sideways"\ndef upgrade(m):\n  pass\n'
+    )
+    (migs / "0005_late.py").write_text('"""Late."""\nVERSION = 5\ndef upgrade(m):\n    pass\n')
+    (migs / "0006-dash.py").write_text("")
+    assert main(["check", "-c", str(cfg)]) == ExitCode.CONFIG
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {migs / '0002_broken.py'}:3: syntax error: expected ':'",
+        f"error: {migs / '0003_wrong.py'}:2: VERSION = 4 does not match the file name number 3",
+        f"error: {migs / '0003_wrong.py'}:3: STRATEGY = 'sideways' is not one of 'prefix', 'new-dbi', "
+        "'in-place'",
+        f"error: {migs / '0006-dash.py'}: bad migration file name; expected NNNN_slug.py "
+        "(e.g. 0003_split_names.py)",
+        f"error: {migs}: gap in migration versions: 4 is missing before 0005_late.py",
+    ]
+
+
 def test_check_reports_unset_variables_and_mangled_dollars(tmp_path: Path) -> None:
     template = TEMPLATE.format(db="/d", root="/r/v${APP_SCHEMA_VERSION}") + "log:\n  level: ${LOG_LEVEL}\n"
     cfg = config_set(tmp_path, template=template)

@@ -42,7 +42,9 @@ def test_an_expected_failure_is_one_line_with_its_exit_code(
     assert main(["status", "-c", str(tmp_path / "missing.yaml")]) == ExitCode.CONFIG
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lssupervisor: error: {tmp_path / 'missing.yaml'}: no such file "
-                   "(create one with `lssupervisor init DIR ...`)"]
+                   f"(create one with `lssupervisor init DIR ...`); no state file at "
+                   f"{tmp_path / 'state' / 'state.json'} either (the default state_dir (state next to "
+                   "missing.yaml)); pass --state-dir DIR if the daemon keeps its state elsewhere"]
 
 
 def test_config_reference_is_printed(capsys: pytest.CaptureFixture[str]) -> None:

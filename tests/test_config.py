@@ -169,6 +169,7 @@ log: {format: json, level: DEBUG}
         ("schema:\n  variable: 1VAR", "schema.variable: expected an environment variable name"),
         ("schema:\n  target: 0", "schema.target: expected a schema version >= 1, got 0"),
         ("schema:\n  baseline: 1.5", "schema.baseline: expected an integer, got 1.5"),
+        ("schema:\n  baseline: -1", "schema.baseline: expected a schema version >= 0, got -1"),
         ("schema:\n  on_failure: retry", "schema.on_failure: expected one of 'park', 'resume'"),
         ("migrations:\n  package: a.m\n  path: m", "set exactly one of migrations.path and migrations.pa"),
         ("migrations:\n  path: null", "set exactly one of migrations.path and migrations.package"),
@@ -368,3 +369,8 @@ def test_docs_configuration_md_is_up_to_date() -> None:
         "docs/configuration.md drifted from lssupervisor/config.py: run "
         "`lssupervisor config-reference > docs/configuration.md`"
     )
+
+
+def test_baseline_0_is_a_version_like_stamp_0() -> None:
+    # A park message says "set schema.baseline: N" and `stamp 0` works: 0 must be accepted too.
+    assert parse("schema:\n  baseline: 0").schema.baseline == 0

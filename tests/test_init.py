@@ -36,6 +36,17 @@ def rendered(tmp_path: Path, version: int, env: dict[str, str] | None = None) ->
     return r.text, r.view
 
 
+def test_init_state_dir_for_the_systemd_units(tmp_path: Path) -> None:
+    # The units' StateDirectory= is /var/lib/lssupervisor; /etc is read-only under ProtectSystem=strict.
+    state = tmp_path / "var" / "lib" / "lssupervisor"
+    assert init(tmp_path, "--lightningstream", "/opt/ls/lightningstream", "--state-dir", str(state)) == 0
+    d = tmp_path / "set"
+    names = sorted(p.name for p in d.iterdir())
+    assert names == ["lightningstream.yaml.in", "lssupervisor.yaml", "migrations"]
+    assert not state.exists()  # created by its owner (systemd's StateDirectory=, or the daemon)
+    assert Path(load_config(d / "lssupervisor.yaml").state_dir) == state
+
+
 def test_init_fs_writes_a_set_that_loads_and_renders(tmp_path: Path) -> None:
     assert init(tmp_path, "--lightningstream", "/opt/ls/lightningstream") == 0
     d = tmp_path / "set"

@@ -16,6 +16,7 @@ from lssupervisor.worker.migrations import (
     discover,
     load,
     plan,
+    scan,
 )
 
 MAIN = ("main",)
@@ -138,6 +139,35 @@ def test_versions_must_be_contiguous_and_unique(tmp_path: Path, files: dict[str,
         write(tmp_path, name, f'"""D."""\nVERSION = {version}\ndef upgrade(m):\n    pass\n')
     with pytest.raises(MigrationLoadError, match=message):
         discover(tmp_path, MAIN)
+
+
+def test_discover_names_every_problem_in_one_error(tmp_path: Path) -> None:
+    good(tmp_path, 1)
+    write(tmp_path, "0002_x.py", 'VERSION = 2\ndef upgrade(m, extra):\n    pass\n')
+    good(tmp_path, 6)
+    write(tmp_path, "0006_again.py", '"""D."""\nVERSION = 6\ndef upgrade(m):\n    pass\n')
+    found = scan(tmp_path, MAIN)
+    assert found.problems == (
+        f"{tmp_path / '0002_x.py'}:2: upgrade must take exactly one argument: def upgrade(m)",
+        f"{tmp_path / '0002_x.py'}: missing module docstring; its first line describes the migration",
+        f"{tmp_path / '0006_step.py'}: duplicate version 6 (also 0006_again.py)",
+        f"{tmp_path}: gap in migration versions: 3 to 5 are missing before 0006_again.py",
+    )
+    assert [m.version for m in found.migrations] == [1, 6]  # the valid ones, for tools that list
+    assert found.next_version == 7
+    with pytest.raises(MigrationLoadError) as info:
+        discover(tmp_path, MAIN)
+    message = str(info.value)
+    assert message.startswith(f"4 problems in the migrations in {tmp_path}: ")
+    assert all(problem in message for problem in found.problems)
+    assert "\n" not in message  # one line: a log line, a PARKED reason
+
+
+def test_a_single_problem_is_its_own_message(tmp_path: Path) -> None:
+    good(tmp_path, 2)
+    with pytest.raises(MigrationLoadError) as info:
+        discover(tmp_path, MAIN)
+    assert str(info.value) == f"{tmp_path}: gap in migration versions: 1 is missing before 0002_step.py"
 
 
 @pytest.mark.parametrize("name", ["1_short.py", "0001-dash.py", "0001_.py", "abcd_x.py", "0001_bad name.py"])

@@ -345,6 +345,13 @@ def test_offline_commands_refuse_while_the_daemon_holds_the_lock(
     code, _out, err = cs.run(capsys, *argv)
     assert code == int(ExitCode.LOCKED)
     assert f"pid {daemon_lock.pid}" in err and "daemon is stopped" in err and err.count("\n") == 1
+    if argv[0] == "migrate":
+        assert "a running daemon migrates by itself" in err
+    else:
+        # The daemon never stamps nor rolls back: the advice is what works, not `reconcile`.
+        assert "reconcile" not in err
+        again = f"lssupervisor {' '.join(argv)}"
+        assert f"stop it (e.g. `systemctl stop lssupervisor`), run `{again}` again" in err
     assert read_marker_version(cs.spec, instance=INSTANCE) == 1
 
 

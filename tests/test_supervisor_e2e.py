@@ -551,7 +551,8 @@ def test_status_json_fields_and_stale_detection(daemon: Daemon, cs: ConfigSet) -
     assert set(doc["migration"]) >= {"progress", "last_result", "last_duration_s", "last_success_at"}
     assert doc["daemon"] == {
         "running": True, "stale": False, "lock_holder": {"pid": daemon.pid, "purpose": "daemon"},
-        "state_file": str(cs.state / "state.json"),
+        "state_file": str(cs.state / "state.json"), "state_dir_from": f"state_dir of {cs.config}",
+        "config_error": None,
     }
     human = status()
     assert human.returncode == 0 and f"lssupervisor pid {daemon.pid}: RUNNING" in human.stdout

@@ -1,10 +1,14 @@
 """The systemd units, checked with the real systemd-analyze (never by booting systemd).
 
-``systemd-analyze verify`` insists that ExecStart= names an existing executable. lssupervisor is not
-installed at /usr/bin here, so the unit is copied to tmp_path with ONLY that path replaced by a stub
-script; the test asserts that nothing else changed. ``--root=`` does not help: verify then needs a whole
-systemd unit tree (sysinit.target...) under the root. verify exits 0 even for unknown keys or bad values
-(it only warns), so any output about the unit counts as a failure.
+``systemd-analyze verify`` insists that ExecStart= names an existing executable. The units say
+``ExecStart=lssupervisor ...`` (a bare name, looked up in systemd's fixed search path), and lssupervisor
+is not installed there on a test machine, so the unit is copied to tmp_path with ONLY that name replaced
+by a stub script; the test asserts that nothing else changed. ``--root=`` does not help: verify then
+needs a whole systemd unit tree (sysinit.target...) under the root. verify exits 0 even for unknown keys
+or bad values (it only warns), so any output about the unit counts as a failure.
+
+What ``lssupervisor install-units`` writes (the units, and the ExecStart= drop-in for an installation
+systemd would not find) is verified as it is, unpatched: verify reads drop-ins beside the unit file.
 """
 
 from __future__ import annotations
@@ -16,15 +20,16 @@ from pathlib import Path
 
 import pytest
 
+from lssupervisor.cli.files import DROPIN_NAME, install_units
 from lssupervisor.config import LightningStreamConfig
-from lssupervisor.errors import ExitCode
+from lssupervisor.errors import ExitCode, UsageError
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = {
     "lssupervisor.service": "lssupervisor.service",
     "lssupervisor@.service": "lssupervisor@demo.service",  # verify a template through an instance
 }
-INSTALLED_BINARY = "/usr/bin/lssupervisor"
+INSTALLED_BINARY = "lssupervisor"  # a bare name: systemd >= 239 looks it up in its fixed search path
 MAX_EXPOSURE = 2.0
 FAIL_CLOSED = {ExitCode.CONFIG, ExitCode.MIGRATION, ExitCode.PARKED, ExitCode.TOO_NEW, ExitCode.LS_RUNNING}
 
@@ -76,7 +81,7 @@ def verifiable_copy(tmp_path: Path, source: str, target: str) -> Path:
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     original = (SYSTEMD_DIR / source).read_text()
-    patched = original.replace(INSTALLED_BINARY, str(stub))
+    patched = original.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={stub} ")
     changed = [
         (a, b) for a, b in zip(original.splitlines(), patched.splitlines(), strict=True) if a != b
     ]
@@ -198,3 +203,66 @@ def test_template_differs_only_in_instance_settings() -> None:
                 assert a.get(key) == b.get(key), f"{section}.{key} differs between the units"
     assert one(templ["Service"], "ExecStart").endswith("-c /etc/lssupervisor/%i.yaml")
     assert one(templ["Service"], "StateDirectory") == "lssupervisor/%i"
+
+
+def stub_executable(tmp_path: Path) -> Path:
+    stub = tmp_path / "venv" / "bin" / "lssupervisor"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    return stub
+
+
+def test_install_units_adds_a_drop_in_when_systemd_would_not_find_us(tmp_path: Path) -> None:
+    stub = stub_executable(tmp_path)
+    units = tmp_path / "units"
+    lines = install_units(units, executable=stub, search_path=())
+    for name in UNITS:
+        assert (units / name).read_text() == (SYSTEMD_DIR / name).read_text()  # never edited
+        assert (units / name).stat().st_mode & 0o777 == 0o644
+        dropin = parse_unit((units / f"{name}.d" / DROPIN_NAME).read_text())["Service"]
+        assert dropin["ExecStart"] == ["", f"{stub} {one(service(name), 'ExecStart').split(' ', 1)[1]}"]
+    assert f"wrote {units / 'lssupervisor.service'}" in lines
+    # Idempotent: a second run changes nothing.
+    again = install_units(units, executable=stub, search_path=())
+    assert again and all(line.startswith("unchanged ") for line in again)
+
+
+def test_install_units_needs_no_drop_in_when_systemd_finds_us(tmp_path: Path) -> None:
+    stub = stub_executable(tmp_path)
+    on_path = tmp_path / "usr-local-bin"
+    on_path.mkdir()
+    (on_path / "lssupervisor").symlink_to(stub)
+    units = tmp_path / "units"
+    install_units(units, executable=stub, search_path=())  # first without: a drop-in
+    lines = install_units(units, executable=stub, search_path=(str(on_path),))
+    assert not (units / "lssupervisor.service.d" / DROPIN_NAME).exists()  # ours, removed
+    assert f"removed {units / 'lssupervisor.service.d' / DROPIN_NAME}" in lines
+
+
+def test_install_units_keeps_a_changed_unit_unless_forced(tmp_path: Path) -> None:
+    stub = stub_executable(tmp_path)
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "lssupervisor.service").write_text("[Service]\nExecStart=/bin/true\n")
+    with pytest.raises(UsageError, match="exists and differs from the shipped file; pass --force"):
+        install_units(units, executable=stub, search_path=())
+    install_units(units, executable=stub, search_path=(), force=True)
+    assert (units / "lssupervisor.service").read_text() == (SYSTEMD_DIR / "lssupervisor.service").read_text()
+
+
+@needs_analyze
+@pytest.mark.parametrize(("source", "target"), UNITS.items())
+def test_installed_units_with_their_drop_in_verify_clean(tmp_path: Path, source: str, target: str) -> None:
+    stub = stub_executable(tmp_path)
+    units = tmp_path / "units"
+    install_units(units, executable=stub, search_path=())
+    if target != source:  # verify a template through an instance, its drop-in directory with it
+        (units / target).symlink_to(units / source)
+        (units / f"{target}.d").symlink_to(units / f"{source}.d")
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(units / target)],
+        capture_output=True, text=True, timeout=60, cwd=units, check=False,
+    )
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 0 and output == "", output

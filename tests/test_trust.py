@@ -589,7 +589,10 @@ def _kubernetes_pod(base: Path) -> tuple[Path, list[Path], int]:
     sec = sts["spec"]["template"]["spec"]["securityContext"]
     uid, fs_group = sec["runAsUser"], sec["fsGroup"]
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    container = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "lssupervisor")
+    pod_spec = sts["spec"]["template"]["spec"]
+    # A native sidecar: lssupervisor is an init container with restartPolicy Always.
+    every = [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+    container = next(c for c in every if c["name"] == "lssupervisor")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     cm = yaml.safe_load((REPO / "examples/kubernetes/configmap.yaml").read_text())
     if not ROOT:

@@ -277,12 +277,14 @@ def test_expected_failure_is_one_failure_with_code_remedy_and_exit_code(tmp_path
     assert not (tmp_path / "backups").exists()  # refused before any backup or write
 
 
-def test_baseline_lets_an_unmarked_lmdb_migrate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("baseline", [0, 1])
+def test_baseline_lets_an_unmarked_lmdb_migrate(tmp_path: Path, baseline: int) -> None:
+    # 0 is a baseline like any other: the data predates every migration, so all of them run.
     spec = sample_lmdb(tmp_path / "db", marker=None)
     migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
-    settings = make_settings(make_view(spec), tmp_path, migs, baseline=1)
+    settings = make_settings(make_view(spec), tmp_path, migs, baseline=baseline)
     done = one(p.MigrateRequest(settings, target=2), timeout=30)
-    assert isinstance(done, p.MigrateDone) and done.steps == 1
+    assert isinstance(done, p.MigrateDone) and done.steps == 2 - baseline
     assert read_marker_version(spec, instance=INSTANCE) == 2
 
 

@@ -35,7 +35,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lssupervisor import trust
 from lssupervisor.config import Config, load_config, parse_address, resolve_target
@@ -99,15 +98,23 @@ def _check_migrations(
     assert source is not None  # config validation requires exactly one of them
     policy = trust.Policy.for_config(cfg)
     try:
-        untrusted = migrations.trust_violations(source, policy)
-        for violation in untrusted:
-            report.error(violation.line())
-        if untrusted:
-            return None
-        found: Any = migrations.discover(source, [spec.name for spec in view.lmdbs], policy)
+        scanned = migrations.scan(source, [spec.name for spec in view.lmdbs], policy)
     except SupervisorError as exc:
         report.error(str(exc))
         return None
+    # Every problem at once, one line each (file and line), so one edit-and-check round fixes them all.
+    for problem in scanned.problems:
+        report.error(problem)
+    if scanned.problems:
+        return None
+    found = scanned.as_set()
+    for mig in found.migrations:
+        line = migrations.unwritten_line(mig.path)
+        if line is not None:
+            report.warning(
+                f"{mig.path}:{line}: upgrade() is still the scaffold `lssupervisor new` wrote (it raises "
+                "NotImplementedError): write the migration before you ship it"
+            )
     prefix_users = [m.name for m in found.migrations if m.strategy.value == "prefix"]
     try:
         for warning in check_prefix_safety(template, env):

@@ -1,7 +1,8 @@
 """``lssupervisor init DIR``: write a ready-to-run, commented config set.
 
 Writes ``DIR/lssupervisor.yaml``, ``DIR/lightningstream.yaml.in`` (an LS template whose storage location
-carries the schema version), ``DIR/migrations/`` and ``DIR/state/``. Secrets are never written: for s3,
+carries the schema version), ``DIR/migrations/`` and ``DIR/state/`` (or ``state_dir: --state-dir``, for
+the systemd units' ``/var/lib/lssupervisor``). Secrets are never written: for s3,
 the template reads the credentials from LS's environment (``${AWS_ACCESS_KEY_ID}``...), which
 lssupervisor passes on from its own and refuses to start LS without.
 """
@@ -141,7 +142,7 @@ def render_template(
     return "\n".join(lines) + "\n"
 
 
-def render_config(*, binary: str, http: str | None, ls_http: str | None) -> str:
+def render_config(*, binary: str, http: str | None, ls_http: str | None, state_dir: str | None = None) -> str:
     lines = [
         "# lssupervisor configuration, written by `lssupervisor init`.",
         "# Every option, its default and meaning: docs/configuration.md (`lssupervisor config-reference`).",
@@ -149,7 +150,7 @@ def render_config(*, binary: str, http: str | None, ls_http: str | None) -> str:
         "#   lssupervisor check -c lssupervisor.yaml",
         "",
         "# Lock, state.json, history.jsonl, backups and the rendered LS config live here.",
-        "state_dir: state",
+        f"state_dir: {_q(state_dir) if state_dir else 'state'}",
         "",
         "lightningstream:",
         "  # The Lightning Stream binary: an absolute path, or a name looked up on PATH.",
@@ -246,11 +247,14 @@ def cmd_init(args: argparse.Namespace) -> int:
         instance=instance, lmdb_name=lmdb_name, lmdb_path=lmdb_path, no_subdir=no_subdir,
         native=not args.shadow, storage=storage, ls_http=args.ls_http,
     )
-    config_text = render_config(binary=binary, http=args.http, ls_http=args.ls_http)
+    state_dir = os.path.abspath(args.state_dir) if args.state_dir else None
+    config_text = render_config(binary=binary, http=args.http, ls_http=args.ls_http, state_dir=state_dir)
 
     target.mkdir(parents=True, exist_ok=True)
     (target / "migrations").mkdir(mode=0o755, exist_ok=True)
-    (target / "state").mkdir(mode=0o700, exist_ok=True)
+    if state_dir is None:
+        # A named state dir (a systemd StateDirectory=) is created by its owner, not here as root.
+        (target / "state").mkdir(mode=0o700, exist_ok=True)
     write_atomic(template_path, template_text, mode=0o644)
     write_atomic(config_path, config_text, mode=0o644)
 
@@ -260,7 +264,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     print(f"wrote {config_path}")
     print(f"wrote {template_path} (instance {instance}, LMDB {lmdb_path}, storage {storage.where})")
-    print(f"created {target / 'migrations'}/ and {target / 'state'}/")
+    print(f"created {target / 'migrations'}/" + ("" if state_dir else f" and {target / 'state'}/"))
     if note:
         print(note, file=sys.stderr)
     if storage.type == "s3":

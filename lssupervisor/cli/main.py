@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from lssupervisor import __version__
+from lssupervisor import __version__, resources
 from lssupervisor.errors import ExitCode, SupervisorError
 
 DEFAULT_CONFIG = "/etc/lssupervisor/lssupervisor.yaml"
@@ -25,6 +25,7 @@ DEFAULT_CONFIG = "/etc/lssupervisor/lssupervisor.yaml"
 HANDLERS: dict[str, str] = {
     "init": "lssupervisor.cli.init:cmd_init",
     "check": "lssupervisor.cli.check:cmd_check",
+    "new": "lssupervisor.cli.new:cmd_new",
     "render-config": "lssupervisor.cli.render:cmd_render_config",
     "config-reference": "lssupervisor.cli.render:cmd_config_reference",
     "run": "lssupervisor.cli.run:cmd_run",
@@ -42,6 +43,8 @@ HANDLERS: dict[str, str] = {
     "fleet": "lssupervisor.cli.storage:cmd_fleet",
     "prune": "lssupervisor.cli.storage:cmd_prune",
     "demo": "lssupervisor.cli.demo:cmd_demo",
+    "files": "lssupervisor.cli.files:cmd_files",
+    "install-units": "lssupervisor.cli.files:cmd_install_units",
 }
 
 
@@ -60,6 +63,12 @@ def _add_config(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("LSSUPERVISOR_CONFIG", DEFAULT_CONFIG),
         help=f"lssupervisor config file (default: $LSSUPERVISOR_CONFIG or {DEFAULT_CONFIG})",
     )
+
+
+def _strategy(text: str) -> object:
+    from lssupervisor.cli.new import parse_strategy
+
+    return parse_strategy(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="ADDR", help="our HTTP address (default 127.0.0.1:8265; '' disables)")
     p.add_argument("--ls-http", metavar="ADDR", help="LS's own http.address (enables readiness via /healthz)")
     p.add_argument("--shadow", action="store_true", help="LMDB values carry no LS header (shadow mode)")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="state_dir to write (default DIR/state; the systemd units use /var/lib/lssupervisor)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
     p = sub.add_parser("check", help="validate config, LS template and migrations; non-zero on any error")
     _add_config(p)
     p.add_argument("--offline", action="store_true", help="do not probe the storage (no network access)")
+
+    p = sub.add_parser("new", help="write the next migration file (NNNN_slug.py) to fill in")
+    _add_config(p)
+    p.add_argument("message", metavar="MESSAGE", help="what the migration does (its docstring)")
+    p.add_argument(
+        "--strategy",
+        type=_strategy,
+        default="prefix",
+        metavar="{prefix,new_dbi,in_place}",
+        help="how its writes get LS timestamps (docs/migrations.md; default prefix)",
+    )
+    p.add_argument("--lmdb", metavar="NAME", help="the LMDB it changes (required with several lmdbs)")
 
     p = sub.add_parser("render-config", help="print the LS config rendered for a schema version")
     _add_config(p)
@@ -108,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print the daemon's state")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print the full state document as JSON")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="read the state from DIR (default: the config's state_dir; read leniently from a config "
+        "that does not load)",
+    )
 
     for name, text in (
         ("reload", "tell the daemon to reload its config and reconcile (SIGHUP)"),
@@ -167,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an instance that is gone for good: it does not hold prune back (repeatable)")
     p.add_argument("--yes", action="store_true", help="delete (without it: print what would be deleted)")
     p.add_argument("--json", action="store_true")
+
+    # --- the files that ship with lssupervisor (for pip users: no checkout) ---------------------
+    p = sub.add_parser("files", help="where the shipped files are: units, example configs, demo, alerts")
+    p.add_argument("name", nargs="?", choices=list(resources.SHIPPED),
+                   help="print only this directory")
+
+    p = sub.add_parser(
+        "install-units", help="install the systemd units (plus an ExecStart= drop-in when needed)"
+    )
+    p.add_argument("dir", nargs="?", default="/etc/systemd/system", metavar="DIR",
+                   help="unit directory (default /etc/systemd/system)")
+    p.add_argument(
+        "--force", action="store_true", help="replace unit files that differ from the shipped ones"
+    )
 
     # --- demo ---------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="narrated demo of a rolling migration with two instances")

@@ -56,19 +56,35 @@ def _load(args: argparse.Namespace) -> tuple[Config, LsView]:
     return cfg, view
 
 
+def refusal_advice(purpose: str, command: str) -> str:
+    """What to do when the daemon holds the lock, for each offline command: only `migrate` is something
+    the running daemon does itself; it never stamps and never rolls back."""
+    if purpose == "migrate":
+        return (
+            "offline commands run only while the daemon is stopped; a running daemon migrates by itself "
+            "(it watches the migrations; `lssupervisor reconcile` makes it plan now)"
+        )
+    return (
+        "offline commands run only while the daemon is stopped: stop it (e.g. `systemctl stop "
+        f"lssupervisor`), run `{command}` again, then start it"
+        + (" (the rollback's output says how to keep the daemon from migrating forward again)"
+           if purpose == "rollback" else "")
+    )
+
+
 @contextlib.contextmanager
-def locked(cfg: Config, view: LsView, purpose: str) -> Iterator[Sequence[int]]:
+def locked(cfg: Config, view: LsView, purpose: str, command: str | None = None) -> Iterator[Sequence[int]]:
     """Hold the daemon's own locks (state dir + every LMDB) for an offline command; yields the fds to
     pass to the worker, so the lock lives exactly as long as both of us. Refuses with LockHeld naming
-    the holder's pid when the daemon (or another command) holds it."""
+    the holder's pid when the daemon (or another command) holds it; ``command`` is the command line to
+    run again once it is stopped (default: ``lssupervisor <purpose>``)."""
     from lssupervisor.daemon import lock
 
     try:
         held = lock.acquire(cfg, view.lmdbs, purpose)
     except LockHeld as exc:
         raise LockHeld(
-            f"lssupervisor {purpose}: {exc}; offline commands run only while the daemon is stopped "
-            "(or let the running daemon do it: lssupervisor reconcile)",
+            f"lssupervisor {purpose}: {exc}; {refusal_advice(purpose, command or f'lssupervisor {purpose}')}",
             holder_pid=exc.holder_pid,
         ) from None
     with held:
@@ -247,7 +263,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 "wrote to it while the copy was taken (the dry run opens the live LMDB read-only)"
             )
         return 0
-    with locked(cfg, view, "migrate") as fds:
+    with locked(cfg, view, "migrate", "lssupervisor migrate") as fds:
         migrate = p.MigrateRequest(settings, target)
         done = _guarded(cfg, migrate, p.MigrateDone, fds, on_reply=_Progress(sys.stderr), timeout=timeout)
     if args.json:
@@ -270,7 +286,8 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
     if args.version < 0:
         raise UsageError(f"stamp: version must be >= 0, got {args.version}")
-    with locked(cfg, view, "stamp") as fds:
+    again = f"lssupervisor stamp {args.version}" + (f" --lmdb {args.lmdb}" if args.lmdb else "")
+    with locked(cfg, view, "stamp", again) as fds:
         request = p.StampRequest(client.settings(cfg, view), version=args.version, lmdb=args.lmdb)
         result = _guarded(cfg, request, p.StampResult, fds, on_reply=_Progress(sys.stderr))
     for e in result.lmdbs:
@@ -363,7 +380,8 @@ def _restore_point(points: dict[str, int | None], backup_id: str) -> str:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     cfg, view = _load(args)
-    with locked(cfg, view, "rollback") as fds:
+    again = f"lssupervisor rollback {args.backup}" if args.backup else "lssupervisor rollback"
+    with locked(cfg, view, "rollback", again) as fds:
         request = p.RollbackRequest(client.settings(cfg, view), backup_id=args.backup)
         result = _guarded(cfg, request, p.RollbackResult, fds, on_reply=_Progress(sys.stderr))
         rendered = _rerender(cfg, result.schema_version)

@@ -46,6 +46,7 @@ import lmdb
 import psutil
 import yaml
 
+from lssupervisor import resources
 from lssupervisor.testing.ports import free_port
 from lssupervisor.testing.standin.snapshot import SnapshotError, load_data, parse_name
 from lssupervisor.worker import lsheader
@@ -57,9 +58,9 @@ Dump = dict[str, dict[bytes, tuple[bytes | None, int]]]
 
 APP_DBI = "users"
 LMDB_NAME = "main"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_APP = REPO_ROOT / "examples" / "demo-app"
-DEMO_MIGRATIONS = DEMO_APP / "migrations"
+# examples/demo-app/migrations in a checkout; shipped inside the package by the build (lssupervisor demo
+# runs from a wheel with no checkout).
+DEMO_MIGRATIONS = resources.path("demo-migrations")
 BASELINE = DEMO_MIGRATIONS / "0001_users_text.py"
 FORMAT_CHANGE = DEMO_MIGRATIONS / "0002_users_json.py"
 MAP_SIZE = 1 << 30  # the stand-in's (and LS's) default with create: true; virtual, not disk

@@ -17,9 +17,11 @@ A migration source is a directory, or an importable package (its directory is us
 
 Two phases, kept apart (as alembic does):
 
-- :func:`discover` reads and validates files WITHOUT running them: names, literals (parsed with
-  ``ast``), ``upgrade`` present, ownership/permissions, sha256 checksum, gaps and duplicates. The daemon
-  (which never opens an LMDB) can use it to plan and to check safely.
+- :func:`scan` reads and validates files WITHOUT running them: names, literals (parsed with
+  ``ast``), ``upgrade`` present, ownership/permissions, sha256 checksum, gaps and duplicates. It collects
+  every problem (``lssupervisor check`` lists them all); :func:`discover` is :func:`scan` that raises
+  one MigrationLoadError naming them all. The daemon (which never opens an LMDB) can use it to plan and
+  to check safely.
 - :func:`load` = :func:`discover` + import of every file under a private module name
   (``_lssupervisor_mig_<hash>_<stem>``: two migration directories never clash, and a changed file is a new
   module). Import errors are reported with file and line. Only a worker process should call it.
@@ -231,21 +233,21 @@ def trust_violations(
     return out
 
 
-def _literal(node: ast.expr, path: Path, name: str) -> Any:
-    try:
-        return ast.literal_eval(node)
-    except ValueError as exc:
-        raise MigrationLoadError(
-            f"{path}:{node.lineno}: {name} must be a literal (it is read without running the file)"
-        ) from exc
+_NOT_LITERAL = object()
 
 
-def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]], bool]:
-    """Docstring, top-level literal assignments we care about (value, line), has ``def upgrade(m)``."""
+def _inspect(
+    path: Path, source: bytes, problems: list[str]
+) -> tuple[str, dict[str, tuple[Any, int]], bool] | None:
+    """Docstring, top-level literal assignments we care about (value, line), has ``def upgrade(m)``.
+
+    Every problem is appended to ``problems`` (so one look names them all); None when the file does
+    not even parse."""
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as exc:
-        raise MigrationLoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+        problems.append(f"{path}:{exc.lineno}: syntax error: {exc.msg}")
+        return None
     doc = ast.get_docstring(tree) or ""
     assigned: dict[str, tuple[Any, int]] = {}
     has_upgrade = False
@@ -255,8 +257,16 @@ def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]]
         # refused, or which value we read would depend on which form came last.
         if isinstance(target, ast.Name) and target.id in ("VERSION", "LMDB", "STRATEGY", "REPLACES"):
             if target.id in assigned:
-                raise MigrationLoadError(f"{path}:{lineno}: {target.id} assigned twice")
-            assigned[target.id] = (_literal(value, path, target.id), lineno)
+                problems.append(f"{path}:{lineno}: {target.id} assigned twice")
+                return
+            try:
+                assigned[target.id] = (ast.literal_eval(value), lineno)
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                problems.append(
+                    f"{path}:{value.lineno}: {target.id} must be a literal (it is read without running "
+                    "the file)"
+                )
+                assigned[target.id] = (_NOT_LITERAL, lineno)
 
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -271,12 +281,13 @@ def _inspect(path: Path, source: bytes) -> tuple[str, dict[str, tuple[Any, int]]
                 or args.vararg
                 or (args.kwonlyargs and any(d is None for d in args.kw_defaults))
             ):
-                raise MigrationLoadError(
+                problems.append(
                     f"{path}:{node.lineno}: upgrade must take exactly one argument: def upgrade(m)"
                 )
             has_upgrade = True
         elif isinstance(node, ast.AsyncFunctionDef) and node.name == "upgrade":
-            raise MigrationLoadError(f"{path}:{node.lineno}: upgrade must be a plain def, not async")
+            problems.append(f"{path}:{node.lineno}: upgrade must be a plain def, not async")
+            has_upgrade = True
     return doc, assigned, has_upgrade
 
 
@@ -308,60 +319,79 @@ def _read_trusted(path: Path, policy: trust.Policy) -> bytes:
 
 def _discover_file(
     path: Path, number: int, slug: str, lmdb_names: Sequence[str], policy: trust.Policy
-) -> Migration:
-    data = _read_trusted(path, policy)
-    checksum = hashlib.sha256(data).hexdigest()
-    doc, assigned, has_upgrade = _inspect(path, data)
-    if not doc.strip():
-        raise MigrationLoadError(f"{path}: missing module docstring; its first line describes the migration")
-    if "VERSION" not in assigned:
-        raise MigrationLoadError(f"{path}: missing VERSION = {number}")
-    version, line = assigned["VERSION"]
-    if type(version) is not int or version != number:
-        raise MigrationLoadError(
-            f"{path}:{line}: VERSION = {version!r} does not match the file name number {number}"
-        )
-    if not has_upgrade:
-        raise MigrationLoadError(f"{path}: missing top-level def upgrade(m)")
-    strategy_text, line = assigned.get("STRATEGY", (Strategy.PREFIX.value, 0))
+) -> tuple[Migration | None, list[str]]:
+    """One file: the migration, or None and every problem found in it (trust included)."""
+    problems = [v.line() for v in trust.check_file(path, policy, "migration file")]
     try:
-        strategy = Strategy(strategy_text)
-    except ValueError as exc:
-        allowed = ", ".join(repr(s.value) for s in Strategy)
-        raise MigrationLoadError(
-            f"{path}:{line}: STRATEGY = {strategy_text!r} is not one of {allowed}"
-        ) from exc
+        # An untrusted file is still read (reading is safe), so that its other faults count too; only a
+        # trusted one is read through the checked descriptor and can become a Migration.
+        data = path.read_bytes() if problems else _read_trusted(path, policy)
+    except MigrationLoadError as exc:
+        return None, [*problems, str(exc)]
+    except OSError as exc:
+        return None, [*problems, f"{path}: cannot read ({exc.strerror})"]
+    checksum = hashlib.sha256(data).hexdigest()
+    inspected = _inspect(path, data, problems)
+    if inspected is None:
+        return None, problems
+    doc, assigned, has_upgrade = inspected
+    if not doc.strip():
+        problems.append(f"{path}: missing module docstring; its first line describes the migration")
+    version: Any = None
+    if "VERSION" not in assigned:
+        problems.append(f"{path}: missing VERSION = {number}")
+    else:
+        version, line = assigned["VERSION"]
+        if version is not _NOT_LITERAL and (type(version) is not int or version != number):
+            problems.append(
+                f"{path}:{line}: VERSION = {version!r} does not match the file name number {number}"
+            )
+    if not has_upgrade:
+        problems.append(f"{path}: missing top-level def upgrade(m)")
+    strategy = Strategy.PREFIX
+    strategy_text, line = assigned.get("STRATEGY", (Strategy.PREFIX.value, 0))
+    if strategy_text is not _NOT_LITERAL:
+        try:
+            strategy = Strategy(strategy_text)
+        except (ValueError, TypeError):
+            allowed = ", ".join(repr(s.value) for s in Strategy)
+            problems.append(f"{path}:{line}: STRATEGY = {strategy_text!r} is not one of {allowed}")
+    lmdb = ""
+    known = ", ".join(repr(n) for n in lmdb_names) or "(none)"
     if "LMDB" in assigned:
         lmdb, line = assigned["LMDB"]
-        if not isinstance(lmdb, str) or lmdb not in lmdb_names:
-            known = ", ".join(repr(n) for n in lmdb_names) or "(none)"
-            raise MigrationLoadError(
+        if lmdb is not _NOT_LITERAL and (not isinstance(lmdb, str) or lmdb not in lmdb_names):
+            problems.append(
                 f"{path}:{line}: LMDB = {lmdb!r} is not an lmdb of the LS config (known: {known})"
             )
     elif len(lmdb_names) == 1:
         lmdb = lmdb_names[0]
     else:
-        known = ", ".join(repr(n) for n in lmdb_names) or "(none)"
-        raise MigrationLoadError(
+        problems.append(
             f'{path}: LMDB = "..." is required because the LS config has {len(lmdb_names)} lmdbs ({known})'
         )
     replaces: tuple[str, ...] = ()
     if "REPLACES" in assigned:
         value, line = assigned["REPLACES"]
-        if not isinstance(value, list | tuple) or not all(isinstance(d, str) and d for d in value):
-            raise MigrationLoadError(f'{path}:{line}: REPLACES must be a list of DBI names, e.g. ["users"]')
-        if strategy is not Strategy.NEW_DBI:
-            raise MigrationLoadError(
-                f"{path}:{line}: REPLACES is for STRATEGY 'new-dbi' (the step writes new DBIs and the ones "
-                f"it names become obsolete); this migration is {strategy.value!r}"
-            )
-        for dbi in value:
-            if dbi.startswith("_sync"):
-                raise MigrationLoadError(f"{path}:{line}: REPLACES {dbi!r}: LS's _sync* DBIs are not data")
-        if len(set(value)) != len(value):
-            raise MigrationLoadError(f"{path}:{line}: REPLACES names a DBI twice")
-        replaces = tuple(value)
-    return Migration(
+        if value is _NOT_LITERAL:
+            pass  # reported above
+        elif not isinstance(value, list | tuple) or not all(isinstance(d, str) and d for d in value):
+            problems.append(f'{path}:{line}: REPLACES must be a list of DBI names, e.g. ["users"]')
+        else:
+            if strategy is not Strategy.NEW_DBI:
+                problems.append(
+                    f"{path}:{line}: REPLACES is for STRATEGY 'new-dbi' (the step writes new DBIs and the "
+                    f"ones it names become obsolete); this migration is {strategy.value!r}"
+                )
+            for dbi in value:
+                if dbi.startswith("_sync"):
+                    problems.append(f"{path}:{line}: REPLACES {dbi!r}: LS's _sync* DBIs are not data")
+            if len(set(value)) != len(value):
+                problems.append(f"{path}:{line}: REPLACES names a DBI twice")
+            replaces = tuple(value)
+    if problems:
+        return None, problems
+    migration = Migration(
         version=version,
         slug=slug,
         path=path,
@@ -372,6 +402,122 @@ def _discover_file(
         replaces=replaces,
         source=data,
     )
+    return migration, []
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """Everything discovery saw in a migration directory: the valid migrations and every problem
+    (one line each, naming the file and, where there is one, the line), in file order.
+
+    ``versions`` are the numbers of every well-named file, valid or not: the next free version is
+    ``max(versions) + 1``, and a gap is reported only where no file claims the number."""
+
+    source: str
+    directory: Path
+    migrations: tuple[Migration, ...]
+    problems: tuple[str, ...]
+    versions: tuple[int, ...]
+
+    @property
+    def next_version(self) -> int:
+        return max(self.versions, default=0) + 1
+
+    def as_set(self) -> MigrationSet:
+        """The migrations, once there are no problems (else one MigrationLoadError naming them all)."""
+        if self.problems:
+            raise problems_error(self.directory, self.problems)
+        return MigrationSet(source=self.source, directory=self.directory, migrations=self.migrations)
+
+
+def problems_error(directory: Path, problems: Sequence[str]) -> MigrationLoadError:
+    """One error for one or more problems: a single problem is its own message; several are counted
+    and listed in one line (a log line, a PARKED reason), each still naming its file."""
+    if len(problems) == 1:
+        return MigrationLoadError(problems[0])
+    return MigrationLoadError(
+        f"{len(problems)} problems in the migrations in {directory}: " + "; ".join(problems)
+    )
+
+
+def scan(
+    source: str | os.PathLike[str], lmdb_names: Sequence[str], policy: trust.Policy | None = None
+) -> Scan:
+    """Find and validate every migration of ``source`` without running any of them, collecting every
+    problem instead of stopping at the first (``lssupervisor check`` lists them all).
+
+    ``lmdb_names`` are the ``lmdbs`` of the LS config; ``policy`` says who may have written the files
+    (default: root and our effective uid). A source that is not a directory or package raises
+    MigrationLoadError (there is nothing to scan)."""
+    pol = _policy(policy)
+    directory = resolve_source(source)
+    problems = [v.line() for v in trust.check_file(_as_given(source, directory), pol, "migrations directory")]
+    found: dict[int, Migration] = {}
+    owners: dict[int, str] = {}  # version -> the first file name claiming it
+    for entry in _candidates(directory):
+        name = entry.name
+        if not entry.is_file():
+            problems.append(f"{entry}: not a regular file")
+            continue
+        match = FILE_RE.match(name)
+        if match is None:
+            problems.append(
+                f"{entry}: bad migration file name; expected NNNN_slug.py (e.g. 0003_split_names.py)"
+            )
+            continue
+        number = int(match["number"])
+        if number in owners:
+            problems.append(f"{entry}: duplicate version {number} (also {owners[number]})")
+        else:
+            owners[number] = name
+        migration, file_problems = _discover_file(entry, number, match["slug"], lmdb_names, pol)
+        problems.extend(file_problems)
+        if migration is not None and number not in found:
+            found[number] = migration
+    expected = 1
+    for number in sorted(owners):
+        if number > expected:
+            missing = f"{expected} is" if number == expected + 1 else f"{expected} to {number - 1} are"
+            problems.append(
+                f"{directory}: gap in migration versions: {missing} missing before {owners[number]}"
+            )
+        expected = number + 1
+    replaced: dict[tuple[str, str], str] = {}
+    for number in sorted(found):
+        mig = found[number]
+        for dbi in mig.replaces:
+            earlier = replaced.get((mig.lmdb, dbi))
+            if earlier is not None:
+                problems.append(
+                    f"{mig.path}: REPLACES {dbi!r}, already replaced by {earlier}: a retired DBI is dead for "
+                    "good (prune tombstones every entry of it), never write it again"
+                )
+            replaced[(mig.lmdb, dbi)] = mig.name
+    return Scan(
+        source=os.fspath(source),
+        directory=directory,
+        migrations=tuple(found[n] for n in sorted(found)),
+        problems=tuple(problems),
+        versions=tuple(sorted(owners)),
+    )
+
+
+def unwritten_line(path: Path) -> int | None:
+    """The line of a ``raise NotImplementedError`` directly in ``upgrade``'s body (what the scaffold of
+    ``lssupervisor new`` leaves there), or None. Read with ``ast``, never run; None for a file that
+    does not parse (discovery reports that)."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "upgrade":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+                    exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+                    if isinstance(exc, ast.Name) and exc.id == "NotImplementedError":
+                        return stmt.lineno
+    return None
 
 
 def discover(
@@ -379,43 +525,10 @@ def discover(
 ) -> MigrationSet:
     """Find and validate every migration of ``source`` without running any of them.
 
-    ``lmdb_names`` are the ``lmdbs`` of the LS config; ``policy`` says who may have written the files
-    (default: root and our effective uid). Raises MigrationLoadError naming the file.
-    """
-    pol = _policy(policy)
-    directory = resolve_source(source)
-    check_trusted(_as_given(source, directory), pol, "migrations directory")
-    found: dict[int, Migration] = {}
-    for entry in _candidates(directory):
-        name = entry.name
-        if not entry.is_file():
-            raise MigrationLoadError(f"{entry}: not a regular file")
-        match = FILE_RE.match(name)
-        if match is None:
-            raise MigrationLoadError(
-                f"{entry}: bad migration file name; expected NNNN_slug.py (e.g. 0003_split_names.py)"
-            )
-        number = int(match["number"])
-        if number in found:
-            raise MigrationLoadError(f"{entry}: duplicate version {number} (also {found[number].path.name})")
-        found[number] = _discover_file(entry, number, match["slug"], lmdb_names, pol)
-    ordered = tuple(found[n] for n in sorted(found))
-    for index, mig in enumerate(ordered, start=1):
-        if mig.version != index:
-            raise MigrationLoadError(
-                f"{directory}: gap in migration versions: {index} is missing before {mig.path.name}"
-            )
-    replaced: dict[tuple[str, str], str] = {}
-    for mig in ordered:
-        for dbi in mig.replaces:
-            earlier = replaced.get((mig.lmdb, dbi))
-            if earlier is not None:
-                raise MigrationLoadError(
-                    f"{mig.path}: REPLACES {dbi!r}, already replaced by {earlier}: a retired DBI is dead for "
-                    "good (prune tombstones every entry of it), never write it again"
-                )
-            replaced[(mig.lmdb, dbi)] = mig.name
-    return MigrationSet(source=os.fspath(source), directory=directory, migrations=ordered)
+    ``lmdb_names`` are the ``lmdbs`` of the LS config; ``policy`` as for :func:`scan`. Raises one
+    MigrationLoadError naming every problem (each with its file and line), so a fix-and-retry loop sees
+    them all at once."""
+    return scan(source, lmdb_names, policy).as_set()
 
 
 # ---------------------------------------------------------------------------------------------------
