@@ -5,17 +5,19 @@ restore, damaged backups refused."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
 
-from lssupervisor.errors import BackupError
+from lssupervisor.errors import BackupError, ErrorCode, SupervisorError
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
 from lssupervisor.worker import backup, backupdir
@@ -256,3 +258,95 @@ def test_find_backup_by_prefix_and_default_skips_pre_rollback_copies(tmp_path: P
     assert backupdir.find_backup(tmp_path / "b", first.id[:-3]).id == first.id
     with pytest.raises(BackupError, match="no backup 'nope'"):
         backupdir.find_backup(tmp_path / "b", "nope")
+
+
+# -- one pass, and I7's cheap check -----------------------------------------------------------------
+
+
+def test_the_manifest_sha256_is_the_copy_on_disk_written_in_one_pass(tmp_path: Path, two: Opened) -> None:
+    manifest = two.backup(tmp_path / "b")
+    for entry in manifest.lmdbs:
+        file = tmp_path / "b" / manifest.id / entry.file
+        assert backupdir.sha256_file(file) == entry.sha256 and file.stat().st_size == entry.size
+    # The full check (rollback, `verify`) re-reads the copy and agrees.
+    assert backup.verify(tmp_path / "b", manifest.id, two.specs, read_marker).id == manifest.id
+
+
+def _damaging(monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """Let the copy be written, then damage it before the check looks at it."""
+    original = backup.copy_hashed
+
+    def copy_then_damage(
+        env: lmdb.Environment, txn: lmdb.Transaction, dest: Path, spec: LmdbSpec
+    ) -> tuple[int, str]:
+        size, sha = original(env, txn, dest, spec)
+        if damage == "truncated":
+            with dest.open("r+b") as f:
+                f.truncate(size // 2)
+        elif damage == "a DBI emptied":
+            copy = lmdb.open(str(dest.parent), max_dbs=16)
+            with copy.begin(write=True) as wtxn:
+                wtxn.drop(copy.open_db(b"data", txn=wtxn), delete=False)
+            copy.close()
+        return size, sha
+
+    monkeypatch.setattr(backup, "copy_hashed", copy_then_damage)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a DBI emptied"])
+def test_a_copy_that_fails_its_check_blocks_the_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """I7: a verified backup exists before the first write. The migrate op runs in this process (the
+    worker's own code), with the copy damaged between writing and checking: the op fails, no step
+    ran, and nothing that looks like a backup is left."""
+    from lssupervisor.worker import history, ops
+    from tests.test_worker import BASIC_MIGRATIONS, write_migrations
+
+    spec = sample_lmdb(tmp_path / "db", n=500, marker=1)
+    before = read_values(spec)
+    migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)
+    _damaging(monkeypatch, damage)
+    session = ops.Session(lambda body: None, threading.Event())
+    with pytest.raises(SupervisorError, match=r"(truncated|does not match).*nothing was migrated") as info:
+        session.serve(p.MigrateRequest(make_settings(make_view(spec), tmp_path, migs)))
+    assert info.value.code is ErrorCode.BACKUP  # what the daemon sees: a failed backup, not a step
+    assert read_marker_version(spec, instance=INSTANCE) == 1 and read_values(spec) == before
+    assert backupdir.list_backups(tmp_path / "backups") == []
+    entries = history.read(tmp_path / "history.jsonl").entries
+    assert [e.kind.value for e in entries if e.kind.value in ("migrate", "backup")] == []
+
+
+class _RewritesItsHead:
+    """An LMDB whose copier goes back and patches the first page once the rest is written and hashed:
+    what the hasher that follows the writer must never hash wrongly and call good."""
+
+    def __init__(self, env: lmdb.Environment, hashed: threading.Event) -> None:
+        self.env = env
+        self.hashed = hashed
+
+    def copyfd(self, fd: int, compact: bool, txn: lmdb.Transaction) -> None:
+        self.env.copyfd(fd, compact=compact, txn=txn)
+        assert self.hashed.wait(30), "the hasher never read the copy"
+        os.pwrite(fd, b"\xff" * 16, 64)
+
+
+def test_a_copy_changed_behind_its_hash_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = sample_lmdb(tmp_path / "db", n=500, marker=1)
+    hashed = threading.Event()
+    preadv = os.preadv
+
+    def preadv_then_tell(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = preadv(fd, buffers, offset)
+        hashed.set()
+        return n
+
+    monkeypatch.setattr(os, "preadv", preadv_then_tell)
+    env = lmdb.open(spec.path, readonly=True, max_dbs=16)
+    (tmp_path / "copy").mkdir()
+    try:
+        with env.begin() as txn, pytest.raises(BackupError, match="changed behind its hash"):
+            copier = _RewritesItsHead(env, hashed)
+            backup.copy_hashed(copier, txn, tmp_path / "copy" / "data.mdb", spec)  # type: ignore[arg-type]
+    finally:
+        env.close()

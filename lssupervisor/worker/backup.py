@@ -9,11 +9,14 @@ Runs inside the worker process (the daemon never opens an LMDB). Layout of the b
         20251126T011500.000001Z-v4.partial/  being written, or left by a crash (cleaned next time)
             owner.json                       pid + start time of the worker writing it
 
-Creating a backup: free-space check first (fail closed, with the numbers) → ``Environment.copy(
-compact=True)`` of each LMDB into ``<id>.partial/<name>/`` → fsync → sha256 → ``manifest.json`` →
-fsync files and directories → verify (open each copy read-only, sha256 equals the manifest, marker
-readable and equal to the source's) → rename ``<id>.partial`` → ``<id>`` → fsync the backup dir →
-retention. A backup directory without ``.partial`` therefore always holds a verified backup.
+Creating a backup: free-space check first (fail closed, with the numbers) → for each LMDB, one read
+transaction is the snapshot: LMDB's compact copy of it streams through a pipe into
+``<id>.partial/<name>/data.mdb`` while a thread hashes it (the copy is written once and never re-read)
+→ one fsync → the cheap check of I7 (the copy opens as an LMDB, its pages are all in the file, every
+DBI holds the snapshot's entry count, the marker is the source's) → ``manifest.json`` → fsync files and
+directories → rename ``<id>.partial`` → ``<id>`` → fsync the backup dir → retention. A backup
+directory without ``.partial`` therefore always holds a checked backup. The full re-read (sha256 of the
+file against the manifest) is what ``verify`` and ``rollback`` do before they trust a backup.
 
 A ``.partial`` is removed only when its owner process is gone (pid dead, or pid reused by a process
 started at another time), so a concurrent run could never lose its backup under our feet even if the
@@ -48,6 +51,7 @@ import os
 import shutil
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -86,6 +90,7 @@ from lssupervisor.worker.backupdir import (
     sha256_file,
     space_needed,
 )
+from lssupervisor.worker.marker import dbi_names, open_dbi
 
 _CHUNK = 1024 * 1024
 # (env of a copy or source, spec) -> the marker version of our instance (None = no marker).
@@ -106,8 +111,12 @@ def state_digest(env: lmdb.Environment, spec: LmdbSpec) -> str:
         "txnid": int(info["last_txnid"]),
         "pgno": int(info["last_pgno"]),
         "main": [
-            int(st["psize"]), int(st["depth"]), int(st["branch_pages"]), int(st["leaf_pages"]),
-            int(st["overflow_pages"]), int(st["entries"]),
+            int(st["psize"]),
+            int(st["depth"]),
+            int(st["branch_pages"]),
+            int(st["leaf_pages"]),
+            int(st["overflow_pages"]),
+            int(st["entries"]),
         ],
         "file": ident,
     }
@@ -186,26 +195,28 @@ def create(
             env = envs[spec.name]
             target_dir = partial / spec.name
             make_private_dir(target_dir)
-            # The copy and the txn id come from the same snapshot only if nothing writes meanwhile;
-            # the caller guarantees that (LS stopped, lock held).
             last_txnid = int(env.info()["last_txnid"])
             digest = state_digest(env, spec)
             dest = target_dir / DATA_FILE
-            try:
-                env.copy(str(dest if spec.no_subdir else target_dir), compact=True)
-            except lmdb.Error as exc:
-                raise BackupError(f"{spec.path}: backup copy of LMDB {spec.name!r} failed: {exc}") from exc
-            os.chmod(dest, 0o600)  # LMDB creates it 0666 & ~umask; the 0700 dir kept it private meanwhile
-            fsync_path(dest)
+            # One read transaction is the copy's snapshot AND what the copy is checked against: the
+            # application may write while LS is stopped, and its commits after this snapshot are not
+            # in this backup (nor are they wanted: the step's own transaction comes after them).
+            with env.begin(write=False) as txn:
+                expected = snapshot_facts(env, txn)
+                size, sha256 = copy_hashed(env, txn, dest, spec)
             fsync_path(target_dir)
+            # I7's "verified", cheaply and still for real: the copy opens as an LMDB and holds the
+            # snapshot's marker and the same entries in every DBI. The full re-read (sha256 of the
+            # file) is for `rollback` and `verify`, not for the LS-down window.
+            check_copy(dest, spec, expected, versions[spec.name], read_marker)
             entries.append(
                 LmdbBackup(
                     name=spec.name,
                     source_path=spec.path,
                     no_subdir=spec.no_subdir,
                     schema_version=versions[spec.name],
-                    size=dest.stat().st_size,
-                    sha256=sha256_file(dest),
+                    size=size,
+                    sha256=sha256,
                     last_txnid=last_txnid,
                     file=f"{spec.name}/{DATA_FILE}",
                     state_digest=digest,
@@ -231,7 +242,6 @@ def create(
             reason=reason,
         )
         _write_json_durably(partial / MANIFEST, manifest.to_json())
-        _verify_dir(partial, manifest, specs, read_marker)
         (partial / OWNER).unlink()
         final = directory / backup_id
         os.rename(partial, final)
@@ -242,6 +252,172 @@ def create(
         raise
     apply_retention(directory, keep, protect=(backup_id, *protect))
     return manifest
+
+
+# What the hasher reads at once: 1 MiB stays in the CPU's cache between the read and the hash.
+_HASH_BYTES = 1 << 20
+# How long the hasher waits when it has caught up with the copy (it never waits once the copy is done).
+_FOLLOW_S = 0.0005
+
+
+class _Follower(threading.Thread):
+    """Hashes the copy's file behind LMDB's writer, reading only bytes the writes have already made.
+
+    LMDB writes a compact copy front to back with plain write(2)s, never seeking back (checked with
+    strace on the LMDB py-lmdb bundles; the test that re-hashes the file on disk guards it). A read of
+    bytes below the file size a write has established sees that write (POSIX), and they are still in
+    the page cache: the copy is hashed while it is written, not copied and then read again."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="lssupervisor-backup-hash", daemon=True)
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.head = b""  # the first bytes hashed: the meta pages, compared again at the end
+        self.flushed = 0
+        self.copy_done = threading.Event()
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        buf = bytearray(_HASH_BYTES)
+        view = memoryview(buf)
+        try:
+            while True:
+                finished = self.copy_done.is_set()  # before fstat: a size seen after it is final
+                written = os.fstat(self.fd).st_size
+                while self.size < written:
+                    n = os.preadv(self.fd, [view[: min(_HASH_BYTES, written - self.size)]], self.size)
+                    if n == 0:
+                        raise OSError(errno.EIO, "the copy shrank while it was hashed")
+                    if self.size < _HEAD_BYTES:
+                        self.head += bytes(view[: min(n, _HEAD_BYTES - self.size)])
+                    self.digest.update(view[:n])  # releases the GIL: LMDB's copy goes on meanwhile
+                    self.size += n
+                    if self.size - self.flushed >= _FLUSH_BYTES:
+                        # Hashed bytes go to the disk now, not all at the final fsync, and leave the
+                        # page cache once clean: a backup must not evict the application's hot pages.
+                        _drop_cache(self.fd, self.flushed, self.size - self.flushed)
+                        self.flushed = self.size
+                if finished:
+                    return
+                self.copy_done.wait(_FOLLOW_S)
+        except OSError as exc:
+            self.error = exc
+
+
+# How much hashed copy is handed to the disk at once (write-back starts, the final fsync has less to do).
+_FLUSH_BYTES = 8 << 20
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Start writing back ``length`` bytes from ``offset`` and drop them from the page cache once clean
+    (Linux: POSIX_FADV_DONTNEED does both). Advice only: where unsupported, nothing happens."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+# LMDB's two meta pages at the largest page size it uses: the only bytes a copier could patch late.
+_HEAD_BYTES = 2 * 65536
+
+
+def copy_hashed(env: lmdb.Environment, txn: lmdb.Transaction, dest: Path, spec: LmdbSpec) -> tuple[int, str]:
+    """A compact copy of ``txn``'s snapshot into ``dest`` (created 0600), hashed while it is written by
+    a thread that follows the writer (:class:`_Follower`); one fsync, run while the hasher finishes.
+    Returns (size, sha256).
+
+    BackupError naming the file and the reason (a full disk says so) on any failure; a partial file
+    is left for the caller's cleanup of the ``.partial`` directory."""
+    try:
+        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise BackupError(f"{dest}: cannot create the backup copy: {exc.strerror}") from exc
+    follower = _Follower(fd)
+    follower.start()
+    failure: Exception | None = None
+    try:
+        try:
+            env.copyfd(fd, compact=True, txn=txn)
+        except lmdb.Error as exc:
+            failure = exc
+        finally:
+            follower.copy_done.set()
+        if failure is None:
+            try:
+                os.fsync(fd)  # the page cache reaches the disk while the hasher reads the tail
+            except OSError as exc:
+                failure = exc
+        follower.join()
+        if failure is None and follower.error is None:
+            # The guard on "front to back": the meta pages as hashed are the meta pages on disk.
+            head = os.pread(fd, len(follower.head), 0)
+            if follower.size != os.fstat(fd).st_size or head != follower.head:
+                raise BackupError(f"{dest}: the backup copy changed behind its hash; nothing was migrated")
+            _drop_cache(fd, 0, 0)  # all of it is on disk now: the cache is the application's again
+    finally:
+        follower.copy_done.set()
+        follower.join()
+        os.close(fd)
+    failure = failure or follower.error
+    if failure is not None:
+        text = failure.strerror if isinstance(failure, OSError) else str(failure)
+        if getattr(failure, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(failure):
+            raise BackupError(
+                f"{dest}: no space left for the backup copy of LMDB {spec.name!r} ({_mib(follower.size)} "
+                "written); free space or move backup.dir; nothing was migrated"
+            ) from failure
+        raise BackupError(f"{spec.path}: backup copy of LMDB {spec.name!r} failed: {text}") from failure
+    return follower.size, follower.digest.hexdigest()
+
+
+def snapshot_facts(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[str, int]:
+    """Entries of the main DB and of every named DBI in ``txn``'s snapshot (read from each DBI's root:
+    cheap whatever the data's size)."""
+    facts = {"": int(txn.stat()["entries"])}
+    for name in dbi_names(env, txn):
+        db = open_dbi(env, txn, name)
+        if db is not None:
+            facts[name] = int(txn.stat(db)["entries"])
+    return facts
+
+
+def check_copy(
+    dest: Path, spec: LmdbSpec, expected: Mapping[str, int], version: int | None, read_marker: MarkerReader
+) -> None:
+    """The copy opens as an LMDB, has the snapshot's DBIs with the same entry counts, and the marker the
+    source had. BackupError otherwise: the migration does not start without a good restore point (I7)."""
+    try:
+        copy = _open_copy(dest.parent, spec)
+    except lmdb.Error as exc:
+        raise BackupError(
+            f"{dest}: backup copy does not open as an LMDB: {exc}; nothing was migrated"
+        ) from exc
+    try:
+        # The meta page says how far the data goes: a shorter file would fault (SIGBUS) on first read.
+        needed = (int(copy.info()["last_pgno"]) + 1) * int(copy.stat()["psize"])
+        if dest.stat().st_size < needed:
+            raise BackupError(
+                f"{dest}: backup copy is truncated ({dest.stat().st_size} bytes, its pages need {needed}); "
+                "nothing was migrated"
+            )
+        with copy.begin(write=False) as txn:
+            got = snapshot_facts(copy, txn)
+        found = read_marker(copy, spec)
+    except BackupError:
+        raise
+    except lmdb.Error as exc:
+        raise BackupError(f"{dest}: backup copy is unreadable: {exc}; nothing was migrated") from exc
+    except Exception as exc:
+        raise BackupError(f"{dest}: schema marker in the backup copy is unreadable: {exc}") from exc
+    finally:
+        copy.close()
+    if got != expected:
+        diff = sorted(k or "(main)" for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+        raise BackupError(
+            f"{dest}: backup copy does not match the LMDB it copies (entries differ in {', '.join(diff)}); "
+            "nothing was migrated"
+        )
+    if found != version:
+        raise BackupError(f"{dest}: backup copy holds schema version {found}, the LMDB has {version}")
 
 
 def _open_copy(path: Path, spec: LmdbSpec) -> lmdb.Environment:
