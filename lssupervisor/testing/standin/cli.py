@@ -6,13 +6,17 @@
                              snapshots list [-p PREFIX] [-l] [-t] | version}
     python -m lssupervisor.testing.standin ...
 
-What it reproduces and what it does not is in docs/standin.md. Test knobs (environment):
+What it reproduces and what it does not is in docs/standin.md. Test knobs (environment; they act
+only on LS's syncing commands ``sync`` and ``receive``, never on ``lightningstream -c FILE`` with no
+command, which lssupervisor runs to validate a candidate config, nor on ``version``/``snapshots``):
 
     LSSTANDIN_IGNORE_SIGTERM=1      ignore SIGTERM, SIGINT and SIGHUP (a hung LS; only KILL ends it)
     LSSTANDIN_CRASH_AFTER_MS=N      after N ms print a Go-style panic and exit 2 (Go's panic status)
     LSSTANDIN_EXIT_CODE=C           exit code for the crash knob instead of 2
     LSSTANDIN_RECORD=/path/f.jsonl  append {"pid","ppid","event":"start","time_ns","config","argv"}
                                     at start and hold a shared flock on /path/f.jsonl.lock for life
+                                    (every command: it observes, it changes nothing; written after
+                                    the other knobs are in place)
     LSSTANDIN_REEXEC=1              re-exec as a child and wait (the --minimum-pid trap) regardless
                                     of the PID
     LSSTANDIN_HEALTH_INTERVAL_MS=N  lower the 1 s minimum healthz evaluation interval
@@ -113,10 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------- knobs
 
 
-def _apply_signal_knobs() -> None:
+# The commands the behaviour knobs act on: LS's syncing runs. A knob meant for "the LS that syncs" must
+# not turn the daemon's config validation (`lightningstream -c candidate`, no command) into another
+# failure: a crash timer shorter than a slow validation run made the daemon park for a config reason.
+KNOB_COMMANDS = frozenset({"sync", "receive"})
+
+
+def _apply_signal_knobs(knobs: bool) -> None:
     # LS installs no signal handler: TERM/HUP/INT kill at once. Python turns SIGINT into
     # KeyboardInterrupt, so restore the default.
-    if os.environ.get("LSSTANDIN_IGNORE_SIGTERM") == "1":
+    if knobs and os.environ.get("LSSTANDIN_IGNORE_SIGTERM") == "1":
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
     else:
@@ -186,12 +196,14 @@ def _self_argv() -> list[str]:
     return [sys.executable, "-m", "lssupervisor.testing.standin", *sys.argv[1:]]
 
 
-def _ensure_minimum_pid(minimum: int) -> None:
+def _ensure_minimum_pid(minimum: int, knobs: bool) -> None:
     """LS ``ensureMinimumPID``: burn PIDs, re-run ourselves as a child, wait, exit with its code.
     The parent forwards no signal: signalling only the parent orphans the child (the trap)."""
     from lssupervisor.testing.standin.log import log
 
-    forced = os.environ.get("LSSTANDIN_REEXEC") == "1" and not os.environ.get(SKIP_PID_CHECK_ENV)
+    forced = (
+        knobs and os.environ.get("LSSTANDIN_REEXEC") == "1" and not os.environ.get(SKIP_PID_CHECK_ENV)
+    )
     if minimum <= 0 and not forced:
         return
     pid = os.getpid()
@@ -251,7 +263,7 @@ def _apply_timeout(timeout_ns: int) -> None:
 # ------------------------------------------------------------------------------------- commands
 
 
-def _load_config(args: argparse.Namespace) -> Any:
+def _load_config(args: argparse.Namespace, knobs: bool) -> Any:
     """LS root ``PersistentPreRun``: load, check, apply flags, log setup, min PID, timeout."""
     from lssupervisor.testing.standin import config as sc
     from lssupervisor.testing.standin.log import log
@@ -282,7 +294,7 @@ def _load_config(args: argparse.Namespace) -> Any:
         raw["instance"] = args.instance
     cfg = sc.build(raw)
     log.configure(cfg.log_level, cfg.log_format, cfg.log_timestamp)
-    _ensure_minimum_pid(getattr(args, "minimum_pid", 0))
+    _ensure_minimum_pid(getattr(args, "minimum_pid", 0), knobs)
     log.debug("Running", version=VERSION)
     if getattr(args, "log_config", False):
         log.info("Effective configuration:\n" + json.dumps(raw, indent=2, default=str) + "\n")
@@ -403,16 +415,19 @@ def run_snapshots_list(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    _apply_signal_knobs()
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Record first: a test counting starts must see every process, even one that crashes at once.
+    knobs = args.command in KNOB_COMMANDS
+    _apply_signal_knobs(knobs)
+    # Record next: a test counting starts must see every process, even one that crashes at once; and
+    # a test that waits for the record knows the signal knobs are in place.
     _record_start(getattr(args, "config", "lightningstream.yaml"))
-    _start_crash_timer()
+    if knobs:
+        _start_crash_timer()
     if args.command == "version":
         print(VERSION)  # version loads no config
         return 0
-    cfg = _load_config(args)
+    cfg = _load_config(args, knobs)
     match args.command:
         case "sync":
             return run_sync(cfg, args, receive_only=False)
