@@ -1,4 +1,5 @@
-"""Suite-wide guards: no test may leave a child process or a thread behind."""
+"""Suite-wide guards: no test may leave a child process or a thread behind; the header names the
+Lightning Stream binary the real-LS tests use (or why they skip)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psutil
 import pytest
 
+from lssupervisor.testing.lsbinary import find_real_ls
 from lssupervisor.testing.s3server import S3Server
+from tests.harness.s3 import Bucket
 
 LEAK_GRACE_S = 5.0
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    found = find_real_ls()
+    if found.path is None:
+        return f"Lightning Stream: none ({found.how}): the real_ls tests skip, the stand-in stands in"
+    return f"Lightning Stream: {found.path} ({found.how}): the real_ls tests run against it"
 
 
 def _children() -> list[psutil.Process]:
@@ -75,39 +84,6 @@ def _cmd(p: psutil.Process) -> str:
 
 # --- a real S3-API server (moto's server mode) on loopback, one per test session (xdist worker) ---
 # Started before any test's leak snapshot is taken (session fixtures set up first), stopped at the end.
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """A fresh bucket on the session's S3 server, and the credentials LS gets from its environment."""
-
-    server: S3Server
-    name: str
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
-
-    def environ(self) -> dict[str, str]:
-        return self.server.environ()
-
-    def keys(self, prefix: str = "") -> list[str]:
-        s3 = self.server.s3()
-        out: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix):
-            out += [o["Key"] for o in page.get("Contents", [])]
-        return sorted(out)
-
-    def storage_options(self, global_prefix: str) -> str:
-        """The LS ``storage:`` block (credentials as references LS expands)."""
-        return (
-            "storage:\n  type: s3\n  options:\n"
-            f"    bucket: {self.name}\n"
-            f"    endpoint_url: {self.endpoint}\n"
-            f'    global_prefix: "{global_prefix}"\n'
-            '    access_key: "${AWS_ACCESS_KEY_ID}"\n'
-            '    secret_key: "${AWS_SECRET_ACCESS_KEY}"\n'
-        )
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb
 import pytest
 
 from lssupervisor.errors import BackupError, ErrorCode, SupervisorError
@@ -22,33 +21,8 @@ from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
 from lssupervisor.worker import backup, backupdir
 from lssupervisor.worker import protocol as p
-from lssupervisor.worker.ops import open_lmdb
 from lssupervisor.worker.wire import to_wire
-from tests.test_worker import INSTANCE, make_settings, make_view, sample_lmdb
-
-MARKER_DBI = "lssupervisor"
-
-
-def read_marker(env: lmdb.Environment, spec: LmdbSpec) -> int | None:
-    from lssupervisor.worker import marker
-
-    with env.begin() as txn:
-        found = marker.read_marker(env, txn, INSTANCE, native=spec.native, marker_dbi=MARKER_DBI)
-    return found.version if found else None
-
-
-class Opened:
-    def __init__(self, *specs: LmdbSpec) -> None:
-        self.specs = specs
-        self.envs = {s.name: open_lmdb(s, write=False) for s in specs}
-
-    def backup(self, directory: Path, keep: int = 5, **kw: object) -> backupdir.Manifest:
-        return backup.create(self.envs, self.specs, directory, INSTANCE, read_marker, keep=keep, **kw)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        for env in self.envs.values():
-            env.close()
-        self.envs.clear()
+from tests.harness.workers import INSTANCE, Opened, make_settings, make_view, read_marker, sample_lmdb
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from lssupervisor.daemon.child import (
     sweep_orphans,
 )
 from lssupervisor.errors import ConfigError
-from tests.helpers import wait_for
+from tests.harness import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 

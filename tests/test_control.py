@@ -14,7 +14,7 @@ import pytest
 from lssupervisor.cli import control
 from lssupervisor.config import load_config
 from lssupervisor.daemon import lock
-from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
+from tests.harness.e2e import ConfigSet, Daemon, pid_alive, run_cli
 
 
 def ns(config: Path) -> argparse.Namespace:
@@ -39,13 +39,6 @@ def test_without_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         control.daemon_pid(cfg)
 
 
-def run_cli(cs: ConfigSet, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lssupervisor", *args, "-c", str(cs.config)],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-
-
 def test_pause_and_resume_the_real_daemon(tmp_path: Path) -> None:
     cs = ConfigSet(tmp_path)
     d = Daemon(cs)
@@ -61,12 +54,15 @@ def test_pause_and_resume_the_real_daemon(tmp_path: Path) -> None:
         # A reload while paused keeps LS down.
         assert run_cli(cs, "reload").returncode == 0
         d.wait_log(r'state RECONCILING -> PAUSED"')
-        assert len(cs.starts()) == 1
+        assert cs.start_pids() == [ls_pid]
         out = run_cli(cs, "resume")
         assert out.returncode == 0, out.stderr
         assert f"resumed: lssupervisor pid {d.pid} is" in out.stdout
         new = d.running_ls_pid()
-        assert new != ls_pid and len(cs.starts()) == 2
+        assert new != ls_pid
+        # RUNNING comes after settle_time, not after the new LS wrote its start record: wait for it.
+        cs.wait_recorded(new)
+        assert cs.start_pids() == [ls_pid, new]
         assert run_cli(cs, "reconcile").returncode == 0
         d.wait_log(r'reason="reconcile \(SIGUSR1\)"')
         assert d.running_ls_pid() == new

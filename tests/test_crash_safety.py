@@ -29,8 +29,8 @@ from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, run_m
 from lssupervisor.worker import backupdir, client, history, marker
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.client import WorkerSession
-from tests.helpers import wait_for
-from tests.test_worker import INSTANCE, Collector, make_settings, make_view, one, write_migrations
+from tests.harness import wait_for
+from tests.harness.workers import INSTANCE, Collector, make_settings, make_view, one, write_migrations
 
 ITERATIONS = int(os.environ.get("LSSUPERVISOR_CRASH_ITERATIONS", "30"))
 RECORDS = int(os.environ.get("LSSUPERVISOR_CRASH_RECORDS", "100000"))

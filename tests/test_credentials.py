@@ -23,9 +23,8 @@ from lssupervisor.cli.check import Level, run_checks
 from lssupervisor.errors import TemplateError
 from lssupervisor.lsconfig.render import Template, render
 from lssupervisor.redaction import REDACTED, redact, redact_argv
-from tests.helpers import free_port
-from tests.test_reconcile_e2e import WATCH, ship, step_migration, wait_running_on
-from tests.test_supervisor_e2e import ConfigSet, Daemon
+from tests.harness import free_port
+from tests.harness.e2e import WATCH, ConfigSet, Daemon, ship, step_migration, wait_running_on
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 S3 = """\

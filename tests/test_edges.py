@@ -27,7 +27,7 @@ from lssupervisor.config import load_config, resolve_target
 from lssupervisor.errors import ConfigError, MapFull
 from lssupervisor.lsmodel import LS_DEFAULT_MAP_SIZE
 from lssupervisor.testing.fixtures import build_lmdb, read_values, run_migrations
-from tests.test_supervisor_e2e import ConfigSet
+from tests.harness.e2e import ConfigSet
 
 REPO = Path(__file__).resolve().parent.parent
 

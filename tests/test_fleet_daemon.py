@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lssupervisor.testing.scenario import Cluster
-from tests.conftest import Bucket
-from tests.helpers import wait_for
+from tests.harness import wait_for
+from tests.harness.s3 import Bucket
 
 
 def get(address: str, path: str) -> tuple[int, bytes]:

@@ -14,7 +14,7 @@ from lssupervisor.daemon.fleetwatch import FleetWatch
 from lssupervisor.lsconfig.render import load_template
 from lssupervisor.storage.backend import Listing, StoredObject
 from lssupervisor.testing.standin.snapshot import build_name
-from tests.helpers import wait_for
+from tests.harness import wait_for
 
 
 def config(tmp_path: Path, storage: str, extra: str = "") -> Path:

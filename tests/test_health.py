@@ -19,7 +19,8 @@ from lssupervisor.config import OutputMode
 from lssupervisor.daemon.child import spawn_ls, stop_ls
 from lssupervisor.daemon.health import HealthPoller, HealthProbe, HealthResult, parse_address, readiness
 from lssupervisor.errors import ConfigError
-from tests.helpers import free_port, wait_for
+from tests.harness import free_port, wait_for
+from tests.harness.real_ls import real_ls_binary
 
 
 def ls_healthz(startup: dict[str, Any], ok: bool = True) -> dict[str, Any]:
@@ -250,10 +251,7 @@ def test_poller_not_started(fake_ls: FakeLs) -> None:
 def _ls_argv(which: str, config: Path) -> list[str]:
     if which == "standin":
         return [sys.executable, "-m", "lssupervisor.testing.standin", "--config", str(config), "sync"]
-    binary = os.environ.get("LIGHTNINGSTREAM_BIN")
-    if not binary:
-        pytest.skip("real Lightning Stream not available (set LIGHTNINGSTREAM_BIN)")
-    return [binary, "--config", str(config), "sync"]
+    return [real_ls_binary(), "--config", str(config), "sync"]
 
 
 @pytest.mark.parametrize("which", ["standin", pytest.param("real", marks=pytest.mark.real_ls)])

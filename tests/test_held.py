@@ -29,9 +29,9 @@ from lssupervisor.errors import ConfigError, TemplateError
 from lssupervisor.lsconfig.render import Template, render
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.wire import to_wire
-from tests.helpers import wait_for
-from tests.test_supervisor_e2e import ConfigSet, Daemon
-from tests.test_worker import make_settings, make_view, sample_lmdb
+from tests.harness import wait_for
+from tests.harness.e2e import ConfigSet, Daemon
+from tests.harness.workers import make_settings, make_view, sample_lmdb
 
 TAG = '!!python/object/apply:os.system ["touch {proof}"]'
 

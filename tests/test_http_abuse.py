@@ -24,8 +24,8 @@ import pytest
 
 from lssupervisor.cli.check import Level, run_checks
 from lssupervisor.daemon.http import StatusServer
-from tests.helpers import free_port, wait_for
-from tests.test_supervisor_e2e import ConfigSet, Daemon
+from tests.harness import free_port, wait_for
+from tests.harness.e2e import ConfigSet, Daemon
 
 SLOW_CLIENTS = 150
 HEADER_EVERY_S = 3.0

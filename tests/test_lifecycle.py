@@ -60,6 +60,7 @@ from lssupervisor.core.states import (
     Task,
 )
 from lssupervisor.errors import ErrorCode, ExitCode
+from tests.harness.replay import Replay
 
 NOW = 100.0
 LATE = 1000.0
@@ -587,25 +588,8 @@ def test_next_deadline_per_situation() -> None:
 # -- scenarios: whole histories --------------------------------------------------------------------
 
 
-class Replay:
-    """Feeds a history through the core, keeping the state and every action (honcho-style)."""
-
-    def __init__(self, sample: float = 0.0, st: SupervisorState | None = None) -> None:
-        self.core = core(sample)
-        self.st = st or SupervisorState()
-        self.acts: list[Action] = []
-
-    def __call__(self, ev: Event, now: float) -> list[Action]:
-        self.st, acts = self.core.handle(self.st, ev, now)
-        self.acts.extend(acts)
-        return acts
-
-    def now_in(self) -> State:
-        # A call, not an attribute: mypy would otherwise keep an earlier assert's narrowing.
-        return self.st.state
-
-    def states(self) -> list[tuple[str, str]]:
-        return [(a.old.value, a.new.value) for a in self.acts if isinstance(a, AnnounceState)]
+def replay(sample: float = 0.0, st: SupervisorState | None = None) -> Replay:
+    return Replay(core(sample), st)
 
 
 def boot_to_running(r: Replay, digest: str = "d1", pid: int = 10) -> None:
@@ -616,7 +600,7 @@ def boot_to_running(r: Replay, digest: str = "d1", pid: int = 10) -> None:
 
 
 def test_boot_history() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     assert r.states() == [("STOPPED", "RECONCILING"), ("RECONCILING", "STARTING"), ("STARTING", "RUNNING")]
     assert isinstance(r.acts[0], SweepOrphans)  # orphans are swept before anything starts
@@ -626,7 +610,7 @@ def test_boot_history() -> None:
 
 
 def test_hup_with_unchanged_config_keeps_the_pid() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     acts = r(ReloadRequested(), 5.0)
     assert acts[-1] == PrepareConfig(reload=True)
@@ -636,7 +620,7 @@ def test_hup_with_unchanged_config_keeps_the_pid() -> None:
 
 
 def test_hup_with_changed_config_restarts_once() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ReloadRequested(), 5.0)
     r(ConfigPrepared(digest="d2", version=1, wait_for_health=True), 5.0)
@@ -646,14 +630,14 @@ def test_hup_with_changed_config_restarts_once() -> None:
     assert acts == [SpawnChild(digest="d2", reason="LS config changed")]
     r(ChildSpawned(pid=11), 5.3)
     r(ChildReady(pid=11), 6.0)
-    assert r.now_in() is State.RUNNING and r.st.pid == 11 and r.st.restarts == 1
+    assert r.state() is State.RUNNING and r.st.pid == 11 and r.st.restarts == 1
     assert r.st.backoff.clean  # an intended stop is not a failure (I5)
     assert r.st.failures_total == 0  # ...and not what operators alert on
     assert sum(isinstance(a, SpawnChild) for a in r.acts) == 2
 
 
 def test_bad_config_on_hup_keeps_running() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ReloadRequested(), 5.0)
     acts = r(ConfigFailed("lssupervisor.yaml: restart.jitter: expected a number"), 5.0)
@@ -663,7 +647,7 @@ def test_bad_config_on_hup_keeps_running() -> None:
 
 
 def test_config_error_at_boot_exits_config() -> None:
-    r = Replay()
+    r = replay()
     r(Booted(), 0.0)
     acts = r(ConfigFailed("lightningstream.yaml.in: ${FOO} is not set"), 0.0)
     assert Exit(ExitCode.CONFIG) in acts and r.st.state is State.STOPPED
@@ -685,13 +669,13 @@ BOOT_FAILURES = [
 def test_a_load_failure_at_boot_names_what_failed_and_exits_with_its_code(
     event: ConfigFailed, line: str, code: ExitCode
 ) -> None:
-    r = Replay()
+    r = replay()
     r(Booted(), 0.0)
     acts = r(event, 0.0)
     assert [a.msg for a in acts if isinstance(a, LogLine)] == [line]
     assert acts[-1] == Exit(code) and r.st.state is State.STOPPED and r.st.reason == line
     # While running, the same failure keeps the previous config and says what failed.
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ReloadRequested(), 5.0)
     acts = r(event, 5.0)
@@ -701,7 +685,7 @@ def test_a_load_failure_at_boot_names_what_failed_and_exits_with_its_code(
 
 
 def test_crash_restart_after_backoff_then_reset_after_healthy() -> None:
-    r = Replay(sample=0.0)
+    r = replay(sample=0.0)
     boot_to_running(r)
     r(ChildExited(pid=10, returncode=2, description="exit 2"), 20.0)
     assert r.st.state is State.BACKOFF and r.st.retry_at == 21.0
@@ -717,7 +701,7 @@ def test_crash_restart_after_backoff_then_reset_after_healthy() -> None:
 
 
 def test_crash_burst_parks_then_resume_restarts() -> None:
-    r = Replay(sample=0.0)
+    r = replay(sample=0.0)
     boot_to_running(r)
     now, pid = 10.0, 10
     for _ in range(4):
@@ -768,14 +752,14 @@ def test_a_fresh_start_after_a_reconcile_says_why_ls_starts(
 
 def test_parked_with_bad_config_on_hup_stays_parked() -> None:
     st = SITUATIONS["parked"]
-    r = Replay(st=st)
+    r = replay(st=st)
     r(ReloadRequested(), NOW)
     r(ConfigFailed("bad"), NOW)
     assert r.st.state is State.PARKED and r.st.reason == st.park_reason
 
 
 def test_second_term_kills_now() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ShutdownRequested("SIGTERM"), 5.0)
     acts = r(ShutdownRequested("SIGINT"), 5.5)
@@ -786,7 +770,7 @@ def test_second_term_kills_now() -> None:
 
 
 def test_ls_ignoring_sigterm_gets_sigkill_at_stop_timeout() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ShutdownRequested(), 5.0)
     assert r(Tick(), 14.9) == []
@@ -796,35 +780,35 @@ def test_ls_ignoring_sigterm_gets_sigkill_at_stop_timeout() -> None:
 
 
 def test_shutdown_while_spawning_stops_the_new_ls() -> None:
-    r = Replay(st=SITUATIONS["spawning"])
+    r = replay(st=SITUATIONS["spawning"])
     assert r(ShutdownRequested(), NOW) == []
     acts = r(ChildSpawned(pid=11), NOW)
     assert SignalGroup(11) in acts and r.st.state is State.STOPPING
 
 
 def test_pause_and_resume() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ReconcileRequested(paused=True, source="pause"), 5.0)
     r(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 5.0)
     assert r.st.state is State.STOPPING and r.st.stopping is not None
     assert r.st.stopping.purpose is StopPurpose.PAUSE
     r(ChildExited(pid=10, returncode=-15, description="killed by SIGTERM"), 5.1)
-    assert r.now_in() is State.PAUSED and r.st.backoff.clean
+    assert r.state() is State.PAUSED and r.st.backoff.clean
     r(ReconcileRequested(paused=False, source="resume"), 8.0)
     acts = r(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 8.0)
     assert any(isinstance(a, SpawnChild) for a in acts)
 
 
 def test_boot_paused_renders_but_does_not_start() -> None:
-    r = Replay()
+    r = replay()
     r(Booted(paused=True), 0.0)
     acts = r(ConfigPrepared(digest="d1", version=1, wait_for_health=False), 0.0)
     assert r.st.state is State.PAUSED and not any(isinstance(a, SpawnChild) for a in acts)
 
 
 def test_reconcile_requested_while_stopping_runs_after_the_stop() -> None:
-    r = Replay()
+    r = replay()
     boot_to_running(r)
     r(ReloadRequested(), 5.0)
     r(ConfigPrepared(digest="d2", version=1, wait_for_health=True), 5.0)
@@ -844,7 +828,7 @@ def test_a_reconcile_requested_while_a_failed_start_stops_runs_when_the_policy_g
 ) -> None:
     """The request may carry the fix: parking must not drop it silently."""
     st = replace(SITUATIONS["stopping_failed_start"], backoff=AT_BURST_LIMIT, pending=Pending(reload=reload))
-    r = Replay(st=st)
+    r = replay(st=st)
     acts = r(ChildExited(pid=10, returncode=-15, description="killed by SIGTERM"), NOW)
     assert r.states() == [("STOPPING", "PARKED"), ("PARKED", "RECONCILING")]
     parked = acts[0]
@@ -869,14 +853,14 @@ def test_a_failed_start_that_exhausts_the_policy_without_a_request_stays_parked(
 
 def test_a_reconcile_requested_while_spawning_runs_when_the_spawn_failure_gives_up() -> None:
     st = replace(SITUATIONS["spawning"], backoff=AT_BURST_LIMIT, pending=Pending(reload=False))
-    r = Replay(st=st)
+    r = replay(st=st)
     acts = r(SpawnFailed(message="exec format error"), NOW)
     assert r.states() == [("RECONCILING", "PARKED"), ("PARKED", "RECONCILING")]
     assert acts[-1] == PrepareConfig(reload=False) and r.st.pending is None
 
 
 def test_not_ready_in_time_is_a_failed_start() -> None:
-    r = Replay()
+    r = replay()
     r(Booted(), 0.0)
     r(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 0.0)
     r(ChildSpawned(pid=10), 0.0)
@@ -885,12 +869,12 @@ def test_not_ready_in_time_is_a_failed_start() -> None:
     assert r.st.state is State.STOPPING and r.st.stopping is not None
     assert r.st.stopping.purpose is StopPurpose.FAILED_START
     r(ChildExited(pid=10, returncode=-15, description="killed by SIGTERM"), 30.1)
-    assert r.now_in() is State.BACKOFF and r.st.backoff.consecutive == 1
+    assert r.state() is State.BACKOFF and r.st.backoff.consecutive == 1
     assert r.st.reason is not None and r.st.reason.startswith("LS not ready within 30s")
 
 
 def test_crash_during_reconcile_lands_in_backoff() -> None:
-    r = Replay(sample=0.0)
+    r = replay(sample=0.0)
     boot_to_running(r)
     r(ReconcileRequested(), 5.0)
     assert r(ChildExited(pid=10, returncode=2, description="exit 2"), 5.0) == []
@@ -899,7 +883,7 @@ def test_crash_during_reconcile_lands_in_backoff() -> None:
 
 
 def test_spawn_failure_counts_as_a_failure() -> None:
-    r = Replay()
+    r = replay()
     r(Booted(), 0.0)
     r(ConfigPrepared(digest="d1", version=1, wait_for_health=True), 0.0)
     r(SpawnFailed("lightningstream: No such file or directory"), 0.0)
@@ -908,7 +892,7 @@ def test_spawn_failure_counts_as_a_failure() -> None:
 
 
 def test_stale_readiness_is_ignored() -> None:
-    r = Replay(sample=0.0)
+    r = replay(sample=0.0)
     boot_to_running(r)
     r(ChildExited(pid=10, returncode=2, description="exit 2"), 5.0)
     before = r.st

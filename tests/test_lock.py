@@ -15,7 +15,7 @@ from lssupervisor.config import Config, PathOpt
 from lssupervisor.daemon import lock
 from lssupervisor.errors import ConfigError, ExitCode, LockHeld
 from lssupervisor.lsmodel import LmdbSpec
-from tests.helpers import wait_for
+from tests.harness import wait_for
 
 
 def cfg_for(tmp_path: Path, state: str = "state") -> Config:

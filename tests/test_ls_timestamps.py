@@ -1,7 +1,8 @@
 """Why the strategies' timestamp rules exist, shown with Lightning Stream itself.
 
-Each test runs against the LS stand-in, and again against the real binary when ``LIGHTNINGSTREAM_BIN``
-points at one (the ``real_ls`` cases; they skip with a reason otherwise). Every LS run is
+Each test runs against the LS stand-in, and again against the real binary when one is installed
+(``$LIGHTNINGSTREAM_BIN``, else ``lightningstream`` on PATH: the ``real_ls`` cases; they skip with the
+reason otherwise). Every LS run is
 ``sync --only-once`` (merge every instance's latest snapshot, upload ours, exit 0), so the tests are
 deterministic and wait on process exits only.
 
@@ -14,8 +15,6 @@ The facts (reference "Timestamps across a migration", observed on the real LS):
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_lmdb, run_migrations
+from tests.harness.real_ls import real_ls_binary
 
 # The migrated values ("~..." ) sort HIGHER than the old ones, so on a timestamp tie LS keeps the old.
 OLD = {b"user:1": b"alice", b"user:2": b"bob"}
@@ -56,12 +56,7 @@ def _standin() -> list[str]:
 
 
 def _real() -> list[str]:
-    binary = os.environ.get("LIGHTNINGSTREAM_BIN")
-    if not binary:
-        pytest.skip("LIGHTNINGSTREAM_BIN is not set (path of a real Lightning Stream binary)")
-    if not (shutil.which(binary) or Path(binary).is_file()):
-        pytest.skip(f"LIGHTNINGSTREAM_BIN={binary} does not exist")
-    return [binary]
+    return [real_ls_binary()]
 
 
 @pytest.fixture(params=["standin", pytest.param("real", marks=pytest.mark.real_ls)])

@@ -33,6 +33,7 @@ from lssupervisor.lsconfig.render import (
     render,
 )
 from lssupervisor.lsconfig.values import parse_bytesize
+from tests.harness.real_ls import real_ls_binary
 
 VAR = "APP_SCHEMA_VERSION"
 
@@ -608,9 +609,7 @@ def test_validate_with_the_standin(tmp_path: Path) -> None:
 
 @pytest.mark.real_ls
 def test_validate_with_real_lightningstream(tmp_path: Path) -> None:
-    binary = os.environ.get("LIGHTNINGSTREAM_BIN")
-    if not binary:
-        pytest.skip("LIGHTNINGSTREAM_BIN not set")
+    binary = real_ls_binary()
     env = {**os.environ, **S3_ENV}
     rendered = render(s3_template(), 3, env)
     good = tmp_path / "good.yaml"

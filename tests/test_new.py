@@ -20,7 +20,7 @@ from lssupervisor.daemon import lock
 from lssupervisor.errors import ExitCode, MigrationError
 from lssupervisor.testing.fixtures import build_lmdb, read_lmdb, read_marker_version, run_migrations
 from lssupervisor.worker.migrations import Strategy, discover
-from tests.test_check import TEMPLATE, config_set, fake_ls, migration
+from tests.harness.configs import TEMPLATE, config_set, fake_ls, migration
 
 T_OLD = 1_600_000_000_000_000_000
 NOW = 2_000_000_000_000_000_000

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
-from tests.test_reconcile_e2e import wait_running_on
-from tests.test_supervisor_e2e import ConfigSet, Daemon
+from tests.harness import wait_for
+from tests.harness.e2e import ConfigSet, Daemon, wait_running_on
 
 
 class NotifySocket:

@@ -22,7 +22,7 @@ from lssupervisor.errors import ExitCode
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
 from lssupervisor.worker import backupdir
-from tests.test_worker import BASIC_MIGRATIONS, INSTANCE, write_migrations
+from tests.harness.workers import BASIC_MIGRATIONS, INSTANCE, write_migrations
 
 
 @dataclass

@@ -165,7 +165,8 @@ def test_lssupervisor_demo_runs_from_the_wheel_in_a_clean_venv(wheel: Path, tmp_
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
-    # LS: $LIGHTNINGSTREAM_BIN when the run sets it, else the stand-in installed with the wheel.
+    # LS by the demo's rule (lssupervisor/testing/lsbinary.py): $LIGHTNINGSTREAM_BIN, else lightningstream
+    # on PATH, else the stand-in installed with the wheel.
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = subprocess.run(

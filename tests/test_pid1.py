@@ -25,7 +25,7 @@ import pytest
 
 from lssupervisor.cli.main import main
 from lssupervisor.errors import ExitCode
-from tests.helpers import free_port, wait_for
+from tests.harness import free_port, wait_for
 
 STANDIN = Path(sys.executable).with_name("lightningstream-standin")
 STOP_TIMEOUT_S = 1.0

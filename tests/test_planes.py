@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_reconcile_e2e import ship, step_migration, wait_running_on
-from tests.test_supervisor_e2e import ConfigSet, Daemon
+from tests.harness.e2e import ConfigSet, Daemon, ship, step_migration, wait_running_on
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lssupervisor"

@@ -1,16 +1,16 @@
 """The daemon end to end against the REAL Lightning Stream binary.
 
-These run only when ``LIGHTNINGSTREAM_BIN`` points at a real LS (they skip with a reason otherwise);
+These run only when a real LS is installed (``$LIGHTNINGSTREAM_BIN``, else ``lightningstream`` on PATH;
+they skip with the reason otherwise);
 the same scenarios run against the stand-in in test_supervisor_e2e.py and test_reconcile_e2e.py. They
 check what only the real binary can prove: readiness from its real /healthz, its (absent) signal
 handling under our group stop, pdeathsig through setpriv, and a migration that moves it to the new
-prefix. Pointing ``LIGHTNINGSTREAM_BIN`` at ``lightningstream-standin`` runs them against the stand-in.
+prefix. Pointing ``$LIGHTNINGSTREAM_BIN`` at ``lightningstream-standin`` runs them against the stand-in.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,22 +18,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import free_port, wait_for
-from tests.test_reconcile_e2e import rendered_root, ship, step_migration, wait_running_on
-from tests.test_supervisor_e2e import ConfigSet, Daemon
+from tests.harness import free_port, wait_for
+from tests.harness.e2e import ConfigSet, Daemon, rendered_root, ship, step_migration, wait_running_on
+from tests.harness.real_ls import real_ls_binary
 
 pytestmark = pytest.mark.real_ls
 
 
 @pytest.fixture
 def real_ls() -> str:
-    binary = os.environ.get("LIGHTNINGSTREAM_BIN")
-    if not binary:
-        pytest.skip("LIGHTNINGSTREAM_BIN is not set (path of a real Lightning Stream binary)")
-    found = shutil.which(binary)
-    if found is None:
-        pytest.skip(f"LIGHTNINGSTREAM_BIN={binary} is not an executable")
-    return found
+    return real_ls_binary()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from lssupervisor.daemon import reaper
 from lssupervisor.daemon.reaper import Reaper
-from tests.helpers import wait_for
+from tests.harness import wait_for
 
 # Forks a grandchild that blocks reading fd R until the test closes the other end of the pipe, then
 # exits with CODE; the middle process prints the grandchild's pid and exits, orphaning it.

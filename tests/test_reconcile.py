@@ -1,8 +1,8 @@
 """The reconcile cycle in the pure core: every sub-step transition and failure, literal times, no processes.
 
-A ``Cycler`` replays a history (honcho-style) and keeps every action; ``substeps()`` is the sequence of
-RECONCILING sub-steps as status and logs show it. The shell's side (workers, drain, hooks) is played by
-feeding the result events by hand.
+``cycler()`` gives a replay (tests/harness/replay.py) that keeps every action; ``substeps()`` is the
+sequence of RECONCILING sub-steps as status and logs show it. The shell's side (workers, drain, hooks)
+is played by feeding the result events by hand.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from lssupervisor.config import OnFailure
 from lssupervisor.core import tables
 from lssupervisor.core.actions import (
     Action,
-    AnnounceState,
     CancelTask,
     Exit,
     ImportMigrations,
@@ -60,6 +59,7 @@ from lssupervisor.core.events import (
 from lssupervisor.core.lifecycle import CyclePolicy, Lifecycle, LifecycleError, Timeouts
 from lssupervisor.core.states import State, StopPurpose, Substep, SupervisorState, Task
 from lssupervisor.errors import ErrorCode, ExitCode, Remedy
+from tests.harness.replay import Replay
 
 TIMEOUTS = Timeouts(stop_timeout=10.0, ready_timeout=30.0, settle_time=3.0, kill_grace=5.0)
 POLICY = BackoffPolicy(initial_delay=1.0, max_delay=60.0, jitter=0.0, burst_limit=5)
@@ -79,38 +79,12 @@ STAMP_EMPTY = Planned(render_version=None, target=2, writes=True, steps=(), mark
 EXITED_TERM = ChildExited(pid=10, returncode=-15, description="killed by SIGTERM")
 
 
-class Cycler:
-    def __init__(self, **policy: object) -> None:
-        self.core = Lifecycle(TIMEOUTS, POLICY, rand=lambda: 0.0, cycle=CyclePolicy(**policy))  # type: ignore[arg-type]
-        self.st = SupervisorState()
-        self.acts: list[Action] = []
-
-    def __call__(self, ev: Event, now: float) -> list[Action]:
-        self.st, acts = self.core.handle(self.st, ev, now)
-        self.acts.extend(acts)
-        return acts
-
-    def state(self) -> State:
-        return self.st.state
-
-    def announced(self) -> list[tuple[str, str | None]]:
-        return [
-            (a.new.value, a.substep.value if a.substep else None)
-            for a in self.acts
-            if isinstance(a, AnnounceState)
-        ]
-
-    def substeps(self) -> list[str]:
-        return [sub for new, sub in self.announced() if new == "RECONCILING" and sub is not None]
-
-    def of(self, kind: type[Action]) -> list[Action]:
-        return [a for a in self.acts if isinstance(a, kind)]
-
-    def logged(self) -> str:
-        return "\n".join(a.msg for a in self.acts if isinstance(a, LogLine))
+def cycler(**policy: object) -> Replay:
+    """A replay of the core with the cycle policy ``policy`` (drain, hooks, on_failure)."""
+    return Replay(Lifecycle(TIMEOUTS, POLICY, rand=lambda: 0.0, cycle=CyclePolicy(**policy)))  # type: ignore[arg-type]
 
 
-def running(c: Cycler, pid: int = 10) -> None:
+def running(c: Replay, pid: int = 10) -> None:
     """Boot on a marked LMDB with nothing to migrate, LS ready."""
     c(Booted(), 0.0)
     c(NOTHING_V1, 0.2)
@@ -121,7 +95,7 @@ def running(c: Cycler, pid: int = 10) -> None:
     c.acts.clear()
 
 
-def to_migrating(c: Cycler, planned: Planned = MIGRATE_1_2) -> None:
+def to_migrating(c: Replay, planned: Planned = MIGRATE_1_2) -> None:
     """From RUNNING: USR1, plan with steps, LS stopped and proven gone, migrate worker started."""
     c(ReconcileRequested(), 10.0)
     c(planned, 10.2)
@@ -135,7 +109,7 @@ def to_migrating(c: Cycler, planned: Planned = MIGRATE_1_2) -> None:
 
 
 def test_full_cycle_from_running_follows_the_substep_sequence() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     assert c(ReconcileRequested(), 10.0)[-1] == PrepareConfig(reload=False)
     assert (c.st.substep, c.st.task) == (Substep.PLANNING, Task.PLAN)
@@ -173,7 +147,7 @@ def test_full_cycle_from_running_follows_the_substep_sequence() -> None:
 
 
 def test_nothing_to_migrate_and_config_unchanged_keeps_the_ls_pid() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     assert c(NOTHING_V1, 10.2)[-1] == RenderConfig(version=1)
@@ -184,7 +158,7 @@ def test_nothing_to_migrate_and_config_unchanged_keeps_the_ls_pid() -> None:
 
 
 def test_nothing_to_migrate_but_a_changed_template_restarts_ls_once() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     c(NOTHING_V1, 10.2)
@@ -195,7 +169,7 @@ def test_nothing_to_migrate_but_a_changed_template_restarts_ls_once() -> None:
 
 
 def test_boot_on_an_empty_lmdb_stamps_the_target_then_starts_ls() -> None:
-    c = Cycler(pre_hooks=1, post_hooks=1, drain=True)  # a stamp migrates nothing: no drain, no hooks
+    c = cycler(pre_hooks=1, post_hooks=1, drain=True)  # a stamp migrates nothing: no drain, no hooks
     c(Booted(), 0.0)
     assert c(STAMP_EMPTY, 0.2)[-1] == ProveGone()  # no LS yet: straight to the proof
     assert c(GoneProven(), 0.3)[-1] == StartMigration(target=2)
@@ -210,7 +184,7 @@ def test_boot_on_an_empty_lmdb_stamps_the_target_then_starts_ls() -> None:
 
 
 def test_drain_runs_on_the_old_version_and_ls_is_proven_gone_again() -> None:
-    c = Cycler(drain=True)
+    c = cycler(drain=True)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -227,7 +201,7 @@ def test_drain_runs_on_the_old_version_and_ls_is_proven_gone_again() -> None:
     ("rc", "words"), [(75, "drain_timeout (LS exit 75)"), (1, "drain failed: LS exit 1")]
 )
 def test_drain_failure_parks_by_default_and_nothing_was_written(rc: int, words: str) -> None:
-    c = Cycler(drain=True)
+    c = cycler(drain=True)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -242,7 +216,7 @@ def test_drain_failure_parks_by_default_and_nothing_was_written(rc: int, words: 
 
 
 def test_drain_failure_with_on_failure_resume_restarts_ls_on_the_old_version() -> None:
-    c = Cycler(drain=True, on_failure=OnFailure.RESUME)
+    c = cycler(drain=True, on_failure=OnFailure.RESUME)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -254,7 +228,7 @@ def test_drain_failure_with_on_failure_resume_restarts_ls_on_the_old_version() -
 
 
 def test_pre_and_post_hooks_run_in_order_around_the_migration() -> None:
-    c = Cycler(pre_hooks=2, post_hooks=1)
+    c = cycler(pre_hooks=2, post_hooks=1)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -273,7 +247,7 @@ def test_pre_and_post_hooks_run_in_order_around_the_migration() -> None:
 
 
 def test_pre_hook_failure_aborts_before_any_write() -> None:
-    c = Cycler(pre_hooks=1)
+    c = cycler(pre_hooks=1)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -289,7 +263,7 @@ def test_pre_hook_failure_aborts_before_any_write() -> None:
 
 
 def test_post_hook_failure_parks_whatever_the_policy_naming_the_migrated_version() -> None:
-    c = Cycler(post_hooks=1, on_failure=OnFailure.RESUME)
+    c = cycler(post_hooks=1, on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c)
     c(Migrated(steps=1), 11.0)
@@ -300,7 +274,7 @@ def test_post_hook_failure_parks_whatever_the_policy_naming_the_migrated_version
 
 
 def test_resume_after_a_failed_post_hook_starts_ls_on_the_new_version_saying_why() -> None:
-    c = Cycler(post_hooks=1)
+    c = cycler(post_hooks=1)
     running(c)
     to_migrating(c)
     c(Migrated(steps=1), 11.0)
@@ -320,7 +294,7 @@ def test_resume_after_a_failed_post_hook_starts_ls_on_the_new_version_saying_why
 
 
 def test_failed_step_k_of_n_parks_with_the_version_the_lmdb_has_and_what_to_run() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c, MIGRATE_1_3)
     c(MigrationProgress(Stage.COMMITTED, "committed main 1→2 (0002_users_json), step 1/2"), 11.0)
@@ -335,7 +309,7 @@ def test_failed_step_k_of_n_parks_with_the_version_the_lmdb_has_and_what_to_run(
 
 
 def test_failed_step_with_on_failure_resume_renders_for_step_k_never_the_target() -> None:
-    c = Cycler(on_failure=OnFailure.RESUME)
+    c = cycler(on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c, MIGRATE_1_3)
     c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom"), 11.2)
@@ -348,7 +322,7 @@ def test_failed_step_with_on_failure_resume_renders_for_step_k_never_the_target(
 
 
 def test_failure_before_any_commit_with_resume_restarts_ls_on_the_old_version() -> None:
-    c = Cycler(on_failure=OnFailure.RESUME)
+    c = cycler(on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c)
     c(TaskFailed(Task.MIGRATE, ErrorCode.BACKUP, "no space left for the backup"), 11.0)
@@ -356,7 +330,7 @@ def test_failure_before_any_commit_with_resume_restarts_ls_on_the_old_version() 
 
 
 def test_verification_mismatch_parks() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(Migrated(steps=1), 11.0)
@@ -366,7 +340,7 @@ def test_verification_mismatch_parks() -> None:
 
 
 def test_lmdbs_at_different_versions_after_a_migration_park() -> None:
-    c = Cycler(on_failure=OnFailure.RESUME)
+    c = cycler(on_failure=OnFailure.RESUME)
     running(c)
     to_migrating(c)
     c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "step of dns failed"), 11.0)
@@ -376,7 +350,7 @@ def test_lmdbs_at_different_versions_after_a_migration_park() -> None:
 
 
 def test_render_failure_after_a_migration_never_starts_the_old_config() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(Migrated(steps=1), 11.0)
@@ -387,7 +361,7 @@ def test_render_failure_after_a_migration_never_starts_the_old_config() -> None:
 
 
 def test_schema_too_new_stops_ls_and_parks_naming_the_backup_and_exits_too_new() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     message = "LMDB 'main' is at schema version 5, newer than ...; restore the newest backup: " \
@@ -402,7 +376,7 @@ def test_schema_too_new_stops_ls_and_parks_naming_the_backup_and_exits_too_new()
 
 
 def test_plan_failure_with_ls_running_keeps_it_running() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     changed = "0002_users_json.py: changed since it was applied"
@@ -413,7 +387,7 @@ def test_plan_failure_with_ls_running_keeps_it_running() -> None:
 
 
 def test_plan_failure_at_boot_parks_with_the_message() -> None:
-    c = Cycler()
+    c = cycler()
     c(Booted(), 0.0)
     msg = "LMDB 'main' at /db: unreadable schema marker (bad json)"  # the fact; the remedy is structured
     c(TaskFailed(Task.PLAN, ErrorCode.MIGRATION, msg, remedy=Remedy.STAMP), 0.2)
@@ -431,7 +405,7 @@ UNMARKED = "LMDB 'main' at /db has data but no schema marker for instance 'ns1'"
 
 
 def test_an_unmarked_lmdb_parks_naming_what_works_while_the_daemon_runs() -> None:
-    c = Cycler()
+    c = cycler()
     c(Booted(), 0.0)
     c(TaskFailed(Task.PLAN, ErrorCode.UNMARKED, UNMARKED, remedy=Remedy.BASELINE_OR_STAMP), 0.2)
     assert c.state() is State.PARKED and not c.of(SpawnChild)
@@ -442,7 +416,7 @@ def test_an_unmarked_lmdb_parks_naming_what_works_while_the_daemon_runs() -> Non
         "`lssupervisor stamp N`, then start it"
     )
     # With LS running (a reconcile), the same advice in the one error line; LS keeps running.
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     c(TaskFailed(Task.PLAN, ErrorCode.UNMARKED, UNMARKED, remedy=Remedy.BASELINE_OR_STAMP), 10.1)
@@ -451,7 +425,7 @@ def test_an_unmarked_lmdb_parks_naming_what_works_while_the_daemon_runs() -> Non
 
 
 def test_ls_not_proven_gone_parks_without_touching_the_lmdb() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -464,7 +438,7 @@ def test_ls_not_proven_gone_parks_without_touching_the_lmdb() -> None:
 
 
 def test_paused_operator_holds_the_migration() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(paused=True, source="pause"), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -476,7 +450,7 @@ def test_paused_operator_holds_the_migration() -> None:
 
 
 def test_resume_from_a_failed_migration_park_retries_the_cycle() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom"), 11.0)
@@ -501,26 +475,26 @@ def _park_reasons() -> dict[str, str]:
     """Every cycle park whose reason may name an offline command, from literal histories."""
     reasons: dict[str, str] = {}
 
-    c = Cycler()
+    c = cycler()
     c(Booted(), 0.0)
     c(Planned(render_version=None, target=2, writes=False, markers=(("main", 2), ("dns", 1))), 0.1)
     reasons["no common version"] = c.st.reason or ""
 
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "step of dns failed"), 11.0)
     c(MarkersRead((("main", 2), ("dns", 1))), 11.1)
     reasons["mixed after migration"] = c.st.reason or ""
 
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(TaskFailed(Task.MIGRATE, ErrorCode.MIGRATION, "boom", backup_id="20260101T000000Z-v1"), 11.0)
     c(MarkersRead((("main", 1),)), 11.1)
     reasons["failed migration"] = c.st.reason or ""
 
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(Migrated(steps=1), 11.0)
@@ -549,7 +523,7 @@ def test_park_reasons_say_to_stop_lssupervisor_before_an_offline_command() -> No
 
 
 def test_first_term_during_the_migration_lets_it_finish_then_exits_without_ls() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     acts = c(ShutdownRequested(), 11.0)
@@ -561,7 +535,7 @@ def test_first_term_during_the_migration_lets_it_finish_then_exits_without_ls() 
 
 
 def test_second_term_cancels_the_migration_and_exits_zero_without_ls() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(ShutdownRequested(), 11.0)
@@ -574,7 +548,7 @@ def test_second_term_cancels_the_migration_and_exits_zero_without_ls() -> None:
 
 
 def test_term_while_planning_with_ls_running_cancels_the_plan_and_stops_ls() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     acts = c(ShutdownRequested(), 10.1)
@@ -584,7 +558,7 @@ def test_term_while_planning_with_ls_running_cancels_the_plan_and_stops_ls() -> 
 
 
 def test_term_while_proving_exits_at_once() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -596,7 +570,7 @@ def test_term_while_proving_exits_at_once() -> None:
 
 
 def test_stale_results_outside_their_step_are_ignored() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     before = c.st
     for ev in (MIGRATE_1_2, GoneProven(), Migrated(), MarkersRead((("main", 2),)), DrainFinished(0, "exit 0"),
@@ -606,7 +580,7 @@ def test_stale_results_outside_their_step_are_ignored() -> None:
 
 
 def test_a_request_during_the_migration_runs_after_it() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     to_migrating(c)
     c(ReconcileRequested(source="watch"), 10.5)
@@ -618,7 +592,7 @@ def test_a_request_during_the_migration_runs_after_it() -> None:
 
 
 def test_unkillable_ls_blocks_any_migration() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c.st = replace(c.st, state=State.PARKED, child=None, unkillable_pid=10, park_reason="LS pid 10 survived")
     c(ReconcileRequested(), 10.0)
@@ -632,7 +606,7 @@ def test_unkillable_ls_blocks_any_migration() -> None:
 
 
 def test_file_changes_are_debounced_into_one_reconcile() -> None:
-    c = Cycler(debounce=1.0)
+    c = cycler(debounce=1.0)
     running(c)
     assert c(FileChanged("/app/migrations"), 10.0) == []
     c(FileChanged("/app/migrations"), 10.5)
@@ -645,7 +619,7 @@ def test_file_changes_are_debounced_into_one_reconcile() -> None:
 def test_a_file_that_never_stops_changing_cannot_postpone_the_reconcile_forever() -> None:
     from lssupervisor.core.lifecycle import DEBOUNCE_MAX_FACTOR
 
-    c = Cycler(debounce=1.0)
+    c = cycler(debounce=1.0)
     running(c)
     t = 10.0
     while t < 10.0 + DEBOUNCE_MAX_FACTOR - 0.5:  # a change every half debounce period
@@ -662,7 +636,7 @@ def test_a_file_that_never_stops_changing_cannot_postpone_the_reconcile_forever(
 
 
 def test_a_change_of_our_config_file_is_a_reload() -> None:
-    c = Cycler(debounce=0.2)
+    c = cycler(debounce=0.2)
     running(c)
     c(FileChanged("/etc/lssupervisor/lssupervisor.yaml", ours=True), 10.0)
     c(FileChanged("/etc/lssupervisor/lightningstream.yaml.in"), 10.1)
@@ -670,7 +644,7 @@ def test_a_change_of_our_config_file_is_a_reload() -> None:
 
 
 def test_a_change_while_reconciling_is_kept_pending() -> None:
-    c = Cycler(debounce=0.2)
+    c = cycler(debounce=0.2)
     running(c)
     to_migrating(c)
     c(FileChanged("/app/migrations"), 11.0)
@@ -679,7 +653,7 @@ def test_a_change_while_reconciling_is_kept_pending() -> None:
 
 
 def test_no_reconcile_from_the_watcher_after_shutdown() -> None:
-    c = Cycler(debounce=0.2)
+    c = cycler(debounce=0.2)
     running(c)
     c(FileChanged("/app/migrations"), 10.0)
     c(ShutdownRequested(), 10.1)
@@ -826,7 +800,7 @@ def test_cycle_description_names_where_the_lmdbs_start() -> None:
 
 
 def test_a_failed_import_leaves_ls_running_and_touches_nothing() -> None:
-    c = Cycler()
+    c = cycler()
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -838,7 +812,7 @@ def test_a_failed_import_leaves_ls_running_and_touches_nothing() -> None:
 
 
 def test_an_import_over_its_time_limit_is_cancelled_and_ls_keeps_running() -> None:
-    c = Cycler(import_timeout=60.0)
+    c = cycler(import_timeout=60.0)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)
@@ -852,7 +826,7 @@ def test_an_import_over_its_time_limit_is_cancelled_and_ls_keeps_running() -> No
 
 
 def test_each_step_and_the_backup_get_their_own_time_limit() -> None:
-    c = Cycler(step_timeout=100.0)
+    c = cycler(step_timeout=100.0)
     running(c)
     to_migrating(c)  # StartMigration at 10.4: the backup's limit runs
     assert c.st.task_limit == "migrations.step_timeout (100s)"
@@ -874,7 +848,7 @@ def test_each_step_and_the_backup_get_their_own_time_limit() -> None:
 
 
 def test_a_new_step_rearms_the_limit() -> None:
-    c = Cycler(step_timeout=100.0)
+    c = cycler(step_timeout=100.0)
     running(c)
     to_migrating(c, MIGRATE_1_3)
     c(MigrationProgress(Stage.MIGRATE, "step 1", step=0), 20.0)
@@ -885,7 +859,7 @@ def test_a_new_step_rearms_the_limit() -> None:
 
 
 def test_the_substeps_follow_the_cycle_table() -> None:
-    c = Cycler(drain=True, pre_hooks=1, post_hooks=1)
+    c = cycler(drain=True, pre_hooks=1, post_hooks=1)
     running(c)
     c(ReconcileRequested(), 10.0)
     c(MIGRATE_1_2, 10.1)

@@ -19,35 +19,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import psutil
 import pytest
-import yaml
 
-from lssupervisor.config import load_config
-from lssupervisor.lsconfig.render import inspect_template, lenient_env, load_template
 from lssupervisor.testing.fixtures import build_lmdb
-from lssupervisor.worker import client
-from lssupervisor.worker import protocol as p
 from lssupervisor.worker.protocol import OVERLAP_ENV
-from tests.helpers import wait_for
-from tests.test_supervisor_e2e import ConfigSet, Daemon, pid_alive
-
-WATCH = "watch:\n  debounce: 200ms\n"
-
-
-def step_migration(version: int) -> str:
-    return f'''"""Step {version}: add a record."""
-
-VERSION = {version}
-
-
-def upgrade(m):
-    m.db("users", create=True)
-    m.put("users", b"step-{version}", b"done")
-    m.progress(1, 1)
-'''
-
+from tests.harness import wait_for
+from tests.harness.e2e import (
+    WATCH,
+    ConfigSet,
+    Daemon,
+    Daemons,
+    doc_of,
+    dump,
+    markers,
+    own_workers,
+    pid_alive,
+    rendered_root,
+    ship,
+    step_migration,
+    wait_running_on,
+)
 
 FAILING = '''"""Step 2: writes, then fails (the step must roll back)."""
 
@@ -78,103 +70,29 @@ def upgrade(m):
 '''
 
 
-def ship(cs: ConfigSet, name: str, text: str) -> Path:
-    """Install a migration file by rename (the watcher sees one complete file appear)."""
-    tmp = cs.migrations / f".{name}.tmp"
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    dest = cs.migrations / name
-    os.rename(tmp, dest)
-    return dest
-
-
-def doc_of(d: Daemon) -> dict[str, Any]:
-    return d.cs.state_doc() or {}
-
-
-def wait_running_on(d: Daemon, version: int, timeout: float = 40.0) -> dict[str, Any]:
-    def ok() -> dict[str, Any]:
-        doc = doc_of(d)
-        good = (
-            doc.get("pid") == d.pid
-            and doc.get("state") == "RUNNING"
-            and doc.get("schema_version") == version
-            and (doc.get("lmdbs") or {}).get("main", {}).get("schema_version") == version
-        )
-        return doc if good else {}
-
-    try:
-        return wait_for(ok, timeout=timeout, what=f"RUNNING on schema v{version}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; last {doc_of(d)}\n{d.text()}") from None
-
-
-def rendered_root(cs: ConfigSet) -> str:
-    doc = yaml.safe_load((cs.state / "lightningstream.yaml").read_text())
-    return str(doc["storage"]["options"]["root_path"])
-
-
-def markers(cs: ConfigSet) -> dict[str, int | None]:
-    """The LMDB's markers, read by a worker (as the daemon does)."""
-    cfg = load_config(cs.config)
-    template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
-    view = inspect_template(template, lenient_env(os.environ))
-    result = client.call(p.MarkersRequest(client.settings(cfg, view)), p.MarkersResult, timeout=30)
-    return result.versions()
-
-
-def own_workers(cs: ConfigSet) -> list[psutil.Process]:
-    """Worker processes of this test's daemon: their cwd is the config set's root (the daemon's),
-    so workers of daemons in other tests running in parallel (xdist) are not counted."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        if "lssupervisor.worker" in " ".join(proc.info["cmdline"] or []) and proc.info["cwd"] == str(cs.root):
-            found.append(proc)
-    return found
-
-
-def dump(path: Path) -> tuple[int, dict[bytes, list[tuple[bytes, bytes]]]]:
-    """Last txn id and every named DBI's entries of the LMDB at ``path`` (read-only; nothing else
-    has it open when this runs)."""
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
-    try:
-        out: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        with env.begin() as txn:
-            names = [k for k, _ in txn.cursor()]
-            for name in names:
-                db = env.open_db(name, txn=txn, create=False)
-                out[name] = list(txn.cursor(db=db))
-        return int(env.info()["last_txnid"]), out
-    finally:
-        env.close()
-
-
 @pytest.fixture
 def cs(tmp_path: Path) -> ConfigSet:
     return ConfigSet(tmp_path)
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
+def daemons() -> Iterator[Daemons]:
+    started = Daemons()
     try:
         yield started
     finally:
-        for d in started:
-            d.close()
+        started.close_all()
 
 
-def start(daemons: list[Daemon], cs: ConfigSet, name: str = "daemon") -> Daemon:
-    d = Daemon(cs, name)
-    daemons.append(d)
-    return d
+def start(daemons: Daemons, cs: ConfigSet, name: str = "daemon") -> Daemon:
+    return daemons.start(cs, name)
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
 def test_ls_never_runs_during_a_write_across_repeated_cycles(
-    cs: ConfigSet, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
+    cs: ConfigSet, daemons: Daemons, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(OVERLAP_ENV, str(cs.record))  # the daemon's workers inherit it
     cs.write(extra=WATCH)
@@ -208,7 +126,7 @@ def test_ls_never_runs_during_a_write_across_repeated_cycles(
     assert markers(cs) == {"main": 4}
 
 
-def test_noop_reconcile_keeps_the_ls_pid(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_noop_reconcile_keeps_the_ls_pid(cs: ConfigSet, daemons: Daemons) -> None:
     d = start(daemons, cs)
     pid = wait_running_on(d, 1)["lightningstream"]["pid"]
     d.send(signal.SIGUSR1)
@@ -219,7 +137,7 @@ def test_noop_reconcile_keeps_the_ls_pid(cs: ConfigSet, daemons: list[Daemon]) -
     assert not d.lines("step PROVING.*reconcile")  # no stop, no proof: nothing was to be written
 
 
-def test_a_template_change_restarts_ls_once(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_a_template_change_restarts_ls_once(cs: ConfigSet, daemons: Daemons) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
     old = wait_running_on(d, 1)["lightningstream"]["pid"]
@@ -237,7 +155,7 @@ def test_a_template_change_restarts_ls_once(cs: ConfigSet, daemons: list[Daemon]
     assert "lmdb_poll_interval: 150ms" in (cs.state / "lightningstream.yaml").read_text()
 
 
-def test_a_bad_template_keeps_the_old_config_and_ls_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_a_bad_template_keeps_the_old_config_and_ls_running(cs: ConfigSet, daemons: Daemons) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
     pid = wait_running_on(d, 1)["lightningstream"]["pid"]
@@ -252,7 +170,7 @@ def test_a_bad_template_keeps_the_old_config_and_ls_running(cs: ConfigSet, daemo
 
 
 def test_a_failing_migration_parks_with_ls_down_and_the_lmdb_unchanged(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
@@ -279,7 +197,7 @@ def test_a_failing_migration_parks_with_ls_down_and_the_lmdb_unchanged(
 
 
 def test_status_json_and_metrics_show_the_backups_after_a_migration(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     from prometheus_client import generate_latest
 
@@ -315,7 +233,7 @@ def test_status_json_and_metrics_show_the_backups_after_a_migration(
     assert "lssupervisor_last_backup_timestamp_seconds " in text
 
 
-def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons: Daemons) -> None:
     cs.write(extra=WATCH + "schema:\n  on_failure: resume\n")
     d = start(daemons, cs)
     old = wait_running_on(d, 1)["lightningstream"]["pid"]
@@ -331,7 +249,7 @@ def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons
 
 
 def test_a_second_sigterm_cancels_a_slow_migration_and_exits_zero_without_ls(
-    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+    cs: ConfigSet, daemons: Daemons, tmp_path: Path
 ) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
@@ -352,7 +270,7 @@ def test_a_second_sigterm_cancels_a_slow_migration_and_exits_zero_without_ls(
     assert own_workers(cs) == []
 
 
-def test_schema_too_new_parks_naming_the_backup_to_restore(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_schema_too_new_parks_naming_the_backup_to_restore(cs: ConfigSet, daemons: Daemons) -> None:
     cs.write(extra=WATCH)
     ship(cs, "0002_step.py", step_migration(2))
     d = start(daemons, cs)
@@ -375,7 +293,7 @@ def test_schema_too_new_parks_naming_the_backup_to_restore(cs: ConfigSet, daemon
 
 
 def test_startup_migration_extends_the_systemd_start_timeout(
-    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+    cs: ConfigSet, daemons: Daemons, tmp_path: Path
 ) -> None:
     import socket
 
@@ -417,7 +335,7 @@ def test_startup_migration_extends_the_systemd_start_timeout(
 
 
 def test_drain_and_hooks_run_in_order_with_ls_stopped(
-    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+    cs: ConfigSet, daemons: Daemons, tmp_path: Path
 ) -> None:
     trace = tmp_path / "trace"
     hook = f'echo "$LSSUPERVISOR_HOOK $LSSUPERVISOR_FROM_VERSION $LSSUPERVISOR_TO_VERSION" >> {trace}'
@@ -445,7 +363,7 @@ def test_drain_and_hooks_run_in_order_with_ls_stopped(
 
 
 def test_a_hook_over_its_time_limit_is_named_with_the_setting_and_parks(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     cs.write(extra=WATCH + "hooks:\n  timeout: 300ms\n  pre_migrate: [[sleep, '30']]\n")
     d = start(daemons, cs)
@@ -458,7 +376,7 @@ def test_a_hook_over_its_time_limit_is_named_with_the_setting_and_parks(
     assert markers(cs) == {"main": 1}
 
 
-def test_a_bad_migration_file_keeps_ls_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_a_bad_migration_file_keeps_ls_running(cs: ConfigSet, daemons: Daemons) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
     pid = wait_running_on(d, 1)["lightningstream"]["pid"]
@@ -469,7 +387,7 @@ def test_a_bad_migration_file_keeps_ls_running(cs: ConfigSet, daemons: list[Daem
 
 
 def test_a_bad_migration_file_at_boot_is_named_as_such_and_exits_migration(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     ship(cs, "2_misnamed.py", step_migration(2))
     d = start(daemons, cs)
@@ -481,7 +399,7 @@ def test_a_bad_migration_file_at_boot_is_named_as_such_and_exits_migration(
 
 
 def test_the_target_file_pins_the_version_and_is_watched(
-    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+    cs: ConfigSet, daemons: Daemons, tmp_path: Path
 ) -> None:
     target = tmp_path / "target"
     target.write_text("1\n")
@@ -496,7 +414,7 @@ def test_the_target_file_pins_the_version_and_is_watched(
 
 
 def test_kill9_of_the_daemon_mid_migration_takes_the_worker_down_and_rolls_back(
-    cs: ConfigSet, daemons: list[Daemon], tmp_path: Path
+    cs: ConfigSet, daemons: Daemons, tmp_path: Path
 ) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
@@ -514,7 +432,7 @@ def test_kill9_of_the_daemon_mid_migration_takes_the_worker_down_and_rolls_back(
 
 
 def test_an_unmarked_lmdb_parks_and_the_advice_in_the_reason_works(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     build_lmdb(cs.lmdb, {"users": {"alice": ("x", 1_700_000_000_000_000_000)}})  # data, no marker
     d = start(daemons, cs)
@@ -556,7 +474,7 @@ def reload_with_a_broken_config(d: Daemon, cs: ConfigSet) -> None:
 
 
 def test_a_bad_config_on_hup_keeps_a_daemon_parked_at_boot_parked(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     build_lmdb(cs.lmdb, {"users": {"alice": ("x", 1_700_000_000_000_000_000)}})  # data, no marker
     d = start(daemons, cs)
@@ -567,7 +485,7 @@ def test_a_bad_config_on_hup_keeps_a_daemon_parked_at_boot_parked(
     assert not d.lines("state PARKED -> STOPPED")
 
 
-def test_a_bad_config_on_hup_keeps_a_paused_daemon_paused(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_a_bad_config_on_hup_keeps_a_paused_daemon_paused(cs: ConfigSet, daemons: Daemons) -> None:
     d = start(daemons, cs)
     wait_running_on(d, 1)
     out = subprocess.run(
@@ -580,7 +498,7 @@ def test_a_bad_config_on_hup_keeps_a_paused_daemon_paused(cs: ConfigSet, daemons
     assert d.wait_state("PAUSED") and d.proc.poll() is None
 
 
-def test_a_bad_config_on_hup_keeps_a_daemon_in_backoff(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_a_bad_config_on_hup_keeps_a_daemon_in_backoff(cs: ConfigSet, daemons: Daemons) -> None:
     # LS crashes 1 s after each start; a long backoff keeps the daemon in BACKOFF for the reload.
     cs.write(
         ls_env={"LSSTANDIN_CRASH_AFTER_MS": "1000"},
@@ -594,7 +512,7 @@ def test_a_bad_config_on_hup_keeps_a_daemon_in_backoff(cs: ConfigSet, daemons: l
 
 
 def test_a_bad_config_saved_mid_cycle_is_refused_after_the_cycle(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
@@ -644,7 +562,7 @@ def limit(cs: ConfigSet, line: str) -> None:
     cs.config.write_text(cs.config.read_text().replace(block, f"{block}  {line}\n"))
 
 
-def test_an_import_that_hangs_is_cut_off_and_ls_keeps_running(cs: ConfigSet, daemons: list[Daemon]) -> None:
+def test_an_import_that_hangs_is_cut_off_and_ls_keeps_running(cs: ConfigSet, daemons: Daemons) -> None:
     cs.write(extra=WATCH)
     limit(cs, "import_timeout: 1s")
     d = start(daemons, cs)
@@ -662,7 +580,7 @@ def test_an_import_that_hangs_is_cut_off_and_ls_keeps_running(cs: ConfigSet, dae
 
 
 def test_a_step_that_hangs_is_cut_off_rolled_back_and_parks_naming_the_limit(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     cs.write(extra=WATCH)
     limit(cs, "step_timeout: 1s")
@@ -699,7 +617,7 @@ def upgrade(m):
 
 
 def test_a_stray_left_by_a_migration_is_killed_and_named_after_the_cycle(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     cs.write(extra=WATCH)
     d = start(daemons, cs)
@@ -728,7 +646,7 @@ def upgrade(m):
 
 
 def test_a_step_that_never_reports_shows_a_heartbeat_in_status_log_and_metrics(
-    cs: ConfigSet, daemons: list[Daemon]
+    cs: ConfigSet, daemons: Daemons
 ) -> None:
     from prometheus_client import generate_latest
 

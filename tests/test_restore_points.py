@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from lssupervisor.worker import backupdir, history
-from tests.helpers import wait_for
-from tests.test_backup import Opened
-from tests.test_supervisor_e2e import ConfigSet
-from tests.test_worker import sample_lmdb
+from tests.harness import wait_for
+from tests.harness.e2e import ConfigSet, kill_recorded_ls
+from tests.harness.workers import Opened, sample_lmdb
 
 STEP2 = '''"""Step 2: a record."""
 
@@ -169,7 +168,6 @@ def test_row6_the_state_dir_made_by_migrate_or_run_is_0700(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-        from tests.test_supervisor_e2e import kill_recorded_ls
 
         kill_recorded_ls(cs)
 

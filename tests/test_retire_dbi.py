@@ -15,7 +15,7 @@ from pathlib import Path
 from lssupervisor.errors import ExitCode
 from lssupervisor.testing.scenario import Cluster, Dump
 from lssupervisor.worker import lsheader
-from tests.helpers import wait_for
+from tests.harness import wait_for
 
 NEW_DBI = '''"""Users move to a new DBI, users_v2 (prune retires the old one once all are on 2)."""
 

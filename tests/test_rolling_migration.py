@@ -16,12 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from lssupervisor.testing.lsbinary import standin_binary
 from lssupervisor.testing.scenario import (
     Cluster,
     RollingResult,
@@ -29,7 +29,9 @@ from lssupervisor.testing.scenario import (
     iter_lines,
     rolling_migration,
 )
-from tests.conftest import Bucket
+from tests.harness import wait_for
+from tests.harness.real_ls import real_ls_binary
+from tests.harness.s3 import Bucket
 
 
 def _run(
@@ -57,7 +59,8 @@ def _assert_passed(result: RollingResult, timeline: Timeline) -> None:
 
 
 def test_rolling_migration_driven_by_the_daemon(tmp_path: Path) -> None:
-    result, timeline = _run(tmp_path / "work")
+    # Always the stand-in here; the real LS (when installed) has its own test below.
+    result, timeline = _run(tmp_path / "work", standin_binary(tmp_path))
     _assert_passed(result, timeline)
 
 
@@ -76,10 +79,7 @@ def test_rolling_migration_over_s3(tmp_path: Path, s3_bucket: Bucket) -> None:
 
 @pytest.mark.real_ls
 def test_rolling_migration_with_real_lightning_stream(tmp_path: Path) -> None:
-    binary = os.environ.get("LIGHTNINGSTREAM_BIN")
-    if not binary:
-        pytest.skip("LIGHTNINGSTREAM_BIN is not set (path of a real Lightning Stream binary)")
-    result, timeline = _run(tmp_path / "work", binary)
+    result, timeline = _run(tmp_path / "work", real_ls_binary())
     _assert_passed(result, timeline)
 
 
@@ -171,7 +171,4 @@ def test_demo_interrupted_leaves_no_process_behind(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    deadline = time.monotonic() + 5
-    while _processes_naming(workdir) and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a condition with a deadline
-    assert _processes_naming(workdir) == []
+    wait_for(lambda: not _processes_naming(workdir), what=f"no process naming {workdir}")

@@ -43,8 +43,7 @@ from lssupervisor.testing.scenario import (
 )
 from lssupervisor.worker import lsheader
 from lssupervisor.worker.marker import stamp
-
-from .helpers import wait_for
+from tests.harness import wait_for
 
 # ----------------------------------------------------------------------------------------- formats
 
@@ -307,7 +306,7 @@ def test_dump_markers_and_settled_compare_two_lmdbs(cluster: Cluster) -> None:
 
 
 def test_snapshots_are_listed_and_decoded_per_version(cluster: Cluster, tmp_path: Path) -> None:
-    """A real snapshot written by LS (the stand-in unless LIGHTNINGSTREAM_BIN) under storage/v1."""
+    """A real snapshot written by LS (the real one when installed, else the stand-in) under storage/v1."""
     spec = lmdb_spec(tmp_path / "src")
     build_lmdb(spec, {APP_DBI: {"user:1": (encode(1, {"name": "x"}), 42)}}, marker=1, instance="alpha")
     config = tmp_path / "ls.yaml"

@@ -1,11 +1,9 @@
 """The stand-in's s3 backend against a real S3-API server (moto, on loopback), like LS's simpleblob s3:
 object names under global_prefix, strict options, credentials from ${...} references, LS's errors.
-Run against the real binary too (``real_ls``) when $LIGHTNINGSTREAM_BIN is set."""
+Run against the real binary too (``real_ls``) when one is installed (tests/harness/real_ls.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,21 +11,14 @@ import lmdb
 import pytest
 
 from lssupervisor.worker import lsheader
-from tests.conftest import Bucket
-from tests.test_standin import NAME_RE, Procs
-
-STANDIN = [sys.executable, "-m", "lssupervisor.testing.standin"]
-REAL_LS = os.environ.get("LIGHTNINGSTREAM_BIN")
+from tests.harness.real_ls import real_ls_binary
+from tests.harness.s3 import Bucket
+from tests.harness.standin import NAME_RE, STANDIN, Procs
 
 
 @pytest.fixture(params=[pytest.param("standin"), pytest.param("real", marks=pytest.mark.real_ls)])
 def ls(request: pytest.FixtureRequest) -> Iterator[Procs]:
-    if request.param == "real":
-        if not REAL_LS:
-            pytest.skip("LIGHTNINGSTREAM_BIN not set")
-        procs = Procs([REAL_LS])
-    else:
-        procs = Procs(STANDIN)
+    procs = Procs([real_ls_binary()]) if request.param == "real" else Procs(STANDIN)
     try:
         yield procs
     finally:

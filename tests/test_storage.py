@@ -20,7 +20,7 @@ from lssupervisor.errors import ExitCode, Refused
 from lssupervisor.storage import fleet, location
 from lssupervisor.storage import prune as pruning
 from lssupervisor.testing.standin.snapshot import build_name
-from tests.conftest import Bucket
+from tests.harness.s3 import Bucket
 
 STANDIN = str(Path(sys.executable).parent / "lightningstream-standin")
 MIGRATION = '"""Step {v}."""\nVERSION = {v}\n\n\ndef upgrade(m):\n    pass\n'

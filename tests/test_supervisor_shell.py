@@ -20,8 +20,8 @@ from lssupervisor.core.states import Task
 from lssupervisor.daemon.prepare import load
 from lssupervisor.daemon.supervisor import Supervisor
 from lssupervisor.worker import client as worker_mod
-from tests.helpers import wait_for
-from tests.test_supervisor_e2e import ConfigSet
+from tests.harness import wait_for
+from tests.harness.e2e import ConfigSet
 
 # What systemd hands to the service only: a child speaking on the notify socket would be rejected
 # (NotifyAccess=main) or, with NotifyAccess=all, could report READY=1 for us.

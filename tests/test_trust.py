@@ -34,7 +34,7 @@ from lssupervisor.config import load_config
 from lssupervisor.errors import ExitCode, MigrationLoadError, UntrustedInput
 from lssupervisor.worker import history
 from lssupervisor.worker.migrations import discover, import_migration, load
-from tests.test_supervisor_e2e import ConfigSet, Daemon, kill_recorded_ls
+from tests.harness.e2e import ConfigSet, Daemon, kill_recorded_ls
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0

@@ -47,6 +47,7 @@ import psutil
 import yaml
 
 from lssupervisor import resources
+from lssupervisor.testing.lsbinary import find_real_ls, standin_binary
 from lssupervisor.testing.ports import free_port
 from lssupervisor.testing.standin.snapshot import SnapshotError, load_data, parse_name
 from lssupervisor.worker import lsheader
@@ -150,27 +151,15 @@ class LsBinary:
 
 
 def find_ls_binary(explicit: str | None, workdir: Path) -> LsBinary:
-    """Real LS from ``explicit``, ``$LIGHTNINGSTREAM_BIN`` or ``lightningstream`` on PATH; else the
-    stand-in (its console script next to this Python, or a small wrapper written into ``workdir``)."""
+    """``explicit`` when given; else the real LS by the one rule of :mod:`.lsbinary`
+    (``$LIGHTNINGSTREAM_BIN``, else ``lightningstream`` on PATH); else the stand-in, saying why."""
     if explicit:
         return LsBinary(os.path.abspath(explicit) if os.sep in explicit else explicit,
                         "stand-in" if "standin" in explicit else "real", "given")
-    env_bin = os.environ.get("LIGHTNINGSTREAM_BIN")
-    if env_bin:
-        return LsBinary(os.path.abspath(env_bin), "real", "$LIGHTNINGSTREAM_BIN")
-    on_path = shutil.which("lightningstream")
-    if on_path:
-        return LsBinary(on_path, "real", "lightningstream on PATH")
-    script = Path(sys.executable).parent / "lightningstream-standin"
-    if script.is_file() and os.access(script, os.X_OK):
-        return LsBinary(str(script), "stand-in", "no Lightning Stream binary found")
-    wrapper = workdir / "lightningstream-standin"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m lssupervisor.testing.standin "$@"\n')
-    wrapper.chmod(0o755)
-    return LsBinary(str(wrapper), "stand-in", "no Lightning Stream binary found")
-
-
-
+    real = find_real_ls()
+    if real.path is not None:
+        return LsBinary(real.path, "real", real.how)
+    return LsBinary(standin_binary(workdir), "stand-in", real.how)
 
 
 # ===================================================================================================
