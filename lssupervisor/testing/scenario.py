@@ -197,8 +197,10 @@ class AppWriter:
         dbi_lock: threading.Lock | None = None,
     ) -> None:
         self.env = env
-        # LMDB's mdb_dbi_open must not run in two transactions of one process at once: every thread
-        # of this process that opens DBIs on ``env`` shares this lock (Cluster.dump does).
+        # LMDB: "A transaction that uses [mdb_dbi_open] must finish (either commit or abort) before any
+        # other transaction in the process may use this function." Every thread of this process that
+        # opens DBIs on ``env`` shares this lock (Cluster.dump does) and holds it from before its
+        # transaction begins until it has ended.
         self.dbi_lock = dbi_lock or threading.Lock()
         self.instance = instance
         self.interval = interval
@@ -210,6 +212,7 @@ class AppWriter:
         self._stop = threading.Event()
         self._seq = 0
         self._users = 0
+        self.attempts = 0  # write transactions begun or about to begin (a test's "it has tried")
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"app-writer-{instance}", daemon=True)
 
@@ -247,8 +250,12 @@ class AppWriter:
     def write_one(self) -> Write | None:
         """One write; None (nothing written) while the LMDB has no marker for us yet."""
         key, record = self._next()
-        # Blocks here while a migration (another process) holds LMDB's writer lock.
-        with self.env.begin(write=True) as txn, self.dbi_lock:
+        self.attempts += 1
+        # Blocks in begin() while a migration (another process) holds LMDB's writer lock. The DBI lock
+        # is taken first and released only after the commit: it used to be released before the commit
+        # (``with begin() as txn, lock``), and a dump's read transaction then opened a DBI while this
+        # one was unfinished: `mdb_dbi_flags: Invalid argument` in Cluster.dump (or MDB_BAD_DBI here).
+        with self.dbi_lock, self.env.begin(write=True) as txn:
             marker = read_marker(self.env, txn, self.instance, native=True, marker_dbi=self.marker_dbi)
             if marker is None:
                 txn.abort()
