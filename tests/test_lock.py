@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,9 @@ def test_acquire_writes_the_holder_and_refuses_a_second_taker(tmp_path: Path) ->
         assert lock.holder_pid(cfg) == os.getpid()
         assert lock.holder(cfg) == lock.Holder(os.getpid(), "daemon", str(cfg.state_dir))
         assert held.fileno() >= 0 and held.paths[0] == cfg.lock_path
-        t0 = time.monotonic()
+        # Refused at once (LOCK_NB): a blocking acquire would hang here until pytest-timeout.
         with pytest.raises(LockHeld) as err:
             lock.acquire(cfg, [db], "migrate")  # flock is per open file: a second open collides
-        assert time.monotonic() - t0 < 1.0
         assert err.value.holder_pid == os.getpid()
         assert err.value.exit_code is ExitCode.LOCKED
         assert f"locked by lssupervisor pid {os.getpid()} (daemon" in str(err.value)
