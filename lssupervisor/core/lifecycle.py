@@ -281,9 +281,10 @@ class Lifecycle(Cycle):
         stopping = Stopping(
             purpose=purpose, reason=reason, term_at=now, kill_at=now + self.timeouts.stop_timeout
         )
-        new = self._enter(replace(st, stopping=stopping), State.STOPPING, reason, now, acts)
+        # SIGTERM before the announcement: kill_at counts from now, and the shell's announcing (the log
+        # line, state.json written and fsynced) must not eat into the stop_timeout LS gets.
         acts.append(SignalGroup(st.child.pid))
-        return new
+        return self._enter(replace(st, stopping=stopping), State.STOPPING, reason, now, acts)
 
     def _spawn(self, st: SupervisorState, reason: str, acts: list[Action]) -> SupervisorState:
         assert st.digest is not None and st.child is None
