@@ -58,11 +58,8 @@ def test_pause_and_resume_the_real_daemon(tmp_path: Path) -> None:
         out = run_cli(cs, "resume")
         assert out.returncode == 0, out.stderr
         assert f"resumed: lssupervisor pid {d.pid} is" in out.stdout
-        new = d.running_ls_pid()
-        assert new != ls_pid
-        # RUNNING comes after settle_time, not after the new LS wrote its start record: wait for it.
-        cs.wait_recorded(new)
-        assert cs.start_pids() == [ls_pid, new]
+        new = d.running_ls_pid()  # also waits for its start record (RUNNING comes after settle_time)
+        assert new != ls_pid and cs.start_pids() == [ls_pid, new]
         assert run_cli(cs, "reconcile").returncode == 0
         d.wait_log(r'reason="reconcile \(SIGUSR1\)"')
         assert d.running_ls_pid() == new

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.e2e import ConfigSet, Daemon, ship, step_migration, wait_running_on
+from tests.harness.e2e import WATCH, ConfigSet, Daemon, ship, step_migration, wait_running_on
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lssupervisor"
@@ -133,7 +133,7 @@ def test_the_running_daemon_never_maps_py_lmdb_even_after_a_whole_cycle(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     cs = ConfigSet(tmp_path)
-    cs.write(extra="watch:\n  debounce: 200ms\n")
+    cs.write(extra=WATCH)
     d = Daemon(cs)
     daemons.append(d)
     wait_running_on(d, 1)

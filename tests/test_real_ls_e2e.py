@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.harness import free_port, wait_for
-from tests.harness.e2e import ConfigSet, Daemon, rendered_root, ship, step_migration, wait_running_on
+from tests.harness.e2e import WATCH, ConfigSet, Daemon, rendered_root, ship, step_migration, wait_running_on
 from tests.harness.real_ls import real_ls_binary
 
 pytestmark = pytest.mark.real_ls
@@ -34,7 +34,7 @@ def real_ls() -> str:
 def daemon(tmp_path: Path, real_ls: str) -> Iterator[tuple[ConfigSet, Daemon]]:
     cs = ConfigSet(tmp_path)
     cs.write_template(ls_http=f"127.0.0.1:{free_port()}")  # readiness from LS's own /healthz
-    cs.write(binary=real_ls, extra="watch:\n  debounce: 200ms\n")
+    cs.write(binary=real_ls, extra=WATCH)
     d = Daemon(cs)
     try:
         yield cs, d

@@ -234,10 +234,13 @@ def test_status_json_and_metrics_show_the_backups_after_a_migration(
 
 
 def test_on_failure_resume_restarts_ls_on_the_old_version(cs: ConfigSet, daemons: Daemons) -> None:
-    cs.write(extra=WATCH + "schema:\n  on_failure: resume\n")
+    # One reconcile, by SIGUSR1: with the watcher on, a second event of the file's arrival could land
+    # while the first cycle runs and, under `resume`, retry the failing step with one more LS restart.
+    cs.write(extra="schema:\n  on_failure: resume\n")
     d = start(daemons, cs)
     old = wait_running_on(d, 1)["lightningstream"]["pid"]
     ship(cs, "0002_fails.py", FAILING)
+    d.send(signal.SIGUSR1)
     d.wait_log(r"on_failure resume: LS restarts on version 1")
     new = wait_for(
         lambda: (p := wait_running_on(d, 1)["lightningstream"]["pid"]) != old and p,

@@ -6,7 +6,10 @@ its log in a file. Everything that waits, waits on a condition with a deadline: 
 ``state.json``, the stand-in's start records. ``close()`` kills what is left by pid.
 
 The stand-in's start record (``LSSTANDIN_RECORD``) is written after its test knobs are in place, so
-waiting for an LS's record is waiting until it really ignores SIGTERM, crashes on its timer, etc.
+waiting for an LS's record is waiting until it really ignores SIGTERM, crashes on its timer, etc. The
+daemon reports RUNNING after ``settle_time`` whatever LS is doing, so :meth:`Daemon.running_ls_pid` and
+:func:`wait_running_on` also wait for the stand-in's record of that pid: "running" in a test means the
+LS really started (and counting ``starts()`` is then exact).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def upgrade(m):
 '''
 
 WATCH = "watch:\n  debounce: 200ms\n"
+WATCH_OFF = "watch:\n  enabled: false\n"
 
 
 def step_migration(version: int) -> str:
@@ -88,6 +92,7 @@ class ConfigSet:
         self.lmdb.mkdir()
         self.storage.mkdir()
         self.migrations.mkdir()
+        self.binary = STANDIN
         # The application's migrations: a baseline (an empty LMDB is stamped with it at boot).
         (self.migrations / "0001_baseline.py").write_text(BASELINE)
         self.write_template()
@@ -114,7 +119,12 @@ class ConfigSet:
         binary: str = STANDIN,
     ) -> None:
         """``ls_extra``: more lines of the ``lightningstream:`` block (indented by 2); ``extra``: more
-        top-level YAML (``schema:``, ``watch:``, ``hooks:``...)."""
+        top-level YAML (``schema:``, ``watch:``, ``hooks:``...).
+
+        The file watcher is off unless ``extra`` configures it (:data:`WATCH`): a test that edits a file
+        and sends SIGHUP must not race a second, watcher-made reconcile that lands anywhere in its
+        cycle depending on how busy the machine is."""
+        self.binary = binary
         env = {"LSSTANDIN_RECORD": str(self.record), **(ls_env or {})}
         env_yaml = "".join(f"\n    {k}: {json.dumps(v)}" for k, v in env.items())
         policy = {"initial_delay": "200ms", "max_delay": "1s", "jitter": "0", **(restart or {})}
@@ -136,7 +146,7 @@ migrations:
   path: migrations
 http:
   address: "{http}"
-{extra}"""
+{extra}{"" if "watch:" in extra else WATCH_OFF}"""
         )
 
     def records(self) -> list[dict[str, Any]]:
@@ -166,6 +176,11 @@ http:
             timeout=timeout,
             what=f"the start record of LS pid {pid}",
         )
+
+    def confirm_started(self, pid: int) -> None:
+        """Wait for the stand-in's record of ``pid`` (a real LS writes none: nothing to wait for)."""
+        if self.binary == STANDIN:
+            self.wait_recorded(pid)
 
     def state_doc(self) -> dict[str, Any] | None:
         try:
@@ -224,9 +239,11 @@ class Daemon:
             raise AssertionError(f"{exc}; last {self.cs.state_doc()}\n{self.text()}") from None
 
     def running_ls_pid(self, timeout: float = 30.0) -> int:
+        """The LS pid once the daemon is RUNNING and that LS recorded its start."""
         doc = self.wait_state("RUNNING", timeout)
         pid = doc["lightningstream"]["pid"]
         assert isinstance(pid, int)
+        self.cs.confirm_started(pid)
         return pid
 
     def send(self, sig: int) -> None:
@@ -305,9 +322,11 @@ def wait_running_on(d: Daemon, version: int, timeout: float = 60.0) -> dict[str,
         return doc if good else {}
 
     try:
-        return wait_for(ok, timeout=timeout, what=f"RUNNING on schema v{version}")
+        doc = wait_for(ok, timeout=timeout, what=f"RUNNING on schema v{version}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last {doc_of(d)}\n{d.text()}") from None
+    d.cs.confirm_started(doc["lightningstream"]["pid"])
+    return doc
 
 
 def rendered_root(cs: ConfigSet) -> str:
