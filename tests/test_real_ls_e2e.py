@@ -19,7 +19,16 @@ import psutil
 import pytest
 
 from tests.harness import free_port, wait_for
-from tests.harness.e2e import WATCH, ConfigSet, Daemon, rendered_root, ship, step_migration, wait_running_on
+from tests.harness.e2e import (
+    WATCH,
+    ConfigSet,
+    Daemon,
+    pid_alive,
+    rendered_root,
+    ship,
+    step_migration,
+    wait_running_on,
+)
 from tests.harness.real_ls import real_ls_binary
 
 pytestmark = pytest.mark.real_ls
@@ -59,10 +68,10 @@ def test_real_ls_ready_from_healthz_and_stopped_by_group(daemon: tuple[ConfigSet
     pid = doc["lightningstream"]["pid"]
     # HUP with nothing changed: the same LS keeps running.
     d.send(signal.SIGHUP)
-    d.wait_log(r"reconcile: nothing to do|LS config unchanged|keeps running", timeout=20)
+    d.wait_log(r"reconcile: nothing to do|LS config unchanged|keeps running", timeout=60)
     assert wait_running_on(d, 1)["lightningstream"]["pid"] == pid
     d.send(signal.SIGTERM)
-    assert d.wait(timeout=20) == 0
+    assert d.wait(timeout=60) == 0
     assert _ls_processes(cs.state / "lightningstream.yaml") == []
 
 
@@ -70,9 +79,8 @@ def test_real_ls_dies_with_a_sigkilled_supervisor(daemon: tuple[ConfigSet, Daemo
     _cs, d = daemon
     pid = wait_running_on(d, 1, timeout=60)["lightningstream"]["pid"]
     os.kill(d.pid, signal.SIGKILL)
-    d.proc.wait(timeout=10)
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
-             timeout=2, what="LS gone after kill -9 of its supervisor")
+    d.proc.wait(timeout=60)
+    wait_for(lambda: not pid_alive(pid), what="LS gone after kill -9 of its supervisor")
 
 
 def test_real_ls_moves_to_the_new_prefix_after_a_migration(daemon: tuple[ConfigSet, Daemon]) -> None:
