@@ -14,15 +14,25 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from lssupervisor.errors import BackupError, ErrorCode, SupervisorError
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
-from lssupervisor.worker import backup, backupdir
+from lssupervisor.worker import backup, backupdir, ops
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.wire import to_wire
-from tests.harness.workers import INSTANCE, Opened, make_settings, make_view, read_marker, sample_lmdb
+from tests.harness.workers import (
+    BASIC_MIGRATIONS,
+    INSTANCE,
+    Opened,
+    make_settings,
+    make_view,
+    read_marker,
+    sample_lmdb,
+    write_migrations,
+)
 
 
 @pytest.fixture
@@ -274,8 +284,7 @@ def test_a_copy_that_fails_its_check_blocks_the_first_write(
     """I7: a verified backup exists before the first write. The migrate op runs in this process (the
     worker's own code), with the copy damaged between writing and checking: the op fails, no step
     ran, and nothing that looks like a backup is left."""
-    from lssupervisor.worker import history, ops
-    from tests.test_worker import BASIC_MIGRATIONS, write_migrations
+    from lssupervisor.worker import history
 
     spec = sample_lmdb(tmp_path / "db", n=500, marker=1)
     before = read_values(spec)

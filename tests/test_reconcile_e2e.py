@@ -22,10 +22,12 @@ from typing import Any
 import psutil
 import pytest
 
+from lssupervisor.errors import ExitCode
 from lssupervisor.testing.fixtures import build_lmdb
 from lssupervisor.worker.protocol import OVERLAP_ENV
 from tests.harness import wait_for
 from tests.harness.e2e import (
+    STANDIN,
     WATCH,
     ConfigSet,
     Daemon,
@@ -167,6 +169,53 @@ def test_a_bad_template_keeps_the_old_config_and_ls_running(cs: ConfigSet, daemo
     doc = wait_running_on(d, 1)
     assert doc["lightningstream"]["pid"] == pid and pid_alive(pid)
     assert (cs.state / "lightningstream.yaml").read_text() == before
+
+
+# What a reader-table proof must catch: an LS the daemon did not start (by hand, with another config,
+# so neither our process group nor our config names it) reading the LMDB. Named like the configured LS
+# binary, it holds a read transaction open until told to stop.
+LS_LOOKALIKE = """\
+import sys
+import lmdb
+env = lmdb.open(sys.argv[1], readonly=True, max_dbs=64)
+txn = env.begin()
+print("reading", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_an_ls_among_the_lmdb_readers_keeps_the_migration_off_the_lmdb(
+    cs: ConfigSet, daemons: Daemons, tmp_path: Path
+) -> None:
+    """I1, the reader-table half of "LS is proven gone": the daemon stops its own LS, finds another LS
+    among the LMDB's readers, and parks without touching the LMDB."""
+    d = start(daemons, cs)
+    wait_running_on(d, 1)
+    script = tmp_path / "bin" / Path(STANDIN).name  # the same name as the configured LS binary
+    script.parent.mkdir()
+    script.write_text(LS_LOOKALIKE)
+    stranger = subprocess.Popen(
+        [sys.executable, str(script), str(cs.lmdb)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert stranger.stdout is not None and stranger.stdout.readline().strip() == "reading"
+        ship(cs, "0002_step.py", step_migration(2))
+        d.send(signal.SIGUSR1)
+        doc = d.wait_state("PARKED")
+        reason = doc["reason"]
+        assert f"LS still runs after the stop: pid {stranger.pid}" in reason, reason
+        assert "LMDB main reader" in reason and "the LMDB is not touched (I1)" in reason
+        cycle = d.text().split('msg="received SIGUSR1', 1)[1]
+        assert "proving it gone" in cycle and "BACKING_UP" not in cycle and "MIGRATING" not in cycle
+        assert markers(cs) == {"main": 1}
+        assert not (cs.state / "backups").exists() or not list((cs.state / "backups").iterdir())
+    finally:
+        assert stranger.stdin is not None
+        stranger.stdin.close()
+        stranger.wait(30)
+    d.send(signal.SIGTERM)
+    assert d.wait() == int(ExitCode.LS_RUNNING)
 
 
 def test_a_failing_migration_parks_with_ls_down_and_the_lmdb_unchanged(

@@ -8,15 +8,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 from lssupervisor.errors import ErrorCode, ExitCode, MigrationCancelled, Remedy, UnmarkedDatabase
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.testing.fixtures import build_lmdb, read_marker_version, read_values
-from lssupervisor.worker import client, history
+from lssupervisor.worker import client, history, lsheader, marker
 from lssupervisor.worker import protocol as p
 from lssupervisor.worker.client import WorkerSession
 from lssupervisor.worker.ops import parse_readers
@@ -473,3 +475,96 @@ def test_min_pid_starts_the_worker_above_the_floor(tmp_path: Path) -> None:
     session.close()
     assert session.wait(30) and isinstance(got.finals()[0].body, p.MarkersResult)
     assert session.pid >= floor
+
+
+# -- I3: a step's data and its marker commit in one transaction ---------------------------------------
+
+
+class PairReader:
+    """Reads (marker version, a data value, its data_v3 copy) in ONE read transaction, over and over,
+    in a thread of this process while a worker migrates the LMDB in another. A reader that ever sees a
+    step's data with the old marker, or the old data with the new marker, has seen the two commit
+    apart."""
+
+    def __init__(self, spec: LmdbSpec) -> None:
+        self.env = lmdb.open(spec.path, readonly=True, max_dbs=64, subdir=True)
+        self.seen: set[tuple[int | None, bytes | None, bytes | None]] = set()
+        self.reads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pair-reader")
+
+    def _read(self) -> tuple[int | None, bytes | None, bytes | None]:
+        with self.env.begin() as txn:
+            found = marker.read_marker(self.env, txn, INSTANCE, native=True, marker_dbi="lssupervisor")
+            values = []
+            for dbi in (b"data", b"data_v3"):
+                try:
+                    db = self.env.open_db(dbi, txn=txn, create=False)
+                except lmdb.NotFoundError:
+                    values.append(None)
+                    continue
+                raw = txn.get(b"k000000", db=db)
+                values.append(None if raw is None else lsheader.parse(raw)[1])
+            return (found.version if found else None, values[0], values[1])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.seen.add(self._read())
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # the writer grew the map: adopt its size and read again
+                continue
+            self.reads += 1
+
+    def __enter__(self) -> PairReader:
+        self.seen.add(self._read())  # before the worker starts: the old state
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.seen.add(self._read())  # after the worker ended: the new state
+        self.env.close()
+
+
+def headers_txn_ids(spec: LmdbSpec, dbi: bytes) -> set[int]:
+    env = lmdb.open(spec.path, readonly=True, max_dbs=64, subdir=True, lock=False)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(dbi, txn=txn, create=False)
+            return {lsheader.parse(raw)[0].txn_id for _, raw in txn.cursor(db).iternext()}
+    finally:
+        env.close()
+
+
+def last_txnid(spec: LmdbSpec) -> int:
+    env = lmdb.open(spec.path, readonly=True, max_dbs=64, subdir=True, lock=False)
+    try:
+        return int(env.info()["last_txnid"])
+    finally:
+        env.close()
+
+
+def test_each_step_commits_its_data_and_its_marker_in_one_transaction(tmp_path: Path) -> None:
+    """I3, checked directly rather than by crashing at random: LMDB numbers every write transaction and
+    the LS header of every value carries the number of the transaction that wrote it. Two steps are
+    two transactions, and the marker carries the same number as the data its step wrote; a reader
+    racing the worker only ever sees whole versions."""
+    spec = sample_lmdb(tmp_path / "db", n=20_000)
+    migs = write_migrations(tmp_path / "migs", BASIC_MIGRATIONS)  # 2: uppercase data; 3: copy to data_v3
+    settings = make_settings(make_view(spec), tmp_path, migs, backup=p.BackupSettings(enabled=False))
+    before = last_txnid(spec)
+    with PairReader(spec) as reader:
+        done = one(p.MigrateRequest(settings), timeout=120)
+    assert isinstance(done, p.MigrateDone) and done.steps == 2, done
+    # One write transaction per step: no second transaction for a marker.
+    assert last_txnid(spec) == before + 2
+    (marker_txn,) = headers_txn_ids(spec, b"lssupervisor")
+    assert marker_txn == before + 2
+    assert headers_txn_ids(spec, b"data_v3") == {marker_txn}  # step 3 wrote data_v3 and the marker
+    assert headers_txn_ids(spec, b"data") == {before + 1}  # step 2 rewrote every value of data
+    # Whole versions only, whatever moment the reader caught.
+    whole = {(1, b"value-0", None), (2, b"VALUE-0", None), (3, b"VALUE-0", b"VALUE-0!")}
+    assert reader.seen <= whole, reader.seen - whole
+    assert {(1, b"value-0", None), (3, b"VALUE-0", b"VALUE-0!")} <= reader.seen
