@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench docs lock clean
+.PHONY: demo test lint typecheck unit mutants bench docs lock clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV) || { echo "'$(PYTHON) -m venv' failed: on Debian/Ubuntu install it with: apt-get install python3-venv" >&2; exit 1; }
@@ -28,6 +28,11 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -n 2 -q
+
+## mutants: break each invariant with a one-line mutation, run its guarding tests, report caught/total
+## (minutes; not part of `make test`; docs/testing.md)
+mutants: $(STAMP)
+	$(BIN)/python -m tests.mutants
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_migrator.py

@@ -953,7 +953,7 @@ def simulate(script: list[int], sample: float) -> set[State]:
         s, acts = c.handle(s, ev, now)
         for a in acts:
             if isinstance(a, SpawnChild):
-                assert live is None, "second LS spawned (I4)"
+                assert live is None, "a second LS spawned while one lives (one LS child at a time)"
                 assert not shut_down, "LS restarted after shutdown was requested (I5)"
                 next_pid += 1
                 queue.append(ChildSpawned(pid=next_pid) if next_pid % 7 else SpawnFailed("ENOENT"))

@@ -708,7 +708,7 @@ def test_random_histories_never_run_ls_during_a_job_that_touches_the_lmdb(
         assert parked_lines == ([f"parked: {s.reason}"] if entered else [])
         for a in acts:
             if isinstance(a, SpawnChild):
-                assert live is None and job is None, "LS started while a job runs"
+                assert live is None and job is None, "LS started while a job runs (I1)"
                 next_pid += 1
                 live = next_pid
                 queue.append(ChildSpawned(pid=live))

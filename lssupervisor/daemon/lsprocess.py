@@ -74,7 +74,7 @@ class LsProcess:
 
     def spawn(self, prepared: Prepared) -> Event:
         """Write the prepared config (atomically), start LS and its readiness poller."""
-        assert self.child is None or self.child.poll() is not None, "second LS (I4)"
+        assert self.child is None or self.child.poll() is not None, "a second LS while ours lives"
         cfg = prepared.cfg
         ls = cfg.lightningstream
         try:
