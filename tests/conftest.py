@@ -16,7 +16,7 @@ from lssupervisor.testing.lsbinary import find_real_ls
 from lssupervisor.testing.s3server import S3Server
 from tests.harness.s3 import Bucket
 
-LEAK_GRACE_S = 5.0
+LEAK_GRACE_S = 30.0  # a deadline for a busy machine: exiting processes are usually gone in ms
 
 
 def pytest_report_header(config: pytest.Config) -> str:
