@@ -131,7 +131,7 @@ def children() -> Iterator[list[LsChild]]:
     for c in started:
         if c.poll() is None or c.group_alive():
             c.kill_group()
-            c.wait(5)
+            c.wait(30)
         assert c.join_output(5)
 
 
@@ -227,7 +227,7 @@ def test_sigterm_to_group(children: list[LsChild], rendered: Path) -> None:
     c = start(children, ls_argv(rendered), ls_env(), lines)
     wait_for(lambda: lines.has(READY), what="LS to log ready")
     assert c.terminate_group()
-    assert c.wait(5) == -15
+    assert c.wait(30) == -15
     wait_for(lambda: not c.group_alive(), what="group gone")
     assert c.join_output(5)
     assert describe_exit(c.wait()) == "terminated by SIGTERM"
@@ -269,7 +269,7 @@ def test_reexec_grandchild_is_gone_after_stop(children: list[LsChild], rendered:
     assert psutil.Process(grandchild).ppid() == c.pid
     # Signalling only the parent (what a naive supervisor does) orphans the real LS...
     os.kill(c.pid, signal.SIGTERM)
-    assert c.wait(5) == -15
+    assert c.wait(30) == -15
     assert _alive(grandchild)
     assert c.group_alive()
     assert c.group_pids() == [grandchild]
@@ -501,7 +501,7 @@ def test_kill9_of_supervisor_kills_ls(tmp_path: Path, rendered: Path) -> None:
             os.killpg(ls_pid, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
-            parent.wait(5)
+            parent.wait(30)
 
 
 def test_without_pdeathsig_ls_outlives_a_killed_supervisor(tmp_path: Path, rendered: Path) -> None:
@@ -511,7 +511,7 @@ def test_without_pdeathsig_ls_outlives_a_killed_supervisor(tmp_path: Path, rende
         wait_for(lambda: _alive(ls_pid), what="LS started")
         record = ChildRecord(ls_pid, psutil.Process(ls_pid).create_time(), ls_pid)
         parent.kill()
-        parent.wait(5)
+        parent.wait(30)
         wait_for(lambda: psutil.Process(ls_pid).ppid() != parent.pid, what="LS reparented")
         assert _alive(ls_pid)
         assert [p.pid for p in find_orphans(rendered, record)] == [ls_pid]

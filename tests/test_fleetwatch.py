@@ -32,20 +32,18 @@ def test_a_silent_storage_never_blocks_configure_and_close_ends_the_thread(tmp_p
         silent.listen(8)
         port = silent.getsockname()[1]
         cfg = load_config(config(tmp_path, f"s3://bkt/app?endpoint=http://127.0.0.1:{port}",
-                                 "\nfleet:\n  timeout: 1s\n  interval: 1s\n"))
+                                 "\nfleet:\n  timeout: 3s\n  interval: 1s\n"))
         template = load_template(Path(cfg.lightningstream.template), cfg.schema.variable)
         watch = FleetWatch({"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
         try:
-            started = time.monotonic()
             watch.configure(cfg, template)
-            assert time.monotonic() - started < 0.5  # the main loop's side only stores a reference
+            # The main loop's side only stores a reference: configure returned before the probe of
+            # the silent storage could time out (a blocking configure would return after it).
             code, body = watch.http_document()
-            assert code == 503 and "error" in json.loads(body)
-            wait_for(lambda: b"no answer within 1s" in watch.http_document()[1], 20, what="the timeout")
+            assert code == 503 and "error" in json.loads(body) and b"no answer within" not in body
+            wait_for(lambda: b"no answer within 3s" in watch.http_document()[1], what="the timeout")
         finally:
-            started = time.monotonic()
             watch.close()
-        assert time.monotonic() - started < 5
         assert watch._thread is not None and not watch._thread.is_alive()
 
 

@@ -90,14 +90,14 @@ def test_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
         with pytest.raises(LockHeld, match=f"pid {proc.pid}"):
             lock.acquire(cfg, [], "daemon")
         proc.send_signal(signal.SIGKILL)
-        proc.wait(5)
+        proc.wait(30)
         wait_for(lambda: lock.holder_pid(cfg) is None, what="lock released by the kernel")
         with lock.acquire(cfg, [], "daemon"):
             pass
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(5)
+            proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
 

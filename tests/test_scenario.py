@@ -400,7 +400,7 @@ def test_an_ls_outliving_its_supervisor_fails_the_scenario(tmp_path: Path) -> No
         inst.ls_pids_seen.add(stray.pid)
         problems = c.close()
         assert len(problems) == 1 and "outlived their supervisor (I6)" in problems[0], problems
-        stray.wait(timeout=5)  # gone (reaped by the harness's psutil wait, so no returncode to check)
+        stray.wait(timeout=30)  # gone (reaped by the harness's psutil wait, so no returncode to check)
         assert not psutil.pid_exists(stray.pid)
     finally:
         if stray.poll() is None:

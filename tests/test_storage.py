@@ -186,12 +186,9 @@ def test_check_probe_is_bounded_by_its_timeout(tmp_path: Path, monkeypatch: pyte
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
         cfg = config_set(tmp_path, f"s3://bkt/app?endpoint=http://127.0.0.1:{port}")
         cfg.write_text(cfg.read_text() + "\nfleet:\n  timeout: 500ms\n")
-        started = time.monotonic()
-        assert main(["check", "-c", str(cfg)]) == ExitCode.CONFIG
-        elapsed = time.monotonic() - started
+        assert main(["check", "-c", str(cfg)]) == ExitCode.CONFIG  # returns: a hang fails pytest-timeout
     out = capsys.readouterr().out
     assert "no answer within 0.5s" in out, out
-    assert elapsed < 30
 
 
 def test_check_probes_fs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,7 +45,7 @@ def test_hooks_do_not_inherit_the_systemd_notification_variables(tmp_path: Path)
         wait_for(lambda: job.hook is not None and job.hook.poll() is not None, what="the hook to exit")
     finally:
         job.kill()
-        job.hook.wait(5)
+        job.hook.wait(30)
     assert job.hook.returncode == 0
     env = json.loads(out.read_text())
     assert env["LSSUPERVISOR_HOOK"] == "pre_migrate"
