@@ -1,12 +1,13 @@
 """``make mutants``: does the suite turn red when an invariant breaks?
 
 Each mutant below is a one-line change of the shipped code that breaks one invariant (I1-I10 of
-docs/architecture.md's design, the reconcile order, the prefix rule). The runner copies the tree
-(``lssupervisor/``, ``tests/``, ``pyproject.toml``) into a scratch directory, applies ONE mutant there,
-and runs only the tests that claim to guard it, with the scratch copy first on ``PYTHONPATH`` (the
-daemon, its workers and the LS stand-in are started by those tests and inherit it). A mutant is
-*caught* when those tests fail, *survived* when they pass. Before the mutants, the same tests run on an
-unmutated copy: they must pass there, or "caught" would mean nothing.
+docs/architecture.md's design, the reconcile order, the prefix rule). The runner copies the working
+tree (every file git tracks or would track: the package, the tests, the files the package finds beside
+it) into a scratch directory, applies ONE mutant there, and runs only the tests that claim to guard it,
+with the scratch copy first on ``PYTHONPATH`` (the daemon, its workers and the LS stand-in are started
+by those tests and inherit it). A mutant is *caught* when those tests fail, *survived* when they pass.
+Before the mutants, the same tests run on an unmutated copy: they must pass there, or "caught" would
+mean nothing.
 
     python -m tests.mutants            # all of them (make mutants)
     python -m tests.mutants -j 2 I3 I7 # some, two at a time
@@ -34,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ("lssupervisor", "tests", "pyproject.toml")
 MUTANT_TIMEOUT_S = 1200.0
 
 
@@ -130,23 +130,26 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_backup.py::test_a_backup_that_fails_verification_blocks_the_first_write",),
     ),
     Mutant(
-        "I8-world-writable-migrations",
-        "I8: a world-writable migration file or directory is executed",
-        "lssupervisor/worker/migrations.py",
-        "    if st.st_mode & stat.S_IWOTH:",
-        "    if False:",
+        "I8-loose-modes-trusted",
+        "I8: an input writable by group or others (config, template, migrations, hooks) is trusted",
+        "lssupervisor/trust.py",
+        "    writable = mode & 0o022",
+        "    writable = 0",
         (
-            "tests/test_migrations.py::test_world_writable_file_is_refused",
-            "tests/test_migrations.py::test_world_writable_directory_is_refused",
+            "tests/test_trust.py::test_row1_config_owned_by_nobody_and_0666_is_two_errors_with_their_fixes",
+            "tests/test_trust.py::test_row4_each_loose_input_is_reported_with_the_path_that_fails",
         ),
     ),
     Mutant(
-        "I9-retention-deletes-protected",
-        "I9: retention deletes the backups it must keep (the one just taken, the one being restored)",
+        "I9-restore-points-rotated",
+        "I9: retention deletes the newest backup of a version the LMDB was at (the restore point)",
         "lssupervisor/worker/backupdir.py",
-        "    backups = [b for b in list_backups(directory) if b.id not in protect]",
-        "    backups = list_backups(directory)",
-        ("tests/test_backup.py::test_retention_keeps_the_newest_and_protected",),
+        "    deletable = [b for b in backups if b.id not in protect and b.id not in points]",
+        "    deletable = [b for b in backups if b.id not in protect]",
+        (
+            "tests/test_restore_points.py::test_retention_keeps_the_newest_backup_of_each_version",
+            "tests/test_restore_points.py::test_row5_retries_of_a_failing_step_keep_the_restore_point_of_every_version",
+        ),
     ),
     Mutant(
         "I10-import-without-limit",
@@ -213,16 +216,22 @@ class Outcome:
     detail: str = ""
 
 
+def tree_files() -> list[str]:
+    """The working tree's files, as git sees them (tracked, or untracked and not ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True, timeout=60,
+    )
+    return [name for name in listed.stdout.decode().split("\0") if name and (ROOT / name).is_file()]
+
+
 def scratch_copy(prefix: str) -> Path:
-    """A copy of the tree under test in a new temporary directory."""
+    """A copy of the working tree (uncommitted edits included) in a new temporary directory."""
     root = Path(tempfile.mkdtemp(prefix=f"lssupervisor-{prefix}-"))
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache")
-    for name in COPIED:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=ignore)
-        else:
-            shutil.copy2(src, root / name)
+    for name in tree_files():
+        dest = root / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest)
     return root
 
 
