@@ -125,9 +125,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "I7-backup-unverified",
         "I7: the backup is not verified before the first write",
         "lssupervisor/worker/backup.py",
-        "        _verify_dir(partial, manifest, specs, read_marker)",
-        "        pass",
-        ("tests/test_backup.py::test_a_backup_that_fails_verification_blocks_the_first_write",),
+        "            check_copy(dest, spec, expected, versions[spec.name], read_marker)",
+        "            pass",
+        ("tests/test_backup.py::test_a_copy_that_fails_its_check_blocks_the_first_write",),
     ),
     Mutant(
         "I8-loose-modes-trusted",
