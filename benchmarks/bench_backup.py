@@ -1,17 +1,21 @@
 """The backup a migration takes first, against ``mdb_copy -c`` of the same LMDB, in the same run.
 
-    .venv/bin/python benchmarks/bench_backup.py [--records 2500000] [--rounds 5]
+    .venv/bin/python benchmarks/bench_backup.py [--records 2500000] [--rounds 5] [--baseline TREE]
 
 Builds a native-mode LMDB (default ~300 MB), then in interleaved rounds times ``mdb_copy -c SRC DST``
-(LMDB's own compact copy, no hashing, no fsync) and ``backup.create`` as the worker runs it before the
-first step (free-space check, compact copy of one read snapshot hashed while written, one fsync,
-the cheap I7 check of the copy, manifest, rename). Prints median and min-max of the ratio
-mdb_copy / backup (target >= 0.9). Needs ``mdb_copy`` (Debian: lmdb-utils). Not a test.
+(LMDB's own compact copy, written with O_DIRECT, no hash) and ``backup.create`` as the worker runs it
+before the first step (free-space check, compact copy of one read snapshot hashed while written, one
+fsync, the cheap I7 check of the copy, manifest, rename). Prints median and min-max of the ratio
+mdb_copy / backup (target >= 0.9). ``--baseline TREE`` times another checkout's ``backup.create`` in
+the same rounds (e.g. a worktree of an older commit). Each backup runs in a fresh child process with
+the tree first on ``sys.path``; only the ``create`` call is timed. Needs ``mdb_copy`` (Debian:
+lmdb-utils). Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import struct
@@ -54,14 +58,6 @@ def build(path: Path, records: int) -> LmdbSpec:
     return spec
 
 
-def read_marker(env: lmdb.Environment, spec: LmdbSpec) -> int | None:
-    from lssupervisor.worker import marker
-
-    with env.begin() as txn:
-        found = marker.read_marker(env, txn, INSTANCE, native=spec.native)
-    return found.version if found else None
-
-
 def time_mdb_copy(src: Path, scratch: Path) -> float:
     dst = scratch / "mdb_copy"
     shutil.rmtree(dst, ignore_errors=True)
@@ -73,18 +69,37 @@ def time_mdb_copy(src: Path, scratch: Path) -> float:
     return took
 
 
-def time_backup(spec: LmdbSpec, scratch: Path) -> float:
+# Run in a child with the tree under test first on sys.path: the same code for this tree and a baseline.
+_CHILD = """
+import json, sys, time
+import lmdb
+spec_json, directory, tree = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, tree)
+from pathlib import Path
+from lssupervisor.lsmodel import LmdbSpec
+try:
+    from lssupervisor.worker import backup
+except ImportError:  # trees from before the plane layout
+    from lssupervisor import backup
+spec = LmdbSpec.from_json(spec_json)
+env = lmdb.open(spec.path, readonly=True, max_dbs=spec.max_dbs, lock=True)
+started = time.perf_counter()
+backup.create({spec.name: env}, [spec], Path(directory), "bench", lambda env, spec: 1, keep=1)
+print(time.perf_counter() - started)
+"""
+
+
+def time_backup(spec: LmdbSpec, scratch: Path, tree: Path) -> float:
     directory = scratch / "backups"
     shutil.rmtree(directory, ignore_errors=True)
-    env = open_lmdb(spec, write=False)
-    try:
-        started = time.perf_counter()
-        backup.create({spec.name: env}, [spec], directory, INSTANCE, read_marker, keep=1)
-        took = time.perf_counter() - started
-    finally:
-        env.close()
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec.to_json()), str(directory), str(tree)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     shutil.rmtree(directory)
-    return took
+    return float(out)
 
 
 def summary(values: list[float], unit: str) -> str:
@@ -98,6 +113,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=2_500_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", help="scratch directory (default: a temporary one)")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose backup.create to time too")
     args = parser.parse_args()
     if shutil.which("mdb_copy") is None:
         raise SystemExit("mdb_copy not found (Debian: apt-get install lmdb-utils)")
@@ -108,15 +124,25 @@ def main() -> None:
         used = backup.env_used_bytes(env)
         env.close()
         print(f"LMDB: {args.records} records, {used / 1e6:.0f} MB of pages in use")
-        copies, backups = [], []
-        for _ in range(args.rounds):  # interleaved: drift hits both alike
+        copies: list[float] = []
+        times: dict[str, list[float]] = {"backup.create": []}
+        trees = {"backup.create": HERE.parent}
+        if args.baseline:
+            trees["baseline create"] = args.baseline.resolve()
+            times["baseline create"] = []
+        for _ in range(args.rounds):  # interleaved: drift hits every side alike
             copies.append(time_mdb_copy(Path(spec.path), scratch))
-            backups.append(time_backup(spec, scratch))
-        ratios = sorted(c / b for c, b in zip(copies, backups, strict=True))
-        for label, times in (("mdb_copy -c", copies), ("backup.create", backups)):
-            print(f"  {label:<16} {summary(times, 's')}")
-        rounds = f"over {args.rounds} interleaved rounds (target >= 0.9)"
-        print(f"  {'mdb_copy/backup':<16} {summary(ratios, '')}  {rounds}")
+            for label, tree in trees.items():
+                times[label].append(time_backup(spec, scratch, tree))
+        print(f"  {'mdb_copy -c':<16} {summary(copies, 's')}")
+        for label, values in times.items():
+            print(f"  {label:<16} {summary(values, 's')}")
+        for label, values in times.items():
+            ratios = [c / b for c, b in zip(copies, values, strict=True)]
+            name = "mdb_copy/" + ("backup" if label == "backup.create" else "baseline")
+            print(
+                f"  {name:<16} {summary(ratios, '')}  over {args.rounds} interleaved rounds (target >= 0.9)"
+            )
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
