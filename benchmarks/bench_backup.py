@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import struct
@@ -62,6 +63,7 @@ def time_mdb_copy(src: Path, scratch: Path) -> float:
     dst = scratch / "mdb_copy"
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir()
+    os.sync()  # every side starts with no other write-back queued before it
     started = time.perf_counter()
     subprocess.run(["mdb_copy", "-c", str(src), str(dst)], check=True)
     took = time.perf_counter() - started
@@ -92,6 +94,7 @@ print(time.perf_counter() - started)
 def time_backup(spec: LmdbSpec, scratch: Path, tree: Path) -> float:
     directory = scratch / "backups"
     shutil.rmtree(directory, ignore_errors=True)
+    os.sync()
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(spec.to_json()), str(directory), str(tree)],
         check=True,

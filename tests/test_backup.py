@@ -4,6 +4,7 @@ restore, damaged backups refused."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import lmdb
 import pytest
 
@@ -55,7 +57,7 @@ def test_backup_is_verified_complete_and_described_by_its_manifest(tmp_path: Pat
     assert manifest.schema_version == 2 and manifest.id.endswith("-v2")
     for entry in manifest.lmdbs:
         copy = final / entry.file
-        assert backupdir.sha256_file(copy) == entry.sha256 and copy.stat().st_size == entry.size
+        assert backupdir.file_digest(copy) == entry.digest and copy.stat().st_size == entry.size
         assert entry.schema_version == 2 and entry.last_txnid >= 1 and entry.source_path.endswith(entry.name)
         assert not (copy.parent / "lock.mdb").exists()  # verification never created a lock file
     assert [e["lmdb"] for e in events] == ["main", "other"]
@@ -184,7 +186,7 @@ def test_restore_refused_while_another_process_has_the_lmdb_open(tmp_path: Path,
     manifest = two.backup(tmp_path / "b")
     two.close()
     build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
-    changed = backupdir.sha256_file(backupdir.data_file(two.specs[0]))
+    changed = backupdir.file_digest(backupdir.data_file(two.specs[0]))
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, two.specs[0].path],
         stdin=subprocess.PIPE,
@@ -199,7 +201,7 @@ def test_restore_refused_while_another_process_has_the_lmdb_open(tmp_path: Path,
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
-    assert backupdir.sha256_file(backupdir.data_file(two.specs[0])) == changed  # untouched
+    assert backupdir.file_digest(backupdir.data_file(two.specs[0])) == changed  # untouched
     _, results = backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
     assert results[0].restored
 
@@ -208,14 +210,14 @@ def test_damaged_backup_is_refused_before_anything_is_replaced(tmp_path: Path, t
     manifest = two.backup(tmp_path / "b")
     two.close()
     build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
-    live = backupdir.sha256_file(backupdir.data_file(two.specs[0]))
+    live = backupdir.file_digest(backupdir.data_file(two.specs[0]))
     copy = tmp_path / "b" / manifest.id / "main" / backupdir.DATA_FILE
     data = bytearray(copy.read_bytes())
     data[-100] ^= 0xFF
     copy.write_bytes(bytes(data))
     with pytest.raises(BackupError, match="does not match the manifest"):
         backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
-    assert backupdir.sha256_file(backupdir.data_file(two.specs[0])) == live
+    assert backupdir.file_digest(backupdir.data_file(two.specs[0])) == live
 
 
 def test_no_subdir_lmdb_backs_up_and_restores(tmp_path: Path) -> None:
@@ -247,13 +249,50 @@ def test_find_backup_by_prefix_and_default_skips_pre_rollback_copies(tmp_path: P
 # -- one pass, and I7's cheap check -----------------------------------------------------------------
 
 
-def test_the_manifest_sha256_is_the_copy_on_disk_written_in_one_pass(tmp_path: Path, two: Opened) -> None:
+def test_the_manifest_digest_is_the_blake3_of_the_copy_on_disk_written_in_one_pass(
+    tmp_path: Path, two: Opened
+) -> None:
     manifest = two.backup(tmp_path / "b")
-    for entry in manifest.lmdbs:
+    on_disk = json.loads((tmp_path / "b" / manifest.id / backupdir.MANIFEST).read_text())
+    for entry, doc in zip(manifest.lmdbs, on_disk["lmdbs"], strict=True):
         file = tmp_path / "b" / manifest.id / entry.file
-        assert backupdir.sha256_file(file) == entry.sha256 and file.stat().st_size == entry.size
+        # Hashed by the library itself, not by our code: what `b3sum data.mdb` prints.
+        assert doc["blake3"] == blake3.blake3(file.read_bytes()).hexdigest() and "sha256" not in doc
+        assert file.stat().st_size == entry.size == doc["size"]
     # The full check (rollback, `verify`) re-reads the copy and agrees.
     assert backup.verify(tmp_path / "b", manifest.id, two.specs, read_marker).id == manifest.id
+
+
+def _as_legacy(directory: Path, manifest: backupdir.Manifest) -> None:
+    """Rewrite a manifest as backups before BLAKE3 had it: a "sha256" per file."""
+    path = directory / manifest.id / backupdir.MANIFEST
+    doc = json.loads(path.read_text())
+    for entry in doc["lmdbs"]:
+        del entry["blake3"]
+        entry["sha256"] = hashlib.sha256((directory / manifest.id / entry["file"]).read_bytes()).hexdigest()
+    path.write_text(json.dumps(doc))
+
+
+def test_a_backup_from_before_blake3_still_verifies_and_restores(tmp_path: Path, two: Opened) -> None:
+    manifest = two.backup(tmp_path / "b")
+    _as_legacy(tmp_path / "b", manifest)
+    legacy = backupdir.find_backup(tmp_path / "b", manifest.id).manifest
+    assert {e.algorithm for e in legacy.lmdbs} == {"sha256"}
+    assert backup.verify(tmp_path / "b", manifest.id, two.specs, read_marker).id == manifest.id
+    two.close()
+    before = read_values(two.specs[0])
+    build_lmdb(two.specs[0], {"data": {"k000001": "changed"}}, marker=3, instance=INSTANCE)
+    _, results = backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
+    assert all(r.restored for r in results) and read_values(two.specs[0]) == before
+    _, again = backup.restore(tmp_path / "b", manifest.id, two.specs, read_marker)
+    assert [r.restored for r in again] == [False, False]  # byte-identical by its sha256: left alone
+    # ...and a damaged one is refused by its sha256.
+    copy = tmp_path / "b" / manifest.id / legacy.lmdbs[0].file
+    with copy.open("r+b") as f:
+        f.seek(legacy.lmdbs[0].size - 1)
+        f.write(b"\xaa")
+    with pytest.raises(BackupError, match=r"sha256 \w+ does not match the manifest"):
+        backup.verify(tmp_path / "b", manifest.id, two.specs, read_marker)
 
 
 def _damaging(monkeypatch: pytest.MonkeyPatch, damage: str) -> None:

@@ -341,14 +341,14 @@ def test_kill_during_backup_leaves_only_a_partial_that_the_next_run_cleans(
 def test_dry_run_leaves_the_live_lmdb_byte_identical(scenario: Scenario, tmp_path: Path) -> None:
     spec = scenario.live_copy(tmp_path / "live")
     data = backupdir.data_file(spec)
-    before_bytes = backupdir.sha256_file(data)
+    before_bytes = backupdir.file_digest(data)
     before_mtime = data.stat().st_mtime_ns
     result = one(p.DryRunRequest(make_settings(make_view(spec), tmp_path, scenario.migrations)), timeout=120)
     assert isinstance(result, p.DryRunResult), result
     (entry,) = result.lmdbs
     assert entry.live_last_txnid_before == entry.live_last_txnid_after
     assert entry.live_file_before == entry.live_file_after
-    assert backupdir.sha256_file(data) == before_bytes and data.stat().st_mtime_ns == before_mtime
+    assert backupdir.file_digest(data) == before_bytes and data.stat().st_mtime_ns == before_mtime
     assert [s.to_version for s in entry.steps] == [2, 3, 4]
     assert entry.keys >= 2 * RECORDS and entry.bytes > 0 and entry.duration_s > 0
     assert digest(spec) == (1, scenario.expected[1])

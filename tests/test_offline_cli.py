@@ -110,11 +110,11 @@ def test_migrate_history_backups_and_fleet(cs: ConfigSet, capsys: pytest.Capture
 
 
 def test_dry_run_changes_nothing(cs: ConfigSet, capsys: pytest.CaptureFixture[str]) -> None:
-    before = backupdir.sha256_file(backupdir.data_file(cs.spec))
+    before = backupdir.file_digest(backupdir.data_file(cs.spec))
     code, out, _ = cs.run(capsys, "migrate", "--dry-run", "--json")
     data = json.loads(out)
     assert code == 0 and data["lmdbs"][0]["keys"] == 1000 and data["plan"][0]["action"] == "migrate"
-    assert backupdir.sha256_file(backupdir.data_file(cs.spec)) == before
+    assert backupdir.file_digest(backupdir.data_file(cs.spec)) == before
     assert not (cs.root / "state" / "history.jsonl").exists()
 
 

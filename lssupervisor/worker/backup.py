@@ -15,7 +15,7 @@ transaction is the snapshot: LMDB's compact copy of it streams through a pipe in
 → one fsync → the cheap check of I7 (the copy opens as an LMDB, its pages are all in the file, every
 DBI holds the snapshot's entry count, the marker is the source's) → ``manifest.json`` → fsync files and
 directories → rename ``<id>.partial`` → ``<id>`` → fsync the backup dir → retention. A backup
-directory without ``.partial`` therefore always holds a checked backup. The full re-read (sha256 of the
+directory without ``.partial`` therefore always holds a checked backup. The full re-read (digest of the
 file against the manifest) is what ``verify`` and ``rollback`` do before they trust a backup.
 
 A ``.partial`` is removed only when its owner process is gone (pid dead, or pid reused by a process
@@ -63,9 +63,11 @@ from lssupervisor.errors import BackupError
 from lssupervisor.fsutil import ensure_private_dir
 from lssupervisor.lsmodel import LmdbSpec
 from lssupervisor.worker.backupdir import (
+    BACKUP_HASH,
     DATA_FILE,
     FREE_SPACE_FACTOR,
     FREE_SPACE_MARGIN,
+    HASHES,
     MANIFEST,
     OWNER,
     PARTIAL_SUFFIX,
@@ -80,6 +82,7 @@ from lssupervisor.worker.backupdir import (
     claim,
     clean_stale_partials,
     data_file,
+    file_digest,
     find_backup,
     fsync_path,
     holds_copy,
@@ -87,7 +90,6 @@ from lssupervisor.worker.backupdir import (
     lock_file,
     make_private_dir,
     new_backup_id,
-    sha256_file,
     space_needed,
 )
 from lssupervisor.worker.marker import dbi_names, open_dbi
@@ -203,10 +205,10 @@ def create(
             # in this backup (nor are they wanted: the step's own transaction comes after them).
             with env.begin(write=False) as txn:
                 expected = snapshot_facts(env, txn)
-                size, sha256 = copy_hashed(env, txn, dest, spec)
+                size, digest_hex = copy_hashed(env, txn, dest, spec)
             fsync_path(target_dir)
             # I7's "verified", cheaply and still for real: the copy opens as an LMDB and holds the
-            # snapshot's marker and the same entries in every DBI. The full re-read (sha256 of the
+            # snapshot's marker and the same entries in every DBI. The full re-read (digest of the
             # file) is for `rollback` and `verify`, not for the LS-down window.
             check_copy(dest, spec, expected, versions[spec.name], read_marker)
             entries.append(
@@ -216,7 +218,8 @@ def create(
                     no_subdir=spec.no_subdir,
                     schema_version=versions[spec.name],
                     size=size,
-                    sha256=sha256,
+                    digest=digest_hex,
+                    algorithm=BACKUP_HASH,
                     last_txnid=last_txnid,
                     file=f"{spec.name}/{DATA_FILE}",
                     state_digest=digest,
@@ -271,7 +274,7 @@ class _Follower(threading.Thread):
     def __init__(self, fd: int) -> None:
         super().__init__(name="lssupervisor-backup-hash", daemon=True)
         self.fd = fd
-        self.digest = hashlib.sha256()
+        self.digest = HASHES[BACKUP_HASH]()
         self.size = 0
         self.head = b""  # the first bytes hashed: the meta pages, compared again at the end
         self.flushed = 0
@@ -323,7 +326,7 @@ _HEAD_BYTES = 2 * 65536
 def copy_hashed(env: lmdb.Environment, txn: lmdb.Transaction, dest: Path, spec: LmdbSpec) -> tuple[int, str]:
     """A compact copy of ``txn``'s snapshot into ``dest`` (created 0600), hashed while it is written by
     a thread that follows the writer (:class:`_Follower`); one fsync, run while the hasher finishes.
-    Returns (size, sha256).
+    Returns (size, hex digest with BACKUP_HASH).
 
     BackupError naming the file and the reason (a full disk says so) on any failure; a partial file
     is left for the caller's cleanup of the ``.partial`` directory."""
@@ -433,10 +436,10 @@ def _verify_dir(root: Path, manifest: Manifest, specs: Sequence[LmdbSpec], read_
         file = root / entry.file
         if not file.is_file():
             raise BackupError(f"{root}: backup of LMDB {entry.name!r} is missing {entry.file}")
-        actual = sha256_file(file)
-        if actual != entry.sha256:
+        actual = file_digest(file, entry.algorithm)
+        if actual != entry.digest:
             raise BackupError(
-                f"{file}: sha256 {actual} does not match the manifest's {entry.sha256}; "
+                f"{file}: {entry.algorithm} {actual} does not match the manifest's {entry.digest}; "
                 "the backup is damaged, do not restore it"
             )
         spec = by_name.get(entry.name) or LmdbSpec(name=entry.name, path=entry.source_path)
@@ -459,7 +462,7 @@ def _verify_dir(root: Path, manifest: Manifest, specs: Sequence[LmdbSpec], read_
 def verify(
     directory: Path, backup_id: str | None, specs: Sequence[LmdbSpec], read_marker: MarkerReader
 ) -> Manifest:
-    """Check a complete backup again (files, sha256, openable, marker). Returns its manifest."""
+    """Check a complete backup again (files, digests, openable, marker). Returns its manifest."""
     info = find_backup(directory, backup_id)
     _verify_dir(info.path, info.manifest, specs, read_marker)
     return info.manifest
@@ -557,7 +560,7 @@ def restore(
 
     The caller must have stopped Lightning Stream; :func:`exclusive_env` additionally refuses when any
     process has an environment open. Idempotent: an LMDB whose data file already has the backup's
-    sha256 is left alone. ``before_replace`` runs once, after all checks, before the first file is
+    digest is left alone. ``before_replace`` runs once, after all checks, before the first file is
     replaced (the worker uses it for the overlap test knob).
     """
     info = find_backup(directory, backup_id)
@@ -582,7 +585,7 @@ def restore(
         for entry in manifest.lmdbs:
             spec = by_name[entry.name]
             target = data_file(spec)
-            if holds_copy(target, entry.size, entry.sha256):
+            if holds_copy(target, entry):
                 results.append(RestoredLmdb(entry.name, str(target), False, entry.schema_version))
                 continue
             if not started and before_replace is not None:
@@ -600,8 +603,8 @@ def restore(
                     shutil.copyfileobj(src, dst, _CHUNK)
                     dst.flush()
                     os.fsync(dst.fileno())
-                if sha256_file(tmp) != entry.sha256:
-                    raise BackupError(f"{tmp}: copy of the backup does not match its sha256; disk trouble?")
+                if file_digest(tmp, entry.algorithm) != entry.digest:
+                    raise BackupError(f"{tmp}: copy of the backup does not match its digest; disk trouble?")
                 os.replace(tmp, target)
                 fsync_path(target.parent)
             finally:
@@ -612,6 +615,6 @@ def restore(
     for entry in manifest.lmdbs:
         spec = by_name[entry.name]
         target = data_file(spec)
-        if not holds_copy(target, entry.size, entry.sha256):
-            raise BackupError(f"{target}: changed during the restore (sha256 differs from the backup)")
+        if not holds_copy(target, entry):
+            raise BackupError(f"{target}: changed during the restore (its digest differs from the backup's)")
     return manifest, results

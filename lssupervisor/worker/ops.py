@@ -989,7 +989,7 @@ def _op_rollback(job: Job, request: p.RollbackRequest) -> p.RollbackResult:
         if _exists(spec):
             env = job.open(spec, write=False)
             before[entry.name] = job.read_marker_version(env, spec)
-            differs = differs or not backupdir.holds_copy(backupdir.data_file(spec), entry.size, entry.sha256)
+            differs = differs or not backupdir.holds_copy(backupdir.data_file(spec), entry)
         else:
             before[entry.name] = None
             differs = True
