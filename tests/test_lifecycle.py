@@ -752,7 +752,8 @@ START_REASONS = [
     ("parked", ReloadRequested(), ConfigPrepared(digest="d2", version=2, wait_for_health=True),
      "leaving PARKED on reload (SIGHUP), schema v2"),
     ("paused", ReconcileRequested(paused=False, source="SIGUSR1"), ConfigFailed("lssupervisor.yaml: bad"),
-     "resumed (pause flag removed), schema v1; reload failed, previous config kept"),
+     "resumed (pause flag removed), schema v1; reload failed, previous config kept: "
+     "cannot render the LS config: lssupervisor.yaml: bad"),
 ]
 
 

@@ -257,7 +257,8 @@ def test_bad_config_on_hup_keeps_running(daemon: Daemon, cs: ConfigSet) -> None:
     ls_pid = daemon.running_ls_pid()
     cs.config.write_text(cs.config.read_text().replace("jitter: 0", "jitter: lots"))
     daemon.send(signal.SIGHUP)
-    daemon.wait_log(r'state RECONCILING -> RUNNING" reason="reload failed, previous config kept"')
+    # The status says why, not only the log.
+    daemon.wait_log(r'state RECONCILING -> RUNNING" reason="reload failed, previous config kept: [^"]*jitter')
     errors = daemon.lines(r"level=error")
     assert len(errors) == 1, errors
     assert "reload failed, keeping the previous config" in errors[0] and "restart.jitter" in errors[0]
@@ -438,7 +439,7 @@ def test_reload_naming_an_lmdb_that_cannot_be_locked_keeps_running(daemon: Daemo
     blocker.write_text("")
     cs.template.write_text(cs.template.read_text().replace(str(cs.lmdb), str(blocker / "db")))
     daemon.send(signal.SIGHUP)
-    daemon.wait_log(r'state RECONCILING -> RUNNING" reason="reload failed, previous config kept"')
+    daemon.wait_log(r'RECONCILING -> RUNNING" reason="reload failed, previous config kept: [^"]*not-a-dir')
     errors = daemon.lines(r"level=error")
     assert len(errors) == 1, errors
     assert "cannot lock the LMDBs" in errors[0] and str(blocker) in errors[0]

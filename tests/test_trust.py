@@ -435,7 +435,7 @@ def test_row1_the_watcher_never_reloads_into_an_untrusted_config(tmp_path: Path)
             r"reload failed, keeping the previous config: cannot load the configuration: "
             r"untrusted config .*owned by nobody"
         )
-        d.wait_log(r'state RECONCILING -> RUNNING" reason="reload failed, previous config kept"')
+        d.wait_log(r'state RECONCILING -> RUNNING" reason="reload failed, previous config kept: [^"]*nobody')
         assert not hook_ran.exists()
         assert d.running_ls_pid() == ls_pid
         doc = cs.state_doc() or {}

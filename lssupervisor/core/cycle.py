@@ -245,7 +245,8 @@ class Cycle(abc.ABC):
         if st.digest is None:
             # Never rendered (parked by the boot reconcile): nothing could be started; stay parked.
             return self._park(st, st.park_reason or failed, now, acts, code=st.park_exit)
-        kept = "reload failed, previous config kept"
+        # The status says why, not only the log: an operator reads `lssupervisor status` first.
+        kept = f"reload failed, previous config kept: {failed}"
         return self._settle(st, now, acts, kept, start=f"{self._start_reason(st)}; {kept}")
 
     # -- the reconcile cycle -------------------------------------------------------------------------

@@ -635,7 +635,8 @@ class Lifecycle(Cycle):
                 assert_never(st.state)
 
     def _unkillable(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:
-        """LS survived SIGKILL for kill_grace: something is badly wrong; never start a second LS (I4)."""
+        """LS survived SIGKILL for kill_grace: something is badly wrong; never start a second LS beside it
+        (two would sync one LMDB), and no migration while it may still hold the LMDB (I1)."""
         assert st.child is not None
         reason = (
             f"LS pid {st.child.pid} survived SIGKILL for {reasons.secs(self.timeouts.kill_grace)}; "

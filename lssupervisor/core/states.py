@@ -178,7 +178,8 @@ class SupervisorState:
     backoff: BackoffState = field(default_factory=BackoffState)
     retry_at: float | None = None
     park_reason: str | None = None
-    # An LS that survived SIGKILL: while it exists no other LS may start (I4), whatever operators do.
+    # An LS that survived SIGKILL: while it exists no other LS may start and nothing migrates (I1),
+    # whatever operators do.
     unkillable_pid: int | None = None
     starts: int = 0
     # Unintended LS exits (crash, failed start, not ready in time) since we started: what to alert on.
