@@ -203,6 +203,15 @@ def _default_binary() -> tuple[str, str | None]:
     )
 
 
+def _instance(given: str | None) -> str:
+    """--instance as given (refused if LS would rename it), else the host name made LS-safe."""
+    if given is None:
+        return sanitize_instance(socket.gethostname()) or "lssupervisor"
+    if not given or sanitize_instance(given) != given:
+        raise UsageError(f"--instance {given!r}: use only letters, digits and '-' (LS would rename it)")
+    return given
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     target = Path(args.dir)
     config_path = target / CONFIG_NAME
@@ -213,12 +222,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 raise UsageError(f"{path} already exists; use --force to overwrite it (the old one is kept "
                                  "as .prev)")
 
-    instance = args.instance
-    if instance is None:
-        instance = sanitize_instance(socket.gethostname()) or "lssupervisor"
-    elif not instance or sanitize_instance(instance) != instance:
-        raise UsageError(f"--instance {instance!r}: use only letters, digits and '-' (LS would rename it)")
-
+    instance = _instance(args.instance)
     for flag, value in (("--lmdb", args.lmdb), ("--storage", args.storage), ("--instance", instance)):
         if "$" in value:
             # LS expands $ everywhere in its config and a literal $ cannot be escaped.

@@ -78,8 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lssupervisor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_setup_commands, _daemon_commands, _offline_commands, _shipped_commands):
+        add(sub)
+    return parser
 
-    # --- set-up -------------------------------------------------------------------------------
+
+# One function per command family (the sections of `lssupervisor --help`).
+_Sub = argparse._SubParsersAction  # the type argparse gives no public name
+
+
+def _setup_commands(sub: _Sub[_Parser]) -> None:
     p = sub.add_parser("init", help="write a ready-to-run config set into DIR")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--lmdb", required=True, metavar="PATH", help="the application's LMDB (directory)")
@@ -125,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-reference", help="print the configuration reference (markdown)")
 
-    # --- the daemon ---------------------------------------------------------------------------
+
+def _daemon_commands(sub: _Sub[_Parser]) -> None:
     p = sub.add_parser("run", help="run the supervisor daemon (foreground)")
     _add_config(p)
     p.add_argument("--log-format", choices=["text", "json"], help="override log.format")
@@ -150,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_config(p)
 
-    # --- offline migration commands (take the lock; refuse while the daemon runs) -------------
+
+def _offline_commands(sub: _Sub[_Parser]) -> None:
+    """Offline migration and storage commands: they take the lock and refuse while the daemon runs."""
     p = sub.add_parser("plan", help="show the migration plan from each LMDB's version to the target")
     _add_config(p)
     p.add_argument("--to", type=int, metavar="N", help="target version (default: the configured target)")
@@ -200,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="delete (without it: print what would be deleted)")
     p.add_argument("--json", action="store_true")
 
-    # --- the files that ship with lssupervisor (for pip users: no checkout) ---------------------
+
+def _shipped_commands(sub: _Sub[_Parser]) -> None:
+    """The files that ship with lssupervisor (for pip users: no checkout), and the demo."""
     p = sub.add_parser("files", help="where the shipped files are: units, example configs, demo, alerts")
     p.add_argument("name", nargs="?", choices=list(resources.SHIPPED),
                    help="print only this directory")
@@ -214,13 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace unit files that differ from the shipped ones"
     )
 
-    # --- demo ---------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="narrated demo of a rolling migration with two instances")
     p.add_argument("--dir", metavar="DIR", help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--storage", choices=["fs", "s3"], default="fs",
                    help="fs (a directory) or s3 (a bucket on a local S3-API server; needs moto[server])")
-    return parser
 
 
 def resolve_handler(command: str) -> Callable[[argparse.Namespace], int]:

@@ -270,7 +270,7 @@ class Cycle(abc.ABC):
         acts.append(CancelTask(f"{st.task_limit} expired"))
         return replace(st, task_deadline=None, task_overdue=True)
 
-    def _step(  # noqa: PLR0917 (internal helper; every argument is needed and positional reads best)
+    def _step(
         self,
         st: SupervisorState,
         substep: Substep,

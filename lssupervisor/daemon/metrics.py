@@ -107,7 +107,7 @@ class SnapshotCollector(Collector):
             return
         yield from self._from_snapshot(snap)
 
-    def _from_snapshot(self, snap: Snapshot) -> Iterator[Metric]:
+    def _from_snapshot(self, snap: Snapshot) -> Iterator[Metric]:  # noqa: PLR0912  one branch per optional status field, each a metric family
         yield _one_hot(
             "lssupervisor_state", "Current supervisor state (one-hot).", "state", STATES, snap.get("state")
         )

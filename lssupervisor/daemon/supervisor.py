@@ -287,7 +287,7 @@ class Supervisor:
 
     # -- actions -----------------------------------------------------------------------------------
 
-    def _execute(self, action: Action) -> list[Event]:
+    def _execute(self, action: Action) -> list[Event]:  # noqa: PLR0911, PLR0912  a flat match, one case per Action type
         match action:
             case SweepOrphans():
                 self.ls.sweep_orphans(self.cfg, self.previous_record)

@@ -271,7 +271,7 @@ def read_state(
 # write
 
 
-def write_marker(
+def write_marker(  # noqa: PLR0913  keyword-only: every field the marker records
     env: lmdb.Environment,
     txn: lmdb.Transaction,
     *,

@@ -230,7 +230,7 @@ class MigrationApi:
     raw escape hatch, see :class:`RawTxn`).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  keyword-only: the step's whole context, built in one place (run_step)
         self,
         env: lmdb.Environment,
         txn: lmdb.Transaction,
@@ -632,7 +632,7 @@ class MigrationApi:
             return old_ts
         return old_ts + 1 if old_ts >= self.now_ns else self.now_ns
 
-    def copy_dbi(
+    def copy_dbi(  # noqa: PLR0912, PLR0915  the no-fn loop is inlined for speed (docs/performance.md)
         self,
         src: str,
         dst: str,
@@ -1049,7 +1049,7 @@ class RawTxn:
     def cursor(self, db: Any = None) -> RawCursor:
         return RawCursor(self._api, db, self._txn.cursor(db=db))
 
-    def put(  # noqa: PLR0917 (mirrors py-lmdb's Transaction.put)
+    def put(  # mirrors py-lmdb's Transaction.put
         self,
         key: bytes,
         value: bytes,
@@ -1114,7 +1114,7 @@ def _needed_room(env: lmdb.Environment, api: MigrationApi | None) -> tuple[int, 
     return info["map_size"], used, (needed + mib - 1) // mib * mib, basis
 
 
-def run_step(
+def run_step(  # noqa: PLR0913  keyword-only options of the public engine entry point
     env: lmdb.Environment,
     spec: LmdbSpec,
     step: Step,
@@ -1270,7 +1270,7 @@ def checksum_mismatch(applied: Migration, spec: LmdbSpec, recorded: str) -> Chec
     )
 
 
-def migrate(
+def migrate(  # noqa: PLR0913  keyword-only options of the public engine entry point
     env: lmdb.Environment,
     spec: LmdbSpec,
     migrations: MigrationSet,

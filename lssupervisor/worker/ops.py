@@ -90,7 +90,7 @@ class Session:
         self._loaded[key] = found
         return found
 
-    def serve(self, request: p.Request) -> p.Result:
+    def serve(self, request: p.Request) -> p.Result:  # noqa: PLR0911  a flat match, one case per request type
         job = Job(self, request.settings)
         try:
             match request:
@@ -576,7 +576,7 @@ class _StepTracker:
         return step
 
 
-def _migrate_envs(
+def _migrate_envs(  # noqa: PLR0913  the step loop's whole context; a bundle type would only rename it
     job: Job,
     migs: migrations.MigrationSet,
     plans: Sequence[_Planned],
@@ -588,53 +588,32 @@ def _migrate_envs(
     on_step: Callable[[p.StepResult, migrations.Step], None],
     guard: bool,
 ) -> list[p.MigrateResult]:
+    def step_done(result: p.StepResult) -> None:
+        on_step(result, tracker.on_step(result))
+
     results: list[p.MigrateResult] = []
     with tracker.beating():
-        results.extend(
-            _migrate_each(
-                job, migs, plans, envs, specs, target=target, tracker=tracker, on_step=on_step, guard=guard
-            )
-        )
-    return results
-
-
-def _migrate_each(
-    job: Job,
-    migs: migrations.MigrationSet,
-    plans: Sequence[_Planned],
-    envs: Mapping[str, lmdb.Environment],
-    specs: Mapping[str, LmdbSpec],
-    *,
-    target: int | None,
-    tracker: _StepTracker,
-    on_step: Callable[[p.StepResult, migrations.Step], None],
-    guard: bool,
-) -> list[p.MigrateResult]:
-    results: list[p.MigrateResult] = []
-    for pl in plans:
-        spec = specs[pl.spec.name]
-
-        def step_done(result: p.StepResult) -> None:
-            on_step(result, tracker.on_step(result))
-
-        with write_guard(f"{tracker.phase.value} of LMDB {spec.name}") if guard else contextlib.nullcontext():
-            results.append(
-                migrator.migrate(
-                    envs[spec.name],
-                    spec,
-                    migs,
-                    instance=job.instance,
-                    target=target,
-                    baseline=job.settings.baseline,
-                    marker_dbi=job.marker_dbi,
-                    cancel=job.cancelled,
-                    progress=tracker.on_progress,
-                    on_start=tracker.on_start,
-                    logger=logging.getLogger("lssupervisor.migration"),
-                    grow_map=job.settings.grow_map,
-                    on_step=step_done,
+        for pl in plans:
+            spec = specs[pl.spec.name]
+            guarded = write_guard(f"{tracker.phase.value} of LMDB {spec.name}")
+            with guarded if guard else contextlib.nullcontext():
+                results.append(
+                    migrator.migrate(
+                        envs[spec.name],
+                        spec,
+                        migs,
+                        instance=job.instance,
+                        target=target,
+                        baseline=job.settings.baseline,
+                        marker_dbi=job.marker_dbi,
+                        cancel=job.cancelled,
+                        progress=tracker.on_progress,
+                        on_start=tracker.on_start,
+                        logger=logging.getLogger("lssupervisor.migration"),
+                        grow_map=job.settings.grow_map,
+                        on_step=step_done,
+                    )
                 )
-            )
     return results
 
 

@@ -485,7 +485,7 @@ class Syncer:
         if d.transform:
             raise SyncError("dupsort_hack is not supported by the stand-in")
 
-    def _merge(  # noqa: PLR0917
+    def _merge(
         self, txn: Any, h: Any, d: snap.DBI, txn_id: int, fv: int, padding: bool
     ) -> None:
         """``strategy.Update`` with ``NativeIterator.Merge`` (no sweeper: no deleted cutoff)."""
