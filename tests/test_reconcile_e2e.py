@@ -250,7 +250,8 @@ def test_status_json_and_metrics_show_the_backups_after_a_migration(
 ) -> None:
     from prometheus_client import generate_latest
 
-    from lssupervisor.daemon.metrics import build_registry, iso_to_epoch
+    from lssupervisor.daemon.metrics import build_registry
+    from lssupervisor.daemon.statefile import iso_to_epoch
 
     def status_json() -> dict[str, Any]:
         out = subprocess.run(

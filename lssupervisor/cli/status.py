@@ -18,7 +18,6 @@ daemon runs, 3 when it does not (LSB), 78 when the config cannot be read and no 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from lssupervisor.daemon.statefile import NOT_RUNNING_EXIT, read_state
+from lssupervisor.daemon.statefile import NOT_RUNNING_EXIT, iso_to_epoch, read_state
 from lssupervisor.errors import ConfigError, ExitCode, SupervisorError
 
 DEFAULT_STATE_DIR = "state"  # Config.state_dir's default, relative to the config file's directory
@@ -42,19 +41,6 @@ _STATE_DIR_LINE = re.compile(
 
 # ---------------------------------------------------------------------------------------------------
 # how people read times and durations
-
-
-def parse_time(value: object) -> float | None:
-    """An ISO-8601 time of the state document as Unix seconds (None when absent or unreadable)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.timestamp()
 
 
 def span(seconds: float) -> str:
@@ -77,7 +63,7 @@ def span(seconds: float) -> str:
 
 def when(value: object, now: float) -> str | None:
     """``2025-01-02T03:04:05Z (5m12s ago)`` (or ``in 3s``), None when there is no time."""
-    epoch = parse_time(value)
+    epoch = iso_to_epoch(value)
     if epoch is None:
         return None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

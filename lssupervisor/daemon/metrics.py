@@ -10,7 +10,6 @@ Every key is optional: a missing or null value omits the sample rather than inve
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -20,6 +19,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from lssupervisor.core.states import State, Substep
+from lssupervisor.daemon.statefile import iso_to_epoch
 
 # The one-hot gauges always list every state and sub-step (taken from the daemon's own enums, so they
 # cannot drift) so a dashboard can rely on every series existing; an unknown value is added.
@@ -28,22 +28,6 @@ SUBSTATES = tuple(step.value for step in Substep)
 MIGRATION_RESULTS = ("ok", "failed", "cancelled")
 
 Snapshot = Mapping[str, Any]
-
-
-def iso_to_epoch(value: object) -> float | None:
-    """An ISO-8601 time from the snapshot as Unix seconds; None when absent or unreadable.
-
-    A time without a zone is taken as UTC (the daemon writes UTC).
-    """
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.timestamp()
 
 
 def _section(snapshot: Snapshot, key: str) -> Mapping[str, Any]:

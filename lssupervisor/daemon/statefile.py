@@ -23,6 +23,7 @@ A state.json whose writer is gone is stale: ``status`` checks the state-dir lock
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,3 +51,19 @@ def read_state(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def iso_to_epoch(value: object) -> float | None:
+    """An ISO-8601 time of the state document as Unix seconds; None when absent or unreadable.
+
+    A time without a zone is taken as UTC (the daemon writes UTC).
+    """
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
