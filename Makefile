@@ -34,8 +34,14 @@ unit: $(STAMP)
 mutants: $(STAMP)
 	$(BIN)/python -m tests.mutants
 
+## bench: every benchmark, each printing median and min-max ratios against a baseline of the same run
+## (minutes; bench_backup needs mdb_copy from lmdb-utils; docs/performance.md records results)
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_cycle.py
+	$(BIN)/python benchmarks/bench_restart.py
+	$(BIN)/python benchmarks/bench_backup.py
 	$(BIN)/python benchmarks/bench_migrator.py
+	$(BIN)/python benchmarks/bench_fleet.py
 
 docs: $(STAMP)
 	$(BIN)/lssupervisor config-reference > docs/configuration.md

@@ -130,6 +130,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_backup.py::test_a_copy_that_fails_its_check_blocks_the_first_write",),
     ),
     Mutant(
+        "I7-hash-not-of-the-copy",
+        "I7: a copy rewritten behind the hasher keeps a digest of bytes it no longer holds",
+        "lssupervisor/worker/backup.py",
+        "            if follower.size != os.fstat(fd).st_size or head != follower.head:",
+        "            if False:",
+        ("tests/test_backup.py::test_a_copy_changed_behind_its_hash_is_refused",),
+    ),
+    Mutant(
         "I8-loose-modes-trusted",
         "I8: an input writable by group or others (config, template, migrations, hooks) is trusted",
         "lssupervisor/trust.py",

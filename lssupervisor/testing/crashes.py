@@ -58,6 +58,8 @@ AIMS = (
     "RENDERING",
     "STARTING",
 )
+# Where the cycle's worker lives (started at IMPORTING, ends after VERIFYING): a worker kill is aimed here.
+WORKER_AIMS = ("IMPORTING", "STOPPING", "PROVING", "BACKING_UP", "MIGRATING", "VERIFYING")
 
 TEMPLATE = """\
 instance: {instance}
@@ -281,27 +283,39 @@ class Instance:
         return [line for line in self.overlap.read_text().splitlines() if '"overlap"' in line]
 
 
+def _kill_worker(inst: Instance) -> bool:
+    """SIGKILL the cycle's worker (a child of the daemon this campaign started, found by pid right
+    before the kill); False when there is none or it ended in between."""
+    pid = inst.worker_pid()
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _one_point(inst: Instance, rng: random.Random, point: int) -> Outcome:
     """Ship the next migration, kill the daemon or the worker in the middle of its cycle, check."""
     version = point + 2
     victim = rng.choice(("daemon", "worker"))
-    aimed = rng.choice(AIMS)
+    aimed = rng.choice(WORKER_AIMS if victim == "worker" else AIMS)
     delay = rng.uniform(0, 0.03)
     inst.ship(version)
     _wait(lambda: inst.where() == aimed or inst.running_on(version), 60, f"{aimed} of v{version}", 0.001)
     time.sleep(delay)  # a random moment within (or just after) the aimed sub-step
-    outcome = Outcome(point, victim, aimed, inst.where())
+    where = inst.where()
+    if victim == "worker" and not _kill_worker(inst):
+        # No worker outside IMPORTING..VERIFYING (or it just ended): every point still kills
+        # something, so the daemon it is.
+        victim = "daemon"
+    outcome = Outcome(point, victim, aimed, where)
     if victim == "daemon":
         assert inst.daemon is not None
         inst.daemon.kill()
         inst.daemon.wait(30)
         _wait(lambda: inst.worker_pid() is None, 10, "the worker to die with the daemon")
-    else:
-        pid = inst.worker_pid()
-        if pid is None:
-            outcome.victim = "none"  # the cycle's worker was already gone: nothing to kill
-        else:
-            os.kill(pid, signal.SIGKILL)
     # The LMDB right after the kill (a killed daemon takes its worker and LS down with it).
     outcome.version, problems = inst.one_version()
     outcome.problems.extend(problems)
