@@ -420,7 +420,8 @@ class _Loader:
     def fail(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.where}: {key}: {message}" if key else f"{self.where}: {message}")
 
-    def convert(self, tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911, PLR0912  one branch per config value type, each with its own error text
+    # Kept whole: one branch per config value type, each with its own error text.
+    def convert(self, tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911, PLR0912
         origin = get_origin(tp)
         if origin in (Union, types.UnionType):
             args = [a for a in get_args(tp) if a is not type(None)]
@@ -522,7 +523,8 @@ class _Loader:
 _LS_SHORT_CONFIG = re.compile(r"-[Hlt]*c")
 
 
-def _validate(cfg: Config, where: str) -> None:  # noqa: PLR0912  one branch per cross-key rule, in the order the reference lists them
+# Kept whole: one branch per cross-key rule, in the order the reference lists them.
+def _validate(cfg: Config, where: str) -> None:  # noqa: PLR0912
     def bad(key: str, message: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {message}")
 

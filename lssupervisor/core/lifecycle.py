@@ -149,7 +149,8 @@ class Lifecycle(Cycle):
 
     # -- entry points ------------------------------------------------------------------------------
 
-    def handle(self, st: SupervisorState, event: Event, now: float) -> tuple[SupervisorState, list[Action]]:  # noqa: PLR0912  a flat match, one case per event type (legality is in tables.py)
+    # Kept whole: A flat match, one case per event type (legality is in tables.py)
+    def handle(self, st: SupervisorState, event: Event, now: float) -> tuple[SupervisorState, list[Action]]:  # noqa: PLR0912
         acts: list[Action] = []
         if not tables.accepts(st.state, event):
             raise LifecycleError(f"{type(event).__name__} in {st.state.value}: {event!r}")
@@ -572,7 +573,8 @@ class Lifecycle(Cycle):
             case _:
                 raise LifecycleError(f"stop purpose {stopping.purpose.value} after the stop")
 
-    def _tick(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:  # noqa: PLR0911, PLR0912  one case per state whose deadlines can expire
+    # Kept whole: one case per state whose deadlines can expire.
+    def _tick(self, st: SupervisorState, now: float, acts: list[Action]) -> SupervisorState:  # noqa: PLR0911, PLR0912
         t = self.timeouts
         if st.watch_due_at is not None and now >= st.watch_due_at:
             reload = st.watch_reload

@@ -91,7 +91,8 @@ class SnapshotCollector(Collector):
             return
         yield from self._from_snapshot(snap)
 
-    def _from_snapshot(self, snap: Snapshot) -> Iterator[Metric]:  # noqa: PLR0912  one branch per optional status field, each a metric family
+    # Kept whole: one branch per optional status field, each a metric family.
+    def _from_snapshot(self, snap: Snapshot) -> Iterator[Metric]:  # noqa: PLR0912
         yield _one_hot(
             "lssupervisor_state", "Current supervisor state (one-hot).", "state", STATES, snap.get("state")
         )

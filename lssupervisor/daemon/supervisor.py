@@ -287,7 +287,8 @@ class Supervisor:
 
     # -- actions -----------------------------------------------------------------------------------
 
-    def _execute(self, action: Action) -> list[Event]:  # noqa: PLR0911, PLR0912  a flat match, one case per Action type
+    # Kept whole: A flat match, one case per Action type.
+    def _execute(self, action: Action) -> list[Event]:  # noqa: PLR0911, PLR0912
         match action:
             case SweepOrphans():
                 self.ls.sweep_orphans(self.cfg, self.previous_record)

@@ -306,7 +306,8 @@ def _storage_location(storage_type: str, options: Mapping[str, Any]) -> str:
             return ""
 
 
-def _validate(  # noqa: PLR0912  mirrors LS's own checks one by one, so the two can be read side by side
+# Kept whole: mirrors LS's own checks one by one, so the two can be read side by side.
+def _validate(  # noqa: PLR0912
     expanded: str, where: str, warnings: list[str], *, require_instance: bool = True
 ) -> LsView:
     """Steps 4-5: the expanded text checked as LS checks it, and the view we act on."""

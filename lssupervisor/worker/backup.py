@@ -161,7 +161,8 @@ def env_used_bytes(env: lmdb.Environment) -> int:
     return (int(info["last_pgno"]) + 1) * int(env.stat()["psize"])
 
 
-def create(  # noqa: PLR0913  keyword-only options of one public operation
+# Kept whole: keyword-only options of one public operation.
+def create(  # noqa: PLR0913
     envs: Mapping[str, lmdb.Environment],
     specs: Sequence[LmdbSpec],
     directory: Path,

@@ -271,7 +271,8 @@ def read_state(
 # write
 
 
-def write_marker(  # noqa: PLR0913  keyword-only: every field the marker records
+# Kept whole: keyword-only: every field the marker records.
+def write_marker(  # noqa: PLR0913
     env: lmdb.Environment,
     txn: lmdb.Transaction,
     *,

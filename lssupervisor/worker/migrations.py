@@ -317,7 +317,8 @@ def _read_trusted(path: Path, policy: trust.Policy) -> bytes:
         os.close(fd)
 
 
-def _discover_file(  # noqa: PLR0912  collects every problem of a file instead of stopping at the first
+# Kept whole: collects every problem of a file instead of stopping at the first.
+def _discover_file(  # noqa: PLR0912
     path: Path, number: int, slug: str, lmdb_names: Sequence[str], policy: trust.Policy
 ) -> tuple[Migration | None, list[str]]:
     """One file: the migration, or None and every problem found in it (trust included)."""

@@ -230,7 +230,8 @@ class MigrationApi:
     raw escape hatch, see :class:`RawTxn`).
     """
 
-    def __init__(  # noqa: PLR0913  keyword-only: the step's whole context, built in one place (run_step)
+    # Kept whole: keyword-only: the step's whole context, built in one place (run_step)
+    def __init__(  # noqa: PLR0913
         self,
         env: lmdb.Environment,
         txn: lmdb.Transaction,
@@ -632,7 +633,8 @@ class MigrationApi:
             return old_ts
         return old_ts + 1 if old_ts >= self.now_ns else self.now_ns
 
-    def copy_dbi(  # noqa: PLR0912, PLR0915  the no-fn loop is inlined for speed (docs/performance.md)
+    # Kept whole: the no-fn loop is inlined for speed (docs/performance.md)
+    def copy_dbi(  # noqa: PLR0912, PLR0915
         self,
         src: str,
         dst: str,
@@ -1114,7 +1116,8 @@ def _needed_room(env: lmdb.Environment, api: MigrationApi | None) -> tuple[int, 
     return info["map_size"], used, (needed + mib - 1) // mib * mib, basis
 
 
-def run_step(  # noqa: PLR0913  keyword-only options of the public engine entry point
+# Kept whole: keyword-only options of the public engine entry point.
+def run_step(  # noqa: PLR0913
     env: lmdb.Environment,
     spec: LmdbSpec,
     step: Step,
@@ -1270,7 +1273,8 @@ def checksum_mismatch(applied: Migration, spec: LmdbSpec, recorded: str) -> Chec
     )
 
 
-def migrate(  # noqa: PLR0913  keyword-only options of the public engine entry point
+# Kept whole: keyword-only options of the public engine entry point.
+def migrate(  # noqa: PLR0913
     env: lmdb.Environment,
     spec: LmdbSpec,
     migrations: MigrationSet,

@@ -90,7 +90,8 @@ class Session:
         self._loaded[key] = found
         return found
 
-    def serve(self, request: p.Request) -> p.Result:  # noqa: PLR0911  a flat match, one case per request type
+    # Kept whole: A flat match, one case per request type.
+    def serve(self, request: p.Request) -> p.Result:  # noqa: PLR0911
         job = Job(self, request.settings)
         try:
             match request:
@@ -576,7 +577,8 @@ class _StepTracker:
         return step
 
 
-def _migrate_envs(  # noqa: PLR0913  the step loop's whole context; a bundle type would only rename it
+# Kept whole: the step loop's whole context; a bundle type would only rename it.
+def _migrate_envs(  # noqa: PLR0913
     job: Job,
     migs: migrations.MigrationSet,
     plans: Sequence[_Planned],
