@@ -149,7 +149,7 @@ class Lifecycle(Cycle):
 
     # -- entry points ------------------------------------------------------------------------------
 
-    # Kept whole: A flat match, one case per event type (legality is in tables.py)
+    # Kept whole: a flat match, one case per event type (legality is in tables.py)
     def handle(self, st: SupervisorState, event: Event, now: float) -> tuple[SupervisorState, list[Action]]:  # noqa: PLR0912
         acts: list[Action] = []
         if not tables.accepts(st.state, event):

@@ -287,7 +287,7 @@ class Supervisor:
 
     # -- actions -----------------------------------------------------------------------------------
 
-    # Kept whole: A flat match, one case per Action type.
+    # Kept whole: a flat match, one case per Action type.
     def _execute(self, action: Action) -> list[Event]:  # noqa: PLR0911, PLR0912
         match action:
             case SweepOrphans():

@@ -90,7 +90,7 @@ class Session:
         self._loaded[key] = found
         return found
 
-    # Kept whole: A flat match, one case per request type.
+    # Kept whole: a flat match, one case per request type.
     def serve(self, request: p.Request) -> p.Result:  # noqa: PLR0911
         job = Job(self, request.settings)
         try:
