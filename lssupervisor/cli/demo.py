@@ -159,7 +159,13 @@ def _run(workdir: Path, out: TextIO, timeline: Timeline, cluster: Cluster, env: 
 def cmd_demo(args: argparse.Namespace) -> int:
     workdir = _workdir(args.dir)
     keep = bool(args.keep or args.dir)
-    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # Ctrl-C and SIGTERM both stop the demo cleanly, whatever it inherited: a shell starts a
+    # background job (`lssupervisor demo &` in a script, a CI step) with SIGINT ignored, and Python
+    # then leaves it ignored, so Ctrl-C's KeyboardInterrupt would never come.
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate_as_interrupt),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     code = int(ExitCode.SOFTWARE)
     started = time.monotonic()
     try:
@@ -172,7 +178,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo failed: {exc}", file=sys.stderr)
         code = int(exc.exit_code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if keep or code != 0:
             print(f"files kept in {workdir} (configs, LMDBs, storage/v1 and v2, logs)")
         else:
