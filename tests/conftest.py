@@ -19,11 +19,20 @@ from tests.harness.s3 import Bucket
 LEAK_GRACE_S = 30.0  # a deadline for a busy machine: exiting processes are usually gone in ms
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def _which_ls() -> str:
     found = find_real_ls()
     if found.path is None:
         return f"Lightning Stream: none ({found.how}): the real_ls tests skip, the stand-in stands in"
     return f"Lightning Stream: {found.path} ({found.how}): the real_ls tests run against it"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _which_ls()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Again at the end: `make test` runs pytest -q, which hides the header.
+    terminalreporter.write_line(_which_ls())
 
 
 def _children() -> list[psutil.Process]:
