@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from lssupervisor.config import OutputMode
+from lssupervisor.daemon import health
 from lssupervisor.daemon.child import spawn_ls, stop_ls
 from lssupervisor.daemon.health import HealthPoller, HealthProbe, HealthResult, parse_address, readiness
 from lssupervisor.errors import ConfigError
@@ -47,11 +48,18 @@ class FakeLs:
         self.body: bytes = json.dumps(ls_healthz({"main": False})).encode()
         self.status = 200
         self.requests = 0
+        # LS v1.0.0's wedged health checker: connections are accepted, requests never answered.
+        self.wedged = threading.Event()
+        self.release = threading.Event()  # set at teardown: no request thread is left behind
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 fake.requests += 1
+                if fake.wedged.is_set():
+                    fake.release.wait(60)
+                    self.close_connection = True
+                    return
                 if self.path != "/healthz":
                     self.send_error(404)
                     return
@@ -83,6 +91,7 @@ def fake_ls() -> Iterator[FakeLs]:
     fake = FakeLs()
     fake.thread.start()
     yield fake
+    fake.release.set()
     fake.server.shutdown()
     fake.server.server_close()
     fake.thread.join(5)
@@ -128,17 +137,26 @@ def test_parse_address_rejects(address: str) -> None:
     ],
 )
 def test_readiness(doc: Any, dbs: list[str], ready: bool, detail: str) -> None:
-    assert readiness(doc, dbs) == HealthResult(ready, detail)
+    result = readiness(doc, dbs)
+    assert (result.ready, result.detail) == (ready, detail)
+    assert not result.timed_out
+    assert result.answered == detail.startswith(("startup", "healthz answered"))
+    assert result.pending == (tuple(detail.removeprefix("startup pending for ").split(", "))
+                              if detail.startswith("startup pending") else ())
 
 
 def test_probe_against_server(fake_ls: FakeLs) -> None:
     probe = HealthProbe(f":{fake_ls.port}", ["main", "other"])
     fake_ls.set(ls_healthz({"main": False, "other": False}))
-    assert probe.check() == HealthResult(False, "startup pending for main, other")
+    assert probe.check() == HealthResult(
+        False, "startup pending for main, other", answered=True, pending=("main", "other")
+    )
     fake_ls.set(ls_healthz({"main": True, "other": False}))
-    assert probe.check() == HealthResult(False, "startup pending for other")
+    assert probe.check() == HealthResult(
+        False, "startup pending for other", answered=True, pending=("other",)
+    )
     fake_ls.set(ls_healthz({"main": True, "other": True}, ok=False), status=503)
-    assert probe.check() == HealthResult(True, "startup complete for main, other")
+    assert probe.check() == HealthResult(True, "startup complete for main, other", answered=True)
 
 
 def test_probe_bad_answers(fake_ls: FakeLs) -> None:
@@ -167,7 +185,9 @@ def test_probe_times_out() -> None:
         sock.listen(8)
         port = sock.getsockname()[1]
         result = HealthProbe(f"127.0.0.1:{port}", ["main"], timeout=0.2).check()
-    assert result == HealthResult(False, f"healthz: no answer from 127.0.0.1:{port} within 0.2s")
+    assert result == HealthResult(
+        False, f"healthz: no answer from 127.0.0.1:{port} within 0.2s", timed_out=True
+    )
 
 
 def test_probe_ipv6(fake_ls: FakeLs) -> None:
@@ -248,6 +268,76 @@ def test_poller_not_started(fake_ls: FakeLs) -> None:
     poller.stop()  # joining a never-started poller is fine
 
 
+@pytest.fixture
+def quick_wedge(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A wedge is concluded after 0.3 s of silence instead of 3 s (probes time out after 0.05 s)."""
+    monkeypatch.setattr(health, "WEDGE_AFTER_S", 0.3)
+    return 0.05
+
+
+@pytest.mark.parametrize(
+    ("last_answer", "dbs"),
+    [({"main": False}, ["main"]), ({"a": True, "b": False}, ["a", "b"])],
+    ids=["one-lmdb", "the-last-pending-of-two"],
+)
+def test_a_wedged_healthz_after_the_last_pending_lmdb_is_readiness(
+    fake_ls: FakeLs, quick_wedge: float, last_answer: dict[str, bool], dbs: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """LS v1.0.0 deadlocks its health checker only on the evaluation that completes a startup; once
+    /healthz answered with one LMDB pending, lasting silence means that LMDB completed."""
+    fake_ls.set(ls_healthz(last_answer))
+    calls: list[int] = []
+    probe = HealthProbe(f":{fake_ls.port}", dbs, timeout=quick_wedge)
+    poller = HealthPoller(probe, 9, calls.append, interval=0.01)
+    try:
+        wait_for(lambda: poller.last is not None and poller.last.answered, what="LS answered")
+        fake_ls.wedged.set()
+        wait_for(lambda: calls, what="readiness from the wedge")
+        assert calls == [9]
+        last = poller.last
+        assert last is not None and last.ready
+        assert "wedged" in last.detail
+        assert any("deadlocked" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    finally:
+        poller.stop()
+
+
+def test_silence_with_two_lmdbs_pending_is_not_readiness(
+    fake_ls: FakeLs, quick_wedge: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two LMDBs pending at the last answer: the wedge proves one of them done, not both."""
+    fake_ls.set(ls_healthz({"a": False, "b": False}))
+    calls: list[int] = []
+    poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["a", "b"], timeout=quick_wedge), 9, calls.append,
+                          interval=0.01)
+    try:
+        wait_for(lambda: poller.last is not None and poller.last.answered, what="LS answered")
+        fake_ls.wedged.set()
+        wait_for(lambda: any("cannot say which LMDB" in r.getMessage() for r in caplog.records),
+                 what="the warning that readiness waits for ready_timeout")
+        assert calls == []
+        assert poller.running
+    finally:
+        poller.stop()
+
+
+def test_silence_before_any_answer_is_a_slow_start(fake_ls: FakeLs, quick_wedge: float) -> None:
+    """A /healthz that never answered is a slow LS, not the wedge: no readiness from silence."""
+    fake_ls.wedged.set()
+    calls: list[int] = []
+    poller = HealthPoller(HealthProbe(f":{fake_ls.port}", ["main"], timeout=quick_wedge), 9, calls.append,
+                          interval=0.01)
+    try:
+        # 0.05 s per probe: 20 unanswered probes are a second of silence, three times the wedge limit.
+        wait_for(lambda: fake_ls.requests >= 20, what="probes going unanswered")
+        assert calls == []
+        last = poller.last
+        assert last is not None and last.timed_out and not last.ready
+    finally:
+        poller.stop()
+
+
 def _ls_argv(which: str, config: Path) -> list[str]:
     if which == "standin":
         return [sys.executable, "-m", "lssupervisor.testing.standin", "--config", str(config), "sync"]
@@ -280,12 +370,12 @@ def test_poller_against_ls(tmp_path: Path, which: str) -> None:
             assert events.get(timeout=20) == child.pid  # real LS evaluates startup once a second
             wait_for(lambda: not poller.running, what="poller to end")
             assert events.empty()
-            assert poller.last == HealthResult(True, "startup complete for main")
+            assert poller.last == HealthResult(True, "startup complete for main", answered=True)
         finally:
             poller.stop()
         # Another db name never becomes ready: LS has no such syncer.
         assert HealthProbe(f":{port}", ["main", "other"]).check() == HealthResult(
-            False, "startup pending for other"
+            False, "startup pending for other", answered=True, pending=("other",)
         )
     finally:
         result = stop_ls(child, timeout=5)

@@ -407,6 +407,25 @@ def test_readiness_from_ls_healthz_and_our_http_status(cs: ConfigSet) -> None:
         d.close()
 
 
+def test_readiness_survives_ls_wedging_its_healthz(cs: ConfigSet) -> None:
+    """LS v1.0.0 can deadlock its health checker on the evaluation that completes the startup (a
+    /healthz request at that moment): /healthz then never answers. The daemon still reaches RUNNING."""
+    ls_port = free_port()
+    cs.write_template(ls_http=f"127.0.0.1:{ls_port}")
+    cs.write(settle_time="1h", ls_env={"LSSTANDIN_HEALTH_INTERVAL_MS": "100", "LSSTANDIN_HEALTHZ_WEDGE": "1"})
+    d = Daemon(cs)
+    try:
+        d.running_ls_pid()  # settle_time is 1 h: only readiness can make it RUNNING
+        (line,) = d.lines(r"state STARTING -> RUNNING")
+        assert 'reason="LS ready"' in line
+        (warning,) = d.lines(r"level=warning .*deadlocked on the evaluation that completes the startup")
+        assert "startup of main; taking LS as ready" in warning
+        d.send(signal.SIGTERM)
+        assert d.wait() == 0
+    finally:
+        d.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Log formatting (no processes)
 

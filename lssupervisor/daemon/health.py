@@ -37,6 +37,9 @@ MAX_BODY_BYTES = 1024 * 1024
 class HealthResult:
     ready: bool
     detail: str  # one line for logs and status: why (not) ready
+    answered: bool = False  # LS answered with its JSON body (200 or 503)
+    pending: tuple[str, ...] = ()  # when answered: the LMDBs whose startup_<db> is not yet true
+    timed_out: bool = False  # connected, but no answer within the probe's timeout
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -79,12 +82,13 @@ def readiness(doc: Any, dbs: Sequence[str]) -> HealthResult:
         metadata = {}  # go-healthz omits an empty metadata map
     if not isinstance(metadata, dict):
         return HealthResult(False, "healthz: metadata is not an object")
-    pending = [db for db in dbs if metadata.get(f"startup_{db}") is not True]
+    pending = tuple(db for db in dbs if metadata.get(f"startup_{db}") is not True)
     if pending:
-        return HealthResult(False, "startup pending for " + ", ".join(pending))
+        detail = "startup pending for " + ", ".join(pending)
+        return HealthResult(False, detail, answered=True, pending=pending)
     if not dbs:
-        return HealthResult(True, "healthz answered (no lmdbs to wait for)")
-    return HealthResult(True, "startup complete for " + ", ".join(dbs))
+        return HealthResult(True, "healthz answered (no lmdbs to wait for)", answered=True)
+    return HealthResult(True, "startup complete for " + ", ".join(dbs), answered=True)
 
 
 class HealthProbe:
@@ -112,7 +116,9 @@ class HealthProbe:
         except ConnectionRefusedError:
             return HealthResult(False, f"healthz: connection refused on {where}")
         except TimeoutError:
-            return HealthResult(False, f"healthz: no answer from {where} within {self.timeout:g}s")
+            return HealthResult(
+                False, f"healthz: no answer from {where} within {self.timeout:g}s", timed_out=True
+            )
         except (OSError, http.client.HTTPException) as exc:
             return HealthResult(False, f"healthz: {where}: {type(exc).__name__}: {exc}")
         finally:
@@ -132,6 +138,15 @@ class HealthProbe:
 # lightningstream.health_poll_interval. A /healthz probe on loopback costs well under a millisecond.
 FAST_S = 0.02
 FAST_FOR_S = 2.0
+
+# LS v1.0.0's health checker can deadlock, for good, on the one evaluation that completes the startup:
+# go-healthz runs a check holding the check's mutex, and LS's startup check then takes the checker's
+# mutex (SetMeta, Deregister); a /healthz request takes them in the other order (Status). A request
+# that meets that evaluation wedges both: from then on /healthz accepts connections and never answers,
+# while LS syncs on. Since only the completing evaluation takes the checker's mutex, a /healthz that
+# answered and then stays silent this long means that startup completed for the LMDB that was still
+# pending (docs/decisions.md, "Readiness when LS's /healthz wedges").
+WEDGE_AFTER_S = 3.0
 
 
 class HealthPoller:
@@ -190,12 +205,14 @@ class HealthPoller:
 
     def _run(self) -> None:
         started = time.monotonic()
+        wedge = _WedgeWatch(self.pid)
         while not self._stop.is_set():
             try:
                 result = self.probe.check()
             except Exception as exc:  # check() does not raise; this is a guard against bugs
                 log.exception("healthz probe failed unexpectedly")
                 result = HealthResult(False, f"healthz: probe error {exc!r}")
+            result = wedge.see(result, time.monotonic())
             with self._lock:
                 changed = self._last is None or self._last.detail != result.detail
                 self._last = result
@@ -210,3 +227,46 @@ class HealthPoller:
                 return
             # Event.wait is the poll interval, and stop() cuts it short.
             self._stop.wait(self.delay(time.monotonic() - started))
+
+
+class _WedgeWatch:
+    """Turns a /healthz that answered and then went silent into readiness when that silence can only
+    be LS's wedged checker after the last pending LMDB completed its startup (see WEDGE_AFTER_S)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pending: tuple[str, ...] | None = None  # at LS's last answer; None: never answered
+        self.silent_since: float | None = None
+        self.warned = False
+
+    def see(self, result: HealthResult, now: float) -> HealthResult:
+        if result.answered or not result.timed_out:
+            if result.answered:
+                self.pending = result.pending
+            self.silent_since = None
+            return result
+        if self.pending is None:
+            return result  # never answered: a slow start, not the wedge
+        if self.silent_since is None:
+            self.silent_since = now
+        if now - self.silent_since < WEDGE_AFTER_S:
+            return result
+        if len(self.pending) <= 1:
+            if not self.warned:
+                self.warned = True
+                log.warning(
+                    "lightningstream pid=%d: /healthz answered, then stopped answering for %gs: LS's "
+                    "health checker deadlocked on the evaluation that completes the startup of %s; "
+                    "taking LS as ready",
+                    self.pid, WEDGE_AFTER_S, ", ".join(self.pending),
+                )
+            return HealthResult(True, f"startup complete ({result.detail}: LS's /healthz is wedged)")
+        if not self.warned:
+            self.warned = True
+            log.warning(
+                "lightningstream pid=%d: /healthz stopped answering while startup was pending for %s; LS's "
+                "health checker may be deadlocked and cannot say which LMDB completed: readiness waits "
+                "for lightningstream.ready_timeout",
+                self.pid, ", ".join(self.pending),
+            )
+        return result

@@ -20,6 +20,7 @@ command, which lssupervisor runs to validate a candidate config, nor on ``versio
     LSSTANDIN_REEXEC=1              re-exec as a child and wait (the --minimum-pid trap) regardless
                                     of the PID
     LSSTANDIN_HEALTH_INTERVAL_MS=N  lower the 1 s minimum healthz evaluation interval
+    LSSTANDIN_HEALTHZ_WEDGE=1       /healthz never answers once startup completed (LS v1.0.0's deadlock)
 """
 
 from __future__ import annotations

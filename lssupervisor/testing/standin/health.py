@@ -122,7 +122,10 @@ class StartTracker:
         self.flags[what] = True
 
     def _check(self) -> str | Warning_ | None:
-        if not all(self.flags.values()):
+        wedge = os.environ.get("LSSTANDIN_HEALTHZ_WEDGE") == "1"
+        # With the wedge knob, completion waits for a first answered /healthz: a poller then always
+        # saw "pending" before the wedge, as it does with LS (whose evaluations are a second apart).
+        if not all(self.flags.values()) or (wedge and not self.health.answered.is_set()):
             if self.conf["report_healthz"]:
                 failing = time.monotonic_ns() - self.since
                 secs = round(failing / S)
@@ -134,6 +137,11 @@ class StartTracker:
         if self.conf["report_metadata"]:
             self.health.set_meta(f"startup_{self.db}", True)
         log.info("startup phase completed successfully", starttracker=self.db)
+        if wedge:
+            # LS v1.0.0 when a /healthz request meets this evaluation: go-healthz runs the check
+            # holding the check's mutex, Deregister wants the checker's, the request's Status() holds
+            # the checker's and wants the check's. Both wait forever; LS syncs on.
+            self.health.wedged.set()
         self.health.deregister(self.name)
         return None
 
@@ -141,6 +149,8 @@ class StartTracker:
 class Health:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.wedged = threading.Event()  # LSSTANDIN_HEALTHZ_WEDGE: /healthz never answers again
+        self.answered = threading.Event()  # a /healthz request got its answer
         self.checks: dict[str, _Check] = {}
         self.meta: dict[str, Any] = {}
         self.since_ns = time.time_ns()
@@ -263,8 +273,11 @@ def start_http_server(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
+                if health.wedged.is_set():
+                    threading.Event().wait()  # a request that never gets its answer (daemon thread)
                 code, body = health.status()
                 self._send(code, "application/json", json.dumps(body).encode())
+                health.answered.set()
             elif path == "/metrics":
                 self._send(200, "text/plain; version=0.0.4; charset=utf-8", health.metrics_text().encode())
             elif path == "/storage":
