@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy lssupervisor
+	$(BIN)/mypy lssupervisor benchmarks
 
 unit: $(STAMP)
 	$(BIN)/pytest -n 2 -q

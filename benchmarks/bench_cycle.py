@@ -47,28 +47,12 @@ import lmdb
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+# The LS template of the crash campaign: one instance, fs storage under v<version>, /healthz on loopback.
+from lssupervisor.testing.crashes import TEMPLATE  # noqa: E402
 from lssupervisor.testing.ports import free_port  # noqa: E402 (outside the ephemeral range: no races)
 
 HDR = struct.Struct(">QQBB4xH")
 TS0 = 1_700_000_000_000_000_000
-
-TEMPLATE = """\
-instance: bench
-lmdbs:
-  main:
-    path: {lmdb}
-    options:
-      create: true
-    schema_tracks_changes: true
-storage:
-  type: fs
-  options:
-    root_path: {storage}/v${{APP_SCHEMA_VERSION}}
-lmdb_poll_interval: 100ms
-storage_poll_interval: 100ms
-http:
-  address: {ls_http}
-"""
 
 CONFIG = """\
 state_dir: state
@@ -193,7 +177,7 @@ def one_round(root: Path, tree: Path, binary: str, records: int, steps: int) -> 
     (root / "storage").mkdir()
     ls_http, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     (root / "lightningstream.yaml.in").write_text(
-        TEMPLATE.format(lmdb=root / "db", storage=root / "storage", ls_http=ls_http)
+        TEMPLATE.format(instance="bench", lmdb=root / "db", storage=root / "storage", ls_http=ls_http)
     )
     (root / "lssupervisor.yaml").write_text(CONFIG.format(binary=binary, http=http))
     log_path = root / "daemon.log"
@@ -260,8 +244,11 @@ def measure(root: Path, log_path: Path, poller: Poller) -> dict[str, float]:
     planned = first(lambda m, d: m.startswith("migration planned: 1→"))
     stop = first(lambda m, d: m == "state RECONCILING -> STOPPING", planned)
     gone = first(lambda m, d: m == "lightningstream exited", stop)
+    def entered(name: str) -> Callable[[str, dict[str, Any]], bool]:
+        return lambda m, d: d.get("substate") == name and m.startswith("state ")
+
     substep = {
-        name: first(lambda m, d, name=name: d.get("substate") == name and m.startswith("state "), planned)
+        name: first(entered(name), planned)
         for name in ("PROVING", "BACKING_UP", "MIGRATING", "VERIFYING", "RENDERING")
     }
     importing = first(lambda m, d: d.get("substate") == "IMPORTING", planned) if any(

@@ -12,6 +12,7 @@ the exit, collect LS's group and spawn the next LS. Also prints the readiness la
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -21,15 +22,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_cycle import TEMPLATE, Poller, build_lmdb, find_ls, parse_time, wait  # noqa: E402
+from bench_cycle import Poller, build_lmdb, find_ls, parse_time, wait  # noqa: E402
 
 from lssupervisor.durations import parse_seconds  # noqa: E402
+from lssupervisor.testing.crashes import TEMPLATE  # noqa: E402
 from lssupervisor.testing.ports import free_port  # noqa: E402
 
 CONFIG = """\
@@ -57,6 +60,16 @@ log:
 """
 
 
+def _another_pid(running_pid: Callable[[], int | None], old: int) -> int | None:
+    """The RUNNING LS's pid once it is not ``old`` (the one just killed)."""
+    pid = running_pid()
+    return pid if pid is not None and pid != old else None
+
+
+def _both_ready(poller: Poller) -> bool:
+    return poller.ls_ready is not None and poller.daemon_ready is not None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,7 +90,7 @@ def main() -> None:
     (root / "storage").mkdir()
     ls_http, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     (root / "lightningstream.yaml.in").write_text(
-        TEMPLATE.format(lmdb=root / "db", storage=root / "storage", ls_http=ls_http)
+        TEMPLATE.format(instance="bench", lmdb=root / "db", storage=root / "storage", ls_http=ls_http)
     )
     (root / "lssupervisor.yaml").write_text(CONFIG.format(binary=binary, http=http))
     print(f"LS: {binary} ({why}); lssupervisor: {tree}")
@@ -111,8 +124,8 @@ def main() -> None:
             os.kill(pid, signal.SIGKILL)
             wait(lambda: not _ok(f"http://{http}/readyz"), 10, "/readyz to drop")
             poller.armed.set()
-            new = wait(lambda old=pid: (p := running_pid()) != old and p, 60, "the restarted LS")
-            wait(lambda seen=poller: seen.ls_ready and seen.daemon_ready, 30, "readiness")
+            new = wait(functools.partial(_another_pid, running_pid, pid), 60, "the restarted LS")
+            wait(functools.partial(_both_ready, poller), 30, "readiness")
             poller.stop.set()
             poller.join()
             started = delay = None
