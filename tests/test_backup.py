@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from tests.harness.workers import (
     Opened,
     make_settings,
     make_view,
+    python_on_tiny_tmpfs,
     read_marker,
     sample_lmdb,
     write_migrations,
@@ -124,34 +124,12 @@ print("no error")
 
 def test_backup_refused_on_a_really_full_disk(tmp_path: Path) -> None:
     """A 2 MiB tmpfs in a private mount namespace as the backup dir: the real statvfs says no."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) not available")
     spec = sample_lmdb(tmp_path / "db", n=20000)  # a few MiB
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     backups = p.BackupSettings(enabled=True, dir=str(tiny), keep=2)
     request = to_wire(p.BackupRequest(make_settings(make_view(spec), tmp_path, backup=backups)))
-    script = f'mount -t tmpfs -o size=2m tmpfs {tiny} || exit 77; exec {sys.executable} -c "$0" "$1"'
-    proc = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            TMPFS_SCRIPT,
-            json.dumps(request),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    if proc.returncode == 77 or "Operation not permitted" in proc.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    proc = python_on_tiny_tmpfs(tiny, "2m", TMPFS_SCRIPT, json.dumps(request))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert proc.stdout.startswith("BackupError") and "not enough free space" in proc.stdout
     assert "have 2.0 MiB" in proc.stdout or "have 1." in proc.stdout

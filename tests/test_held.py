@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +28,7 @@ from lssupervisor.worker import protocol as p
 from lssupervisor.worker.wire import to_wire
 from tests.harness import wait_for
 from tests.harness.e2e import ConfigSet, Daemon
-from tests.harness.workers import make_settings, make_view, sample_lmdb
+from tests.harness.workers import make_settings, make_view, python_on_tiny_tmpfs, sample_lmdb
 
 TAG = '!!python/object/apply:os.system ["touch {proof}"]'
 
@@ -111,35 +108,12 @@ print("left:", sorted(os.listdir(sys.argv[2])))
 
 
 def test_enospc_mid_copy_leaves_no_partial(tmp_path: Path) -> None:
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) not available")
     spec = sample_lmdb(tmp_path / "db", n=20000)  # a few MiB
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     backups = p.BackupSettings(enabled=True, dir=str(tiny), keep=2)
     request = to_wire(p.BackupRequest(make_settings(make_view(spec), tmp_path, backup=backups)))
-    script = f'mount -t tmpfs -o size=1m tmpfs {tiny} || exit 77; exec {sys.executable} -c "$0" "$1" "$2"'
-    proc = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            _ENOSPC,
-            json.dumps(request),
-            str(tiny),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    if proc.returncode == 77 or "Operation not permitted" in proc.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    proc = python_on_tiny_tmpfs(tiny, "1m", _ENOSPC, json.dumps(request), str(tiny))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("BackupError"), proc.stdout
     assert "no space left for the backup copy of LMDB 'main'" in proc.stdout, proc.stdout

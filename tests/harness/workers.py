@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lmdb
+import pytest
 
 from lssupervisor.lsmodel import LmdbSpec, LsView
 from lssupervisor.testing.fixtures import build_lmdb
@@ -150,3 +154,28 @@ class Opened:
         for env in self.envs.values():
             env.close()
         self.envs.clear()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def python_on_tiny_tmpfs(
+    mountpoint: Path, size: str, script: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c script args`` in a private mount namespace where a ``size`` tmpfs is mounted on
+    ``mountpoint`` (a really full filesystem, nothing of the host's touched); skip the test when this
+    machine cannot (no unshare, or mounting is not permitted)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) not available")
+    mount = f'mount -t tmpfs -o size={size} tmpfs {mountpoint} || exit 77; exec {sys.executable} -c "$@"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
+    if proc.returncode == 77 or "Operation not permitted" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    return proc
